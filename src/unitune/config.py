@@ -1,0 +1,196 @@
+"""The run configuration: one pydantic model that a YAML file mirrors.
+
+Unknown keys are errors; every error names the key's dotted path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(Strict):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["q_proj", "v_proj"]
+    merge_on_save: bool = False  # save the merged full model instead of the adapter
+
+
+class ModelConfig(Strict):
+    name: str = "builtin:smollm2-135m"  # local dir, hub id, builtin:smollm2-135m or builtin:tiny
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    lora: LoraConfig | None = None
+
+
+class DatasetConfig(Strict):
+    train: str  # JSONL / JSON / Parquet file, a `datasets` directory or a hub id
+    eval: str | None = None  # held-out file; if absent, `eval_fraction` of train is held out
+    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    split: str = "train"  # split name for hub ids / datasets directories
+
+
+class DataConfig(Strict):
+    sft: DatasetConfig | None = None
+    pref: DatasetConfig | None = None
+    max_length: int = Field(512, gt=8)
+    on_bad_record: Literal["error", "skip"] = "error"
+
+
+class ObjectiveConfig(BaseModel):
+    """`name` picks a registered objective; the other keys are its hyper-parameters."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    @model_validator(mode="after")
+    def _check_params(self) -> ObjectiveConfig:
+        from unitune.objectives import REGISTRY
+
+        if self.name not in REGISTRY:
+            raise ValueError(f"unknown objective {self.name!r}; known: {', '.join(sorted(REGISTRY))}")
+        REGISTRY[self.name].params(**(self.model_extra or {}))  # raises on unknown/bad keys
+        return self
+
+    def params(self) -> BaseModel:
+        from unitune.objectives import REGISTRY
+
+        return REGISTRY[self.name].params(**(self.model_extra or {}))
+
+
+class ObjectivesConfig(Strict):
+    sft: ObjectiveConfig = ObjectiveConfig(name="sft")
+    pref: ObjectiveConfig = ObjectiveConfig(name="dpo")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_names(cls, data: Any) -> Any:
+        """`objectives.pref.beta=0.2` alone keeps the slot's default objective."""
+        if isinstance(data, dict):
+            for slot, default in (("sft", "sft"), ("pref", "dpo")):
+                if isinstance(data.get(slot), dict) and "name" not in data[slot]:
+                    data[slot] = {"name": default, **data[slot]}
+        return data
+
+
+class ScheduleConfig(Strict):
+    name: Literal["sft", "pref", "sequential", "mix", "alright", "maxright"] = "alright"
+    lam: float = Field(0.5, ge=0.0, le=1.0)  # weight / probability of the preference objective
+    k: int = Field(10, gt=0)  # MAXRIGHT: recompute both gaps every k steps
+    ideal: Literal["zero", "config", "calibrate"] = "zero"  # where f_sft*, f_pref* come from
+    f_sft_star: float | None = None
+    f_pref_star: float | None = None
+    calibration_steps: int = Field(50, gt=0)
+
+    @model_validator(mode="after")
+    def _ideal(self) -> ScheduleConfig:
+        if self.ideal == "config" and (self.f_sft_star is None or self.f_pref_star is None):
+            raise ValueError("ideal: config needs both f_sft_star and f_pref_star")
+        return self
+
+
+class TrainConfig(Strict):
+    max_steps: int = Field(100, gt=0)
+    batch_size: int = Field(4, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(5e-5, gt=0.0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    seed: int = 0
+    eval_every: int = Field(10, gt=0)
+    eval_batch_size: int = Field(8, gt=0)
+    logprob_chunk_size: int = Field(1024, gt=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    save_model: bool = True
+
+
+class Config(Strict):
+    name: str | None = None
+    model: ModelConfig = ModelConfig()
+    data: DataConfig
+    objectives: ObjectivesConfig = ObjectivesConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    train: TrainConfig = TrainConfig()
+    output_dir: str = "runs/run"
+    cache_dir: str | None = None  # default: $UNITUNE_CACHE or ~/.cache/unitune
+
+    @model_validator(mode="after")
+    def _data_for_schedule(self) -> Config:
+        needs_sft = self.schedule.name != "pref"
+        needs_pref = self.schedule.name != "sft"
+        if needs_sft and self.data.sft is None:
+            raise ValueError(f"schedule {self.schedule.name!r} needs data.sft")
+        if needs_pref and self.data.pref is None:
+            raise ValueError(f"schedule {self.schedule.name!r} needs data.pref")
+        return self
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for p in parts[:-1]:
+        if node.get(p) is None:
+            node[p] = {}
+        if not isinstance(node[p], dict):
+            raise ConfigError(f"--set {key}: {p!r} is not a section")
+        node = node[p]
+    node[parts[-1]] = value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.path=value` overrides; values are parsed as YAML scalars."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+    return data
+
+
+def parse_config(data: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    apply_overrides(data, overrides or [])
+    return parse_config(data, str(path))
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
