@@ -37,6 +37,8 @@ class DatasetConfig(Strict):
     eval: str | None = None  # held-out file; if absent, `eval_fraction` of train is held out
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     split: str = "train"  # split name for hub ids / datasets directories
+    # rename source columns to the standard fields, e.g. {prompt: instruction, completion: output}
+    columns: dict[str, str] | None = None
 
 
 class DataConfig(Strict):

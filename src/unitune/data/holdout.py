@@ -1,0 +1,26 @@
+"""Hold out part of a dataset for evaluation when no eval file is given."""
+
+from __future__ import annotations
+
+import random
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def split_holdout(items: list[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """Deterministic shuffle-split into (train, eval); eval gets at least one item.
+
+    Both parts keep the items' original order.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    if len(items) < 2:
+        raise ValueError(f"need at least 2 items to hold some out, got {len(items)}")
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(max(1, round(len(items) * fraction)), len(items) - 1)
+    held = set(order[:n_eval])
+    train = [item for i, item in enumerate(items) if i not in held]
+    evaluation = [item for i, item in enumerate(items) if i in held]
+    return train, evaluation
