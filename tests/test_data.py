@@ -613,7 +613,7 @@ def test_columns_map_source_fields_to_standard_ones(tmp_path):
         path, tok, max_length=64, columns={"prompt": "instruction", "completion": "output"}
     )
     s = seqs[0]
-    target = [t for t, m in zip(s.input_ids, s.target_mask) if m]
+    target = [t for t, m in zip(s.input_ids, s.target_mask, strict=True) if m]
     assert tok.decode(target) == "Hi!<|im_end|>"
     with pytest.raises(Exception, match="alpaca.jsonl"):
         load_sft(path, tok, max_length=64)

@@ -1,0 +1,128 @@
+"""The embedded default job: every joint schedule on the shipped demo data, compared.
+
+Runs `sequential`, `mix`, `alright` and `maxright` at the same `lam` with equal step budgets on
+SmolLM2-135M-Instruct (embedded), then prints a comparison table and writes the trajectory plot.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from unitune.config import Config, parse_config
+from unitune.plots import plot_runs
+
+DEMO_DATA = Path(__file__).parent / "demo_data"
+SCHEDULES = ("sequential", "mix", "alright", "maxright")
+
+
+def demo_config(
+    schedule: str,
+    *,
+    model: str = "builtin:smollm2-135m",
+    out_dir: Path = Path("runs/demo"),
+    lam: float = 0.5,
+    steps: int = 60,
+    sft: str = "sft",
+    pref: str = "dpo",
+    seed: int = 0,
+) -> Config:
+    return parse_config(
+        {
+            "name": schedule,
+            "model": {"name": model},
+            "data": {
+                "sft": {
+                    "train": str(DEMO_DATA / "sft_train.jsonl"),
+                    "eval": str(DEMO_DATA / "sft_eval.jsonl"),
+                },
+                "pref": {
+                    "train": str(DEMO_DATA / "pref_train.jsonl"),
+                    "eval": str(DEMO_DATA / "pref_eval.jsonl"),
+                },
+                "max_length": 128,
+            },
+            "objectives": {"sft": {"name": sft}, "pref": {"name": pref}},
+            "schedule": {
+                "name": schedule,
+                "lam": lam,
+                "k": 10,
+                "ideal": "calibrate",
+                "calibration_steps": steps // 2,
+            },
+            "train": {
+                "max_steps": steps,
+                "batch_size": 8,
+                "lr": 2e-5,
+                "seed": seed,
+                "eval_every": max(steps // 6, 1),
+                "eval_batch_size": 16,
+                "save_model": False,
+            },
+            "output_dir": str(out_dir / schedule),
+        },
+        source="demo",
+    )
+
+
+def comparison_table(summaries: list[dict]) -> Table:
+    table = Table(
+        title="unitune demo: joint SFT + preference schedules (held-out, lower is better)"
+    )
+    for col in (
+        "schedule",
+        "lam",
+        "f_sft",
+        "f_pref",
+        "reward acc",
+        "ideal dist.",
+        "wall s",
+        "steps sft/pref",
+    ):
+        table.add_column(col, justify="right" if col != "schedule" else "left")
+    for s in summaries:
+        f = s["final"]
+        table.add_row(
+            s["name"],
+            f"{s['lam']:.2f}",
+            f"{f['f_sft']:.4f}",
+            f"{f['f_pref']:.4f}",
+            f"{f['reward_acc']:.2f}",
+            f"{f['ideal_distance']:.4f}",
+            f"{s['wall_s']:.0f}",
+            f"{s['steps']['sft']}/{s['steps']['pref']}",
+        )
+    return table
+
+
+def run_demo(
+    *,
+    model: str = "builtin:smollm2-135m",
+    out_dir: Path = Path("runs/demo"),
+    schedules: tuple[str, ...] = SCHEDULES,
+    lam: float = 0.5,
+    steps: int = 60,
+    sft: str = "sft",
+    pref: str = "dpo",
+    console: Console | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    from unitune.trainer import calibrate, train
+
+    console = console or Console()
+    cfgs = [
+        demo_config(s, model=model, out_dir=out_dir, lam=lam, steps=steps, sft=sft, pref=pref)
+        for s in schedules
+    ]
+    star = calibrate(cfgs[0], console, progress=progress)
+    summaries = [train(c, console=console, progress=progress, ideal=star) for c in cfgs]
+    console.print(comparison_table(summaries))
+    files = plot_runs(
+        [Path(c.output_dir) for c in cfgs],
+        out_dir / "trajectories",
+        title=f"{model}: SFT ({sft}) vs preference ({pref}), lam={lam}",
+    )
+    console.print("plot: " + ", ".join(str(f) for f in files))
+    return summaries

@@ -1,0 +1,78 @@
+"""Reference log-probs: computed once per dataset under no-grad and cached on disk.
+
+The cache key joins the reference model's weight fingerprint and the tokenized data's
+fingerprint (token ids and target masks, so the tokenizer, template and `max_length` are in it).
+Every run that shares both reuses the file. Files are written to a temp name and renamed, so a
+crash never leaves a truncated entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from unitune.data import Sequence, collate, data_fingerprint, length_batches
+
+CACHE_VERSION = "1"
+
+
+def cache_key(model_fp: str, data_fp: str, chunk_size: int = 0) -> str:
+    raw = f"v{CACHE_VERSION}|{model_fp}|{data_fp}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+@torch.no_grad()
+def compute_logps(
+    logp_fn: nn.Module,
+    seqs: list[Sequence],
+    *,
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Summed response log-prob of every sequence, in input order ([N], fp32, on CPU)."""
+    out = torch.empty(len(seqs), dtype=torch.float32)
+    order = length_batches([len(s.input_ids) for s in seqs], batch_size, seed=0, shuffle=False)
+    for idx in order:
+        batch = {k: v.to(device) for k, v in collate([seqs[i] for i in idx], pad_id).items()}
+        logp, _ = logp_fn(**batch)
+        out[torch.tensor(idx)] = logp.float().cpu()
+    return out
+
+
+def reference_logps(
+    logp_fn: nn.Module,
+    seqs: list[Sequence],
+    *,
+    model_fp: str,
+    cache_dir: Path,
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, bool]:
+    """Cached reference log-probs of `seqs` under the model `logp_fn` wraps; `(logps, hit)`.
+
+    The caller puts the model in reference mode (LoRA adapters disabled) before calling.
+    """
+    key = cache_key(model_fp, data_fingerprint(seqs))
+    path = Path(cache_dir) / "refs" / f"{key}.safetensors"
+    if path.exists():
+        logps = load_file(str(path))["logp"]
+        if logps.shape[0] == len(seqs):
+            return logps, True
+    was_training = logp_fn.training
+    logp_fn.eval()
+    try:
+        logps = compute_logps(logp_fn, seqs, pad_id=pad_id, batch_size=batch_size, device=device)
+    finally:
+        logp_fn.train(was_training)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({"logp": logps}, str(tmp), metadata={"model": model_fp, "n": str(len(seqs))})
+    os.replace(tmp, path)
+    return logps, False
