@@ -9,8 +9,15 @@ from unitune.logprobs import naive_sequence_logps, sequence_logps
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=311, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=311,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -60,7 +67,9 @@ def test_padding_does_not_change_a_row(model):
 
 def test_works_through_peft(model):
     ids, am, tm = batch(4)
-    lora = get_peft_model(LlamaForCausalLM(model.config), LoraConfig(r=2, target_modules=["q_proj"]))
+    lora = get_peft_model(
+        LlamaForCausalLM(model.config), LoraConfig(r=2, target_modules=["q_proj"])
+    )
     got, _ = sequence_logps(lora, ids, am, tm, chunk_size=3)
     want, _ = naive_sequence_logps(lora, ids, am, tm)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
