@@ -86,7 +86,7 @@ def plot(
 def demo(
     model: str = typer.Option("builtin:smollm2-135m", help="model to post-train"),
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="output directory"),
-    steps: int = typer.Option(60, help="optimizer steps per schedule (equal budgets)"),
+    steps: int = typer.Option(40, help="optimizer steps per schedule (equal budgets)"),
     lam: float = typer.Option(0.5, help="weight / probability of the preference objective"),
     schedules: str = typer.Option("sequential,mix,alright,maxright", help="comma-separated"),
     sft: str = typer.Option("sft", help="SFT-family objective"),

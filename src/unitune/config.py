@@ -37,6 +37,7 @@ class DatasetConfig(Strict):
     eval: str | None = None  # held-out file; if absent, `eval_fraction` of train is held out
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     split: str = "train"  # split name for hub ids / datasets directories
+    max_samples: int | None = Field(None, gt=0)  # train on the first N records (after checks)
     # rename source columns to the standard fields, e.g. {prompt: instruction, completion: output}
     columns: dict[str, str] | None = None
 
@@ -59,7 +60,9 @@ class ObjectiveConfig(BaseModel):
         from unitune.objectives import REGISTRY
 
         if self.name not in REGISTRY:
-            raise ValueError(f"unknown objective {self.name!r}; known: {', '.join(sorted(REGISTRY))}")
+            raise ValueError(
+                f"unknown objective {self.name!r}; known: {', '.join(sorted(REGISTRY))}"
+            )
         REGISTRY[self.name].params(**(self.model_extra or {}))  # raises on unknown/bad keys
         return self
 

@@ -18,17 +18,34 @@ DEMO_DATA = Path(__file__).parent / "demo_data"
 SCHEDULES = ("sequential", "mix", "alright", "maxright")
 
 
+def default_precision() -> str:
+    """bf16 autocast where the hardware has fast bf16 (CUDA, or CPUs with AVX512-BF16/AMX), else
+    fp32. On the 2-core AVX512-BF16 CPU this project is developed on, bf16 makes a step ~1.5x
+    faster (matmuls 3.3x)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return "bf16" if torch.cpu._is_avx512_bf16_supported() or amx else "no"
+
+
 def demo_config(
     schedule: str,
     *,
     model: str = "builtin:smollm2-135m",
     out_dir: Path = Path("runs/demo"),
     lam: float = 0.5,
-    steps: int = 60,
+    steps: int = 40,
+    batch_size: int = 4,
     sft: str = "sft",
     pref: str = "dpo",
     seed: int = 0,
+    precision: str | None = None,
 ) -> Config:
+    """Equal budgets: every schedule draws one SFT and one preference batch per step, so each
+    sees exactly the first `steps * batch_size` records of both training sets, once."""
+    n = steps * batch_size
     return parse_config(
         {
             "name": schedule,
@@ -37,10 +54,12 @@ def demo_config(
                 "sft": {
                     "train": str(DEMO_DATA / "sft_train.jsonl"),
                     "eval": str(DEMO_DATA / "sft_eval.jsonl"),
+                    "max_samples": n,
                 },
                 "pref": {
                     "train": str(DEMO_DATA / "pref_train.jsonl"),
                     "eval": str(DEMO_DATA / "pref_eval.jsonl"),
+                    "max_samples": n,
                 },
                 "max_length": 128,
             },
@@ -50,15 +69,16 @@ def demo_config(
                 "lam": lam,
                 "k": 10,
                 "ideal": "calibrate",
-                "calibration_steps": steps // 2,
+                "calibration_steps": max(steps // 2, 1),
             },
             "train": {
                 "max_steps": steps,
-                "batch_size": 8,
-                "lr": 2e-5,
+                "batch_size": batch_size,
+                "lr": 5e-5,
                 "seed": seed,
-                "eval_every": max(steps // 6, 1),
+                "eval_every": max(steps // 4, 1),
                 "eval_batch_size": 16,
+                "mixed_precision": precision or default_precision(),
                 "save_model": False,
             },
             "output_dir": str(out_dir / schedule),
@@ -103,9 +123,10 @@ def run_demo(
     out_dir: Path = Path("runs/demo"),
     schedules: tuple[str, ...] = SCHEDULES,
     lam: float = 0.5,
-    steps: int = 60,
+    steps: int = 40,
     sft: str = "sft",
     pref: str = "dpo",
+    precision: str | None = None,
     console: Console | None = None,
     progress: bool = True,
 ) -> list[dict]:

@@ -91,6 +91,8 @@ def load_data(cfg: Config, tokenizer) -> dict[str, Split]:
         else:
             train, held = split_holdout(train, dcfg.eval_fraction, cfg.train.seed)
             eval_report = None
+        if dcfg.max_samples is not None:
+            train = train[: dcfg.max_samples]
         out[kind] = Split(train, held, report, eval_report)
     return out
 
@@ -162,7 +164,8 @@ class Run:
         Initially the reference is the starting model (LoRA: adapters disabled). Later calls
         (sequential's preference stage) take the current model, adapters included, as reference.
         """
-        fp = model_fingerprint(self.model, adapters=not initial)
+        # the precision is part of the key: bf16 log-probs differ from fp32 ones
+        fp = f"{model_fingerprint(self.model, adapters=not initial)}|{self.acc.mixed_precision}"
         wanted = []
         if "sft" in self.data and self.sft_obj.needs_ref:
             wanted.append(("sft_train", self.data["sft"].train))
@@ -170,7 +173,8 @@ class Run:
             wanted.append(("pref_train", self.data["pref"].train))
         if initial:
             wanted += [(f"{k}_eval", s.eval) for k, s in self.data.items()]
-        with reference_mode(self.model) if initial else nullcontext():
+        ref_ctx = reference_mode(self.model) if initial else nullcontext()
+        with ref_ctx, self.acc.autocast():
             for name, items in wanted:
                 self.refs[name], hit = reference_logps(
                     self.policy,
@@ -250,9 +254,10 @@ class Run:
         return out
 
     def _all_logps(self, seqs: list[Sequence], bs: int) -> tuple[torch.Tensor, torch.Tensor]:
-        logp = compute_logps(
-            self.policy, seqs, pad_id=self.pad_id, batch_size=bs, device=self.device
-        )
+        with self.acc.autocast():  # the training precision, as for the reference log-probs
+            logp = compute_logps(
+                self.policy, seqs, pad_id=self.pad_id, batch_size=bs, device=self.device
+            )
         n = torch.tensor([sum(s.target_mask) for s in seqs])
         return logp, n
 
