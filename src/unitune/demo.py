@@ -101,7 +101,7 @@ def comparison_table(summaries: list[dict]) -> Table:
         "wall s",
         "steps sft/pref",
     ):
-        table.add_column(col, justify="right" if col != "schedule" else "left")
+        table.add_column(col, justify="right" if col != "schedule" else "left", no_wrap=True)
     for s in summaries:
         f = s["final"]
         table.add_row(
