@@ -42,7 +42,7 @@ def worker_unitune(args) -> dict:
     from unitune.models import cache_root, load_model, model_fingerprint
     from unitune.objectives import REGISTRY, PairLogps, SeqLogps
     from unitune.refcache import reference_logps
-    from unitune.trainer import PolicyLogps, flatten
+    from unitune.trainer import PolicyLogps, adamw, flatten
 
     torch.manual_seed(0)
     model, tok = load_model(ModelConfig(name="builtin:smollm2-135m"))
@@ -60,7 +60,7 @@ def worker_unitune(args) -> dict:
         device=torch.device("cpu"),
     )
     ref_s = time.perf_counter() - t
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    opt = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-6)
     n = len(pairs)
     lengths = [max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in pairs]
     batches = length_batches(lengths, args.batch_size, seed=0, shuffle=True)
