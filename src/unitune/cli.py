@@ -116,14 +116,13 @@ def objectives() -> None:
 
     from unitune.objectives import REGISTRY
 
-    table = Table(title="objectives")
-    for col in ("name", "family", "data", "defaults", "reference", "source"):
-        table.add_column(col)
+    table = Table(title="objectives (objectives.sft / objectives.pref in the config)")
+    for col in ("name", "slot", "data", "loss", "defaults", "reference", "source"):
+        table.add_column(col, overflow="fold")
     for o in REGISTRY.values():
-        data = "demonstrations" if o.kind == "sft" else "preference pairs"
-        table.add_row(
-            o.name, o.kind, data, str(o.defaults or "—"), "yes" if o.needs_ref else "no", o.source
-        )
+        defaults = ", ".join(f"{k}={v}" for k, v in o.defaults.items()) or "-"
+        table.add_row(o.name, o.kind, o.data, o.summary, defaults,
+                      "yes" if o.needs_ref else "no", o.source)  # fmt: skip
     console.print(table)
 
 

@@ -38,6 +38,7 @@ class DatasetConfig(Strict):
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     split: str = "train"  # split name for hub ids / datasets directories
     max_samples: int | None = Field(None, gt=0)  # train on the first N records (after checks)
+    score_range: tuple[float, float] | None = None  # unpaired scores: [min, max] -> [0, 1]
     # rename source columns to the standard fields, e.g. {prompt: instruction, completion: output}
     columns: dict[str, str] | None = None
 

@@ -12,9 +12,7 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,17 +24,9 @@ from torch import nn
 from transformers import get_scheduler
 
 from unitune import metrics
+from unitune.batches import KLPairs, Split, batch_stream, collate_items, flatten, load_data
 from unitune.config import Config, dump_config
-from unitune.data import (
-    DataReport,
-    Pair,
-    Sequence,
-    collate,
-    length_batches,
-    load_preference,
-    load_sft,
-    split_holdout,
-)
+from unitune.data import Sequence, collate, length_batches, mismatched
 from unitune.logprobs import sequence_logps
 from unitune.models import (
     cache_root,
@@ -46,7 +36,7 @@ from unitune.models import (
     save_model,
     trainable_parameters,
 )
-from unitune.objectives import REGISTRY, PairLogps, SeqLogps
+from unitune.objectives import REGISTRY, FeedbackLogps, PairLogps, SeqLogps
 from unitune.refcache import compute_logps, reference_logps
 from unitune.schedules import Sequential, build_schedule
 
@@ -62,68 +52,17 @@ class PolicyLogps(nn.Module):
         super().__init__()
         self.model, self.chunk_size = model, chunk_size
 
-    def forward(self, input_ids, attention_mask, target_mask):
+    def forward(self, input_ids, attention_mask, target_mask, objective_forward=None, **params):
+        """Summed log-probs per row; or, for an objective with its own model pass (IFT), that
+        pass's output (`objective_forward(model, ..., chunk_size=, **params)`)."""
+        if objective_forward is not None:
+            return objective_forward(
+                self.model, input_ids, attention_mask, target_mask,
+                chunk_size=self.chunk_size, **params,
+            )  # fmt: skip
         return sequence_logps(
             self.model, input_ids, attention_mask, target_mask, chunk_size=self.chunk_size
         )
-
-
-@dataclass
-class Split:
-    train: list
-    eval: list
-    report: DataReport | None = None
-    eval_report: DataReport | None = None
-
-
-def load_data(cfg: Config, tokenizer) -> dict[str, Split]:
-    """Load, validate and tokenize every dataset before training starts."""
-    out: dict[str, Split] = {}
-    kw = {"max_length": cfg.data.max_length, "on_bad_record": cfg.data.on_bad_record}
-    for kind, loader in (("sft", load_sft), ("pref", load_preference)):
-        dcfg = getattr(cfg.data, kind)
-        if dcfg is None:
-            continue
-        kw["columns"] = dcfg.columns
-        train, report = loader(dcfg.train, tokenizer, split=dcfg.split, **kw)
-        if dcfg.eval is not None:
-            held, eval_report = loader(dcfg.eval, tokenizer, split=dcfg.split, **kw)
-        else:
-            train, held = split_holdout(train, dcfg.eval_fraction, cfg.train.seed)
-            eval_report = None
-        if dcfg.max_samples is not None:
-            train = train[: dcfg.max_samples]
-        out[kind] = Split(train, held, report, eval_report)
-    return out
-
-
-def flatten(items: list) -> list[Sequence]:
-    """Sequences of a dataset: demonstrations as they are; pairs as all chosen, then rejected."""
-    if items and isinstance(items[0], Pair):
-        return [p.chosen for p in items] + [p.rejected for p in items]
-    return list(items)
-
-
-def item_length(item: Sequence | Pair) -> int:
-    if isinstance(item, Pair):
-        return max(len(item.chosen.input_ids), len(item.rejected.input_ids))
-    return len(item.input_ids)
-
-
-def batch_stream(items: list, batch_size: int, seed: int) -> Iterator[list[int]]:
-    """Endless stream of index batches, grouped by length, reshuffled every epoch."""
-    lengths = [item_length(it) for it in items]
-    epoch = 0
-    while True:
-        yield from length_batches(lengths, batch_size, seed=seed + epoch, shuffle=True)
-        epoch += 1
-
-
-def collate_items(items: list, idx: list[int], pad_id: int, device) -> dict[str, torch.Tensor]:
-    seqs = [items[i] for i in idx]
-    if seqs and isinstance(seqs[0], Pair):
-        seqs = [p.chosen for p in seqs] + [p.rejected for p in seqs]
-    return {k: v.to(device) for k, v in collate(seqs, pad_id).items()}
 
 
 class Run:
@@ -151,11 +90,23 @@ class Run:
         for kind, obj in (("sft", self.sft_obj), ("pref", self.pref_obj)):
             if obj.kind != kind:
                 raise ValueError(f"objectives.{kind}: {obj.name!r} is a {obj.kind} objective")
-        self.sft_params = cfg.objectives.sft.params()
-        self.pref_params = cfg.objectives.pref.params()
-        self.beta = float(getattr(self.pref_params, "beta", 0.1))
+        self.objectives = {
+            slot: (obj, getattr(cfg.objectives, slot).params(), self.data[slot])
+            for slot, obj in (("sft", self.sft_obj), ("pref", self.pref_obj))
+            if slot in self.data
+        }
+        self.beta = float(getattr(self.objectives.get("pref", (0, 0))[1], "beta", 0.1))
+        if "pref" in self.data and self.pref_obj.needs_kl:
+            # a fixed partition, so that each batch's mismatched pairs are known and cached
+            items = self.data["pref"].train
+            lengths = [len(f.seq.input_ids) for f in items]
+            self.partition = length_batches(
+                lengths, cfg.train.batch_size, seed=cfg.train.seed, shuffle=True
+            )
+            self.kl_train = KLPairs.build(items, self.partition)
         self.policy = PolicyLogps(self.model, cfg.train.logprob_chunk_size).to(self.device)
         self.refs: dict[str, torch.Tensor] = {}
+        self.extras: dict[str, dict[str, float]] = {}  # per-slot figures of the last step
         self.compute_references(initial=True)
 
     def compute_references(self, *, initial: bool) -> None:
@@ -172,8 +123,13 @@ class Run:
             wanted.append(("sft_train", self.data["sft"].train))
         if "pref" in self.data and self.pref_obj.needs_ref:
             wanted.append(("pref_train", self.data["pref"].train))
+        if "pref" in self.data and self.pref_obj.needs_kl:
+            wanted.append(("pref_train_kl", self.kl_train.seqs))
         if initial:
             wanted += [(f"{k}_eval", s.eval) for k, s in self.data.items()]
+            if "pref" in self.data and self.pref_obj.needs_kl:
+                ev = self.data["pref"].eval
+                wanted.append(("pref_eval_kl", mismatched(ev, list(range(len(ev))))))
         ref_ctx = reference_mode(self.model) if initial else nullcontext()
         with ref_ctx, self.acc.autocast():
             for name, items in wanted:
@@ -192,31 +148,54 @@ class Run:
                 )
 
     # ------------------------------------------------------------ objectives
-    def seq_logps(self, batch: dict, ref: torch.Tensor | None, idx: list[int]) -> SeqLogps:
-        logp, n = self.policy(**batch)
-        ref_logp = ref[idx].to(logp.device) if ref is not None else None
-        return SeqLogps(logp, n, ref_logp)
+    def objective_input(self, slot: str, stage: str, idx: list[int], *, grad: bool = True):
+        """The log-probs the objective of `slot` consumes, on items `idx` of `stage` (train/eval):
+        `SeqLogps`, `PairLogps`, `FeedbackLogps`, or its own forward's output (IFT)."""
+        obj, params, split = self.objectives[slot]
+        items = split.train if stage == "train" else split.eval
+        batch = collate_items(items, idx, self.pad_id, self.device)
+        if obj.forward is not None:
+            return self.policy(**batch, objective_forward=obj.forward, **params.model_dump())
+        logp, n = self.policy(**batch)  # pairs: one forward over chosen and rejected together
+        ref = self.refs.get(f"{slot}_{stage}")
 
-    def pair_logps(self, batch: dict, ref: torch.Tensor | None, idx: list[int], n_items: int):
-        logp, n = self.policy(**batch)  # one forward over chosen and rejected together
+        def seq(rows: slice, ref_idx: list[int]) -> SeqLogps:
+            r = ref[ref_idx].to(logp.device) if ref is not None else None
+            return SeqLogps(logp[rows], n[rows], r)
+
         b = len(idx)
-        ref_c = ref_r = None
-        if ref is not None:
-            ref_c = ref[idx].to(logp.device)
-            ref_r = ref[[i + n_items for i in idx]].to(logp.device)
-        return PairLogps(SeqLogps(logp[:b], n[:b], ref_c), SeqLogps(logp[b:], n[b:], ref_r))
+        if split.kind == "pairs":
+            m = len(items)
+            return PairLogps(seq(slice(0, b), idx), seq(slice(b, 2 * b), [i + m for i in idx]))
+        if split.kind == "demonstrations":
+            return seq(slice(0, b), idx)
+        target = torch.tensor([items[i].target for i in idx], device=logp.device)
+        kl = self.kl_logps(stage, idx) if obj.needs_kl else None
+        return FeedbackLogps(seq(slice(0, b), idx), target, kl)
 
-    def loss(self, kind: str, idx: list[int]) -> tuple[torch.Tensor, int]:
-        """The training objective of `kind` on the batch `idx`; returns (loss, tokens processed)."""
-        split = self.data[kind]
-        batch = collate_items(split.train, idx, self.pad_id, self.device)
-        if kind == "sft":
-            lp = self.seq_logps(batch, self.refs.get("sft_train"), idx)
-            loss = self.sft_obj.loss(lp, self.sft_params)
+    @torch.no_grad()
+    def kl_logps(self, stage: str, idx: list[int]) -> SeqLogps:
+        """KTO's mismatched pairs of this batch: policy log-probs (no grad, as TRL) and cached
+        reference log-probs."""
+        if stage == "train":
+            start = self.kl_train.offset[tuple(idx)]
+            seqs = self.kl_train.seqs[start : start + len(idx)]
         else:
-            lp = self.pair_logps(batch, self.refs.get("pref_train"), idx, len(split.train))
-            loss = self.pref_obj.loss(lp, self.pref_params)
-        return loss, int(batch["attention_mask"].sum())
+            start, seqs = 0, mismatched(self.data["pref"].eval, idx)
+        batch = {k: v.to(self.device) for k, v in collate(seqs, self.pad_id).items()}
+        logp, n = self.policy(**batch)
+        ref = self.refs[f"pref_{stage}_kl"]
+        ref = ref[start : start + len(idx)] if stage == "train" else ref[idx]
+        return SeqLogps(logp, n, ref.to(logp.device))
+
+    def loss(self, slot: str, idx: list[int]) -> tuple[torch.Tensor, int]:
+        """The training objective of `slot` on the batch `idx`; returns (loss, tokens processed)."""
+        obj, params, split = self.objectives[slot]
+        lp = self.objective_input(slot, "train", idx)
+        n_tok = sum(len(s.input_ids) for s in flatten([split.train[i] for i in idx]))
+        if isinstance(lp, FeedbackLogps) and lp.kl is not None:  # KTO's batch KL estimate z
+            self.extras[slot] = {"kl": float(lp.kl.ratio.mean().clamp(min=0))}
+        return obj.loss(lp, params), n_tok
 
     @torch.no_grad()
     def probe(self, batches: dict[str, list[int]]) -> dict[str, float]:
@@ -230,22 +209,30 @@ class Run:
     # ------------------------------------------------------------------ eval
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """Held-out metrics (`metrics.py`) and each objective's own held-out loss."""
         self.policy.eval()
         out: dict[str, float] = {}
         bs = self.cfg.train.eval_batch_size
         try:
-            if "sft" in self.data:
-                seqs = self.data["sft"].eval
-                logp, n = self._all_logps(seqs, bs)
-                out |= metrics.sft_metrics(SeqLogps(logp, n, self.refs["sft_eval"]))
-            if "pref" in self.data:
-                pairs = self.data["pref"].eval
-                logp, n = self._all_logps(flatten(pairs), bs)
-                ref, m = self.refs["pref_eval"], len(pairs)
-                pair = PairLogps(
-                    SeqLogps(logp[:m], n[:m], ref[:m]), SeqLogps(logp[m:], n[m:], ref[m:])
-                )
-                out |= metrics.pref_metrics(pair, self.beta)
+            with self.acc.autocast():  # the training precision, as for the reference log-probs
+                if "sft" in self.data:
+                    seqs = self.data["sft"].eval
+                    logp, n = self._all_logps(seqs, bs)
+                    out |= metrics.sft_metrics(SeqLogps(logp, n, self.refs["sft_eval"]))
+                if "pref" in self.data and self.data["pref"].kind == "pairs":
+                    pairs = self.data["pref"].eval
+                    logp, n = self._all_logps(flatten(pairs), bs)
+                    ref, m = self.refs["pref_eval"], len(pairs)
+                    pair = PairLogps(
+                        SeqLogps(logp[:m], n[:m], ref[:m]), SeqLogps(logp[m:], n[m:], ref[m:])
+                    )
+                    out |= metrics.pref_metrics(pair, self.beta)
+                for slot in self.data:
+                    obj = self.objectives[slot][0]
+                    if obj.name not in ("sft", "dpo"):  # those are f_sft, f_pref already
+                        out[f"loss_{obj.name}"] = self._own_loss(slot, bs)
+                if "pref" in self.data and self.data["pref"].kind == "unpaired":
+                    out |= self._feedback_metrics(bs)
         finally:
             self.policy.train()
         if "f_sft" in out and "f_pref" in out:
@@ -254,11 +241,43 @@ class Run:
             )
         return out
 
+    def _eval_batches(self, items: list, bs: int) -> list[list[int]]:
+        lengths = [len(s.input_ids) for s in flatten(items)][: len(items)]
+        return length_batches(lengths, bs, seed=0, shuffle=False)
+
+    def _own_loss(self, slot: str, bs: int) -> float:
+        """The objective's own loss on held-out data: batch losses weighted by batch size."""
+        obj, params, split = self.objectives[slot]
+        total = 0.0
+        for idx in self._eval_batches(split.eval, bs):
+            lp = self.objective_input(slot, "eval", idx)
+            total += float(obj.loss(lp, params)) * len(idx)
+        return total / len(split.eval)
+
+    def _feedback_metrics(self, bs: int) -> dict[str, float]:
+        """Unpaired feedback: `f_pref` is the objective's own held-out loss; reward accuracy is
+        how often the sign of `r` agrees with the label (target >= 0.5)."""
+        obj, params, split = self.objectives["pref"]
+        items = split.eval
+        logp, _ = self._all_logps(flatten(items), bs)
+        r = logp - self.refs["pref_eval"]
+        target = torch.tensor([f.target for f in items])
+        good = target >= 0.5
+        out = {
+            "f_pref": self._own_loss("pref", bs),
+            "reward_acc": float(((r > 0) == good).float().mean()),
+        }
+        if good.any() and (~good).any():
+            out["reward_margin"] = float(self.beta * (r[good].mean() - r[~good].mean()))
+        if obj.needs_kl:
+            kl = self.kl_logps("eval", list(range(len(items))))
+            out["kl"] = float(kl.ratio.mean().clamp(min=0))
+        return out
+
     def _all_logps(self, seqs: list[Sequence], bs: int) -> tuple[torch.Tensor, torch.Tensor]:
-        with self.acc.autocast():  # the training precision, as for the reference log-probs
-            logp = compute_logps(
-                self.policy, seqs, pad_id=self.pad_id, batch_size=bs, device=self.device
-            )
+        logp = compute_logps(
+            self.policy, seqs, pad_id=self.pad_id, batch_size=bs, device=self.device
+        )
         n = torch.tensor([sum(s.target_mask) for s in seqs])
         return logp, n
 
@@ -285,7 +304,12 @@ def train(
     run.policy, optimizer, lr_sched = run.acc.prepare(run.policy, optimizer, lr_sched)
 
     streams = {
-        k: batch_stream(s.train, tc.batch_size, tc.seed + i)
+        k: batch_stream(
+            s.train,
+            tc.batch_size,
+            tc.seed + i,
+            getattr(run, "partition", None) if k == "pref" else None,
+        )
         for i, (k, s) in enumerate(sorted(run.data.items()))
     }
     current: dict[str, list[int]] = {}
@@ -371,6 +395,7 @@ def train(
                         "loss": v,
                         "lr": lr_sched.get_last_lr()[0],
                         "tokens_per_s": round(tok_s, 1),
+                        **run.extras.pop(kind, {}),
                     }
                 )
             if (step + 1) % tc.eval_every == 0 or step + 1 == tc.max_steps:

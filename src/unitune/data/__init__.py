@@ -1,4 +1,5 @@
-"""The data layer: read, validate and tokenize SFT and preference data; batch and collate it.
+"""The data layer: read, validate and tokenize SFT, preference-pair and unpaired feedback data;
+batch and collate it.
 
 See `unitune.data.tokenize` for the truncation policy and `unitune.data.validation` for the
 accepted formats.
@@ -7,18 +8,30 @@ accepted formats.
 from unitune.data.collate import collate, length_batches
 from unitune.data.errors import DataError, DataReport
 from unitune.data.holdout import split_holdout
-from unitune.data.load import load_preference, load_sft
-from unitune.data.sequences import Pair, Sequence, data_fingerprint
+from unitune.data.load import detect_kind, load_feedback, load_preference, load_sft
+from unitune.data.sequences import (
+    Feedback,
+    Pair,
+    Sequence,
+    data_fingerprint,
+    feedback_kind,
+    mismatched,
+)
 
 __all__ = [
     "DataError",
     "DataReport",
+    "Feedback",
     "Pair",
     "Sequence",
     "collate",
     "data_fingerprint",
+    "detect_kind",
+    "feedback_kind",
     "length_batches",
+    "load_feedback",
     "load_preference",
     "load_sft",
+    "mismatched",
     "split_holdout",
 ]

@@ -1,4 +1,4 @@
-"""Load a dataset into `Sequence`s (SFT) or `Pair`s (preference).
+"""Load a dataset into `Sequence`s (SFT), `Pair`s (preference pairs) or `Feedback` (unpaired).
 
 Every record is read, validated and tokenized before anything is returned. With
 `on_bad_record="error"` the first bad record raises a `DataError` naming the file, the 1-based
@@ -9,18 +9,28 @@ template are raised in both modes. A dataset with no usable record is an error.
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
+import numbers
 import os
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 from transformers import PreTrainedTokenizerBase
 
 from unitune.data.errors import DataError, DataReport, RecordError
 from unitune.data.formats import open_source
-from unitune.data.sequences import Pair, Sequence
+from unitune.data.sequences import Feedback, Pair, Sequence
 from unitune.data.tokenize import Encoder, tokenize_example
-from unitune.data.validation import Format, detect_format, validate_preference, validate_sft
+from unitune.data.validation import (
+    Format,
+    detect_format,
+    detect_pref_kind,
+    validate_feedback,
+    validate_preference,
+    validate_sft,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +69,71 @@ def load_preference(
     )
 
 
+def load_feedback(
+    source: SourceLike,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_length: int,
+    on_bad_record: str = "error",
+    split: str = "train",
+    columns: dict[str, str] | None = None,
+    score_range: tuple[float, float] | None = None,
+) -> tuple[list[Feedback], DataReport]:
+    """Load unpaired feedback (prompt, completion and a label or a score) as `Feedback`.
+
+    Prompt/completion are tokenized as SFT prompt/completion. Labels give targets 1.0 / 0.0;
+    scores are mapped to [0, 1] from `score_range = (lo, hi)`, which score data requires (an
+    error on its first record, raised even with `on_bad_record="skip"`) and label data ignores.
+    A malformed `score_range` (not two finite numbers with lo < hi) is an error either way.
+    """
+    if score_range is not None:
+        score_range = _check_score_range(score_range)
+    build = functools.partial(_build_feedback, score_range=score_range)
+    return _load(source, tokenizer, "unpaired", build, max_length, on_bad_record, split, columns)
+
+
+def detect_kind(
+    source: SourceLike, split: str = "train", columns: dict[str, str] | None = None
+) -> Literal["pairs", "unpaired"]:
+    """Whether a preference-slot source holds "pairs" or "unpaired" feedback (first valid record).
+
+    Records that cannot be read (broken JSON, not an object...) are passed over here; the loader
+    reports them. A first readable record with neither 'chosen'/'rejected' nor 'label'/'score'
+    (or with both) is a `DataError` at that record. An in-memory source should be a list (an
+    iterator would be consumed by the peek).
+    """
+    src = open_source(source, split)
+    first_error: DataError | None = None
+    for raw in src.records:
+        if raw.error is not None:
+            first_error = first_error or raw.error.located(src.name, raw.number, src.unit)
+            continue
+        record = _rename(raw.value, columns) if columns else raw.value
+        try:
+            return detect_pref_kind(record)  # type: ignore[return-value]
+        except RecordError as err:
+            raise err.located(src.name, raw.number, src.unit) from None
+    if first_error is not None:
+        raise first_error
+    raise DataError(src.name, None, None, "no records")
+
+
+def _check_score_range(score_range: Any) -> tuple[float, float]:
+    def number(x: Any) -> bool:
+        return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+    try:
+        lo, hi = score_range
+    except (TypeError, ValueError):
+        lo = hi = None
+    if not (number(lo) and number(hi) and lo < hi):
+        raise ValueError(
+            "score_range (data.pref.score_range) must be [min, max], two finite numbers with "
+            f"min < max; got {score_range!r}"
+        )
+    return float(lo), float(hi)
+
+
 def _build_sft(record: dict[str, Any], fmt: Format, encoder: Encoder, max_length: int) -> Sequence:
     return tokenize_example(validate_sft(record, fmt), encoder, max_length)
 
@@ -71,6 +146,19 @@ def _build_pair(record: dict[str, Any], fmt: Format, encoder: Encoder, max_lengt
         after = "tokenization and truncation" if chosen.truncated else "tokenization"
         raise RecordError("chosen", "identical", f"identical to 'rejected' after {after}")
     return Pair(chosen, rejected)
+
+
+def _build_feedback(
+    record: dict[str, Any],
+    fmt: Format,
+    encoder: Encoder,
+    max_length: int,
+    *,
+    score_range: tuple[float, float] | None,
+) -> Feedback:
+    example, target = validate_feedback(record, fmt, score_range)
+    seq = tokenize_example(example, encoder, max_length)
+    return Feedback(seq, target, seq.target_mask.index(1), fmt.name)  # type: ignore[arg-type]
 
 
 def _load(
@@ -135,7 +223,9 @@ def _rename(record: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def _truncated(item: Sequence | Pair) -> bool:
+def _truncated(item: Sequence | Pair | Feedback) -> bool:
     if isinstance(item, Pair):
         return item.chosen.truncated or item.rejected.truncated
+    if isinstance(item, Feedback):
+        return item.seq.truncated
     return item.truncated

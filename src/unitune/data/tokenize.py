@@ -32,7 +32,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from unitune.data.errors import RecordError
-from unitune.data.sequences import Sequence
+from unitune.data.sequences import Sequence, drop_tail
 from unitune.data.validation import ChatExample, Example, TextExample
 
 
@@ -146,7 +146,7 @@ def _eos_problem(encoder: Encoder) -> str:
 def _fit(ids: list[int], mask: list[int], max_length: int, example: Example) -> Sequence:
     if mask:
         mask[0] = 0  # position 0 has no context: never a target
-    ids, mask = _drop_tail(ids, mask)
+    ids, mask = drop_tail(ids, mask)
     if not ids:
         detail = "no response token can be scored (position 0 is never a target; add a prompt)"
         raise RecordError(example.response_field, "no_target", detail)
@@ -159,13 +159,5 @@ def _fit(ids: list[int], mask: list[int], max_length: int, example: Example) -> 
         raise RecordError(example.prompt_field, "too_long", detail)
     truncated = len(ids) > max_length
     if truncated:
-        ids, mask = _drop_tail(ids[:max_length], mask[:max_length])
+        ids, mask = drop_tail(ids[:max_length], mask[:max_length])
     return Sequence(tuple(ids), tuple(mask), truncated)
-
-
-def _drop_tail(ids: list[int], mask: list[int]) -> tuple[list[int], list[int]]:
-    """Drop the tokens after the last target token."""
-    end = len(mask)
-    while end > 0 and mask[end - 1] == 0:
-        end -= 1
-    return ids[:end], mask[:end]

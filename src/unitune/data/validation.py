@@ -7,13 +7,22 @@ SFT
 - prompt/completion, conversational: `{"prompt": [messages], "completion": [messages]}`
 - messages: `{"messages": [messages]}`; every assistant turn is a target
 
-Preference
+Preference pairs
 - explicit prompt, plain or conversational: `{"prompt", "chosen", "rejected"}`
 - implicit prompt: `{"chosen", "rejected"}`, both full conversations (or full texts) sharing a
   prompt. For message lists the prompt is their longest common prefix of messages. For plain
   strings it is their longest common prefix cut back to its last whitespace character, so no
   word is split (the whitespace starts both responses); "Q: 2+2? A: 4" / "Q: 2+2? A: 5" gives
   prompt "Q: 2+2? A:" and responses " 4" / " 5".
+
+Unpaired feedback (one completion per prompt, TRL's unpaired preference format)
+- label: `{"prompt", "completion", "label"}`, `label` a JSON boolean (true = desirable); TRL's
+  KTO format. 0/1 and strings are rejected: a label is true or false.
+- score: `{"prompt", "completion", "score"}`, `score` a finite number (not a boolean) inside the
+  range declared for the dataset (`data.pref.score_range`); mapped to [0, 1] as
+  `(score - lo) / (hi - lo)`.
+- prompt/completion are plain strings or message lists, validated and tokenized exactly as SFT
+  prompt/completion. A dataset holds labels or scores, not both.
 
 A message is `{"role", "content"}` with a string content and a role among `ROLES`; other keys are
 passed to the chat template. Every later record must have the first record's shape: the same
@@ -25,24 +34,30 @@ Each check raises `RecordError` naming the field and a `reason` key.
 
 from __future__ import annotations
 
+import json
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
 from unitune.data.errors import RecordError
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
+FEEDBACK_FIELDS = ("label", "score")
 
 
 @dataclass(frozen=True)
 class Format:
-    kind: str  # "sft" or "preference"
-    name: str  # "prompt_completion", "messages", "explicit" or "implicit"
+    kind: str  # "sft", "preference" or "unpaired"
+    name: str  # "prompt_completion", "messages", "explicit", "implicit", "label" or "score"
     conversational: bool
     fields: tuple[str, ...]  # required
     forbidden: tuple[str, ...]  # fields of the other formats of the same kind
 
     def describe(self) -> str:
         style = "conversational" if self.conversational else "plain"
+        if self.kind == "unpaired":
+            return f"{style} {self.name} feedback"
         if self.name == "messages":
             return "messages"
         if self.name == "prompt_completion":
@@ -96,10 +111,42 @@ def detect_format(record: dict[str, Any], kind: str) -> Format:
             conversational = isinstance(first, list)
             return Format(kind, "implicit", conversational, ("chosen", "rejected"), ("prompt",))
         expected = "'chosen' and 'rejected', with or without 'prompt'"
+    elif kind == "unpaired":
+        feedback = present & set(FEEDBACK_FIELDS)
+        if len(feedback) == 2:
+            detail = "unexpected together with 'label': a dataset holds labels or scores, not both"
+            raise RecordError("score", "unexpected_field", detail)
+        if feedback:
+            (name,) = feedback
+            first = record.get("prompt") if "prompt" in present else record.get("completion")
+            conversational = isinstance(first, list)
+            other = tuple(f for f in FEEDBACK_FIELDS if f != name)
+            return Format(kind, name, conversational, ("prompt", "completion", name), other)
+        expected = "'prompt', 'completion' and 'label' (true/false) or 'score' (a number)"
+        if present & {"chosen", "rejected"}:
+            expected += " (these look like preference pairs)"
     else:
         raise ValueError(f"unknown kind {kind!r}")
     keys = ", ".join(repr(k) for k in sorted(present)) or "none"
     detail = f"cannot detect the format from keys {keys}; expected {expected}"
+    raise RecordError(None, "unknown_format", detail)
+
+
+def detect_pref_kind(record: dict[str, Any]) -> str:
+    """What a preference-slot dataset holds, "pairs" or "unpaired", from one record's keys."""
+    present = _present(record)
+    pairs = present & {"chosen", "rejected"}
+    feedback = present & set(FEEDBACK_FIELDS)
+    if pairs and not feedback:
+        return "pairs"
+    if feedback and not pairs:
+        return "unpaired"
+    keys = ", ".join(repr(k) for k in sorted(present)) or "none"
+    detail = (
+        f"cannot tell preference pairs from unpaired feedback by the keys {keys}; expected "
+        "'chosen' and 'rejected' (pairs), or 'completion' with 'label' (true/false) or 'score' "
+        "(a number) (unpaired feedback)"
+    )
     raise RecordError(None, "unknown_format", detail)
 
 
@@ -108,6 +155,65 @@ def validate_sft(record: dict[str, Any], fmt: Format) -> Example:
     if fmt.name == "messages":
         messages = _messages(record, "messages")
         return _chat(messages, 0, "messages", "messages")
+    return _prompt_completion(record, fmt)
+
+
+def validate_feedback(
+    record: dict[str, Any], fmt: Format, score_range: tuple[float, float] | None
+) -> tuple[Example, float]:
+    """Check an unpaired feedback record; returns its example and target in [0, 1].
+
+    The target is 1.0 / 0.0 for a true / false label, or the score mapped to [0, 1] from
+    `score_range` (required for score data; ignored for labels).
+    """
+    if fmt.name == "score" and score_range is None:  # a setting, not the record's fault
+        detail = (
+            "score feedback needs the scores' range to map them to [0, 1]: set "
+            "data.pref.score_range: [min, max]"
+        )
+        raise RecordError("score", "no_score_range", detail, fatal=True)
+    _check_shape(record, fmt)
+    if fmt.name == "label":
+        target = 1.0 if _label(record) else 0.0
+    else:
+        lo, hi = score_range
+        score = _score(record, lo, hi)
+        target = (score - lo) / (hi - lo)
+    return _prompt_completion(record, fmt), target
+
+
+def _label(record: dict[str, Any]) -> bool:
+    value = record["label"]
+    if not isinstance(value, bool):
+        detail = f"expected true/false, got {_type_name(value)} {_short(value)}"
+        raise RecordError("label", "wrong_type", detail)
+    return value
+
+
+def _score(record: dict[str, Any], lo: float, hi: float) -> float:
+    value = record["score"]
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        detail = f"expected a number, got {_type_name(value)} {_short(value)}"
+        raise RecordError("score", "wrong_type", detail)
+    score = float(value)
+    if not math.isfinite(score):
+        raise RecordError("score", "not_finite", f"expected a finite number, got {score}")
+    if not lo <= score <= hi:
+        detail = (
+            f"{_short(value)} is outside the declared range [{lo:g}, {hi:g}] "
+            "(data.pref.score_range)"
+        )
+        raise RecordError("score", "out_of_range", detail)
+    return score
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = json.dumps(value) if isinstance(value, (str, bool, type(None))) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _prompt_completion(record: dict[str, Any], fmt: Format) -> Example:
+    """The example of a prompt/completion record (SFT or unpaired feedback)."""
     if fmt.conversational:
         prompt = _messages(record, "prompt")
         completion = _messages(record, "completion")

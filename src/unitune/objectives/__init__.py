@@ -1,11 +1,54 @@
 """Objectives: pure loss functions on log-probs, registered by name."""
 
-from unitune.objectives.preference import dpo
+from unitune.objectives.ift import ift, ift_forward
+from unitune.objectives.preference import dpo, ipo, minor_dpo, orpo, simpo, una_pair
 from unitune.objectives.registry import REGISTRY, Objective, register
-from unitune.objectives.sft import sft
-from unitune.objectives.types import PairLogps, SeqLogps
+from unitune.objectives.sft import minor_sft, sft, uft
+from unitune.objectives.types import FeedbackLogps, PairLogps, SeqLogps, TokenLogps
+from unitune.objectives.unpaired import kto, una_binary, una_score
 
-register(sft, name="sft", kind="sft", needs_ref=False, source="standard")
-register(dpo, name="dpo", kind="pref", needs_ref=True, source="DPO, arXiv 2305.18290")
+# fmt: off
+register(sft, name="sft", data="demonstrations", needs_ref=False, source="standard",
+         summary="mean NLL over all response tokens of the batch")
+register(dpo, name="dpo", data="pairs", needs_ref=True, source="DPO, arXiv 2305.18290",
+         summary="-logsigmoid(beta * (r(y_w) - r(y_l)))")
+register(minor_sft, name="minor_sft", data="demonstrations", needs_ref=True,
+         source="MinorSFT, arXiv 2408.10642",
+         summary="-(2 / (beta*|y|)) * logsigmoid(beta * r(y)), mean over sequences")
+register(uft, name="uft", data="demonstrations", needs_ref=True,
+         source="UFT (UNA on demonstrations), ZhichaoWang970201/UNA-UFT",
+         summary="(sigma(beta * r(y)) - 1)^2")
+register(ipo, name="ipo", data="pairs", needs_ref=True, source="IPO, arXiv 2310.12036",
+         summary="(r(y_w)/|y_w| - r(y_l)/|y_l| - 1/(2*beta))^2")
+register(minor_dpo, name="minor_dpo", data="pairs", needs_ref=True,
+         source="MinorDPO, arXiv 2408.09834",
+         summary="-logsigmoid(beta * (r(y_w) - max(0, r(y_l))))")
+register(simpo, name="simpo", data="pairs", needs_ref=False, source="SimPO, arXiv 2405.14734",
+         summary="-logsigmoid(beta * (avg_logp(y_w) - avg_logp(y_l)) - gamma)")
+register(orpo, name="orpo", data="pairs", needs_ref=False, source="ORPO, arXiv 2403.07691",
+         summary="NLL(y_w) + lam * -logsigmoid(log_odds(y_w) - log_odds(y_l))")
+register(una_pair, name="una_pair", data="pairs", needs_ref=True, source="UNA, arXiv 2408.15339",
+         summary="-logsigmoid(beta * (r(y_w) - r(y_l))) (= dpo)")
+register(kto, name="kto", data="unpaired", needs_ref=True, needs_kl=True,
+         source="KTO, arXiv 2402.01306",
+         summary="desirable 1 - sigma(beta*(r - z)), undesirable 1 - sigma(beta*(z - r))")
+register(una_binary, name="una_binary", data="unpaired", needs_ref=True,
+         source="UNA, arXiv 2408.15339",
+         summary="(sigma(beta * r) - label)^2, or BCE of sigma(beta * r) against the label")
+register(una_score, name="una_score", data="unpaired", needs_ref=True,
+         source="UNA, arXiv 2408.15339", summary="(sigma(beta * r) - score)^2")
+register(ift, name="ift", data="demonstrations", needs_ref=False, forward=ift_forward,
+         source="IFT, arXiv 2405.11870; TsinghuaC3I/Intuitive-Fine-Tuning",
+         summary="mix (1-lam)*E(y_t) + lam*E(greedy p_t) into the inputs; sum_t l_t*w_t/T, "
+                 "w_t = T*s_t/sum(s), s_t = sum_{k>=t} gamma^(k-t) l_k; mean over sequences")
+# fmt: on
 
-__all__ = ["REGISTRY", "Objective", "PairLogps", "SeqLogps", "register"]
+__all__ = [
+    "REGISTRY",
+    "FeedbackLogps",
+    "Objective",
+    "PairLogps",
+    "SeqLogps",
+    "TokenLogps",
+    "register",
+]

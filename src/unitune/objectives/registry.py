@@ -1,13 +1,16 @@
 """Objectives by name. Adding one is one function plus one `register(...)` line.
 
-The function takes `SeqLogps` (SFT family, on demonstrations) or `PairLogps` (preference family,
-on pairs) and keyword-only hyper-parameters with defaults; the config model for those
-hyper-parameters is derived from the signature, so unknown or mistyped keys are config errors.
+The function takes the log-probs of its data kind — `SeqLogps` (demonstrations), `PairLogps`
+(preference pairs), `FeedbackLogps` (unpaired feedback: labels or scores), or `TokenLogps` when it
+declares its own `forward` (IFT) — and keyword-only hyper-parameters with defaults; the config
+model for those hyper-parameters is derived from the signature and its type hints, so unknown or
+mistyped keys are config errors.
 """
 
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -16,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, create_model
 from torch import Tensor
 
 Kind = Literal["sft", "pref"]
+Data = Literal["demonstrations", "pairs", "unpaired"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,12 @@ class Objective:
     params: type[BaseModel]
     needs_ref: bool  # needs reference log-probs (cached before training)
     source: str
+    data: Data = "demonstrations"
+    # custom model pass producing the loss's inputs, e.g. IFT's two passes:
+    # forward(model, input_ids, attention_mask, target_mask, *, chunk_size, **params) -> TokenLogps
+    forward: Callable | None = None
+    summary: str = ""  # one-line formula for `unitune objectives`
+    needs_kl: bool = False  # unpaired: needs mismatched pairs for a KL estimate (KTO)
 
     def loss(self, logps, params: BaseModel | None = None) -> Tensor:
         p = params if params is not None else self.params()
@@ -39,13 +49,28 @@ class Objective:
 REGISTRY: dict[str, Objective] = {}
 
 
-def register(fn: Callable[..., Tensor], *, name: str, kind: Kind, needs_ref: bool, source: str):
+def register(
+    fn: Callable[..., Tensor],
+    *,
+    name: str,
+    data: Data,
+    needs_ref: bool,
+    source: str,
+    summary: str = "",
+    forward: Callable | None = None,
+    needs_kl: bool = False,
+) -> Callable[..., Tensor]:
+    """Register `fn` under `name`; its keyword-only arguments become validated config keys."""
+    hints = typing.get_type_hints(fn)
     fields = {}
     for p in inspect.signature(fn).parameters.values():
         if p.kind is inspect.Parameter.KEYWORD_ONLY:
-            fields[p.name] = (type(p.default) if p.default is not None else float, p.default)
+            fields[p.name] = (hints.get(p.name, type(p.default)), p.default)
     params = create_model(
         f"{name}_params", __config__=ConfigDict(extra="forbid", strict=False), **fields
     )
-    REGISTRY[name] = Objective(name, kind, fn, params, needs_ref, source)
+    kind: Kind = "sft" if data == "demonstrations" else "pref"
+    REGISTRY[name] = Objective(
+        name, kind, fn, params, needs_ref, source, data, forward, summary, needs_kl
+    )
     return fn

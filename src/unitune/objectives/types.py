@@ -31,3 +31,33 @@ class SeqLogps:
 class PairLogps:
     chosen: SeqLogps
     rejected: SeqLogps
+
+
+@dataclass
+class FeedbackLogps:
+    """Unpaired feedback: one completion per prompt, with a label or a score.
+
+    `target` is 1.0 (desirable) / 0.0 (undesirable) for labels, or the score mapped to [0, 1].
+    `kl` holds mismatched (prompt_i, completion_j) pairs from the same batch, for KTO's estimate
+    of KL(pi_theta || pi_ref); None when the objective does not need it.
+    """
+
+    seq: SeqLogps
+    target: Tensor  # [B]
+    kl: SeqLogps | None = None
+
+
+@dataclass
+class TokenLogps:
+    """Per-token log-probs of the target tokens, for objectives that weight tokens (IFT).
+
+    `logp[b, t]` is log p(token t | its prefix) at target positions and 0 elsewhere; `mask` marks
+    the target positions. Shape [B, L].
+    """
+
+    logp: Tensor
+    mask: Tensor
+
+    @property
+    def n_tokens(self) -> Tensor:
+        return self.mask.sum(dim=1)

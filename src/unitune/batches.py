@@ -1,0 +1,160 @@
+"""The datasets of a run: loaded by the data kind each objective needs, and batched.
+
+Three kinds of items flow through a run: `Sequence` (demonstrations), `Pair` (preference pairs)
+and `Feedback` (unpaired feedback with a label or a score). Every kind flattens to a list of
+`Sequence`s for the model: pairs as all chosen, then all rejected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from unitune.config import Config
+from unitune.data import (
+    DataError,
+    DataReport,
+    Feedback,
+    Pair,
+    Sequence,
+    collate,
+    detect_kind,
+    length_batches,
+    load_feedback,
+    load_preference,
+    load_sft,
+    mismatched,
+    split_holdout,
+)
+from unitune.objectives import REGISTRY
+
+
+@dataclass
+class Split:
+    kind: str  # "demonstrations" | "pairs" | "unpaired"
+    train: list
+    eval: list
+    report: DataReport | None = None
+    eval_report: DataReport | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def unpair(pairs: list[Pair]) -> list[Feedback]:
+    """Pairs as unpaired feedback: chosen desirable (1.0), rejected undesirable (0.0).
+
+    As TRL's `unpair_preference_dataset`, so that KTO and UNA's binary form train on pair data.
+    """
+    out = []
+    for p in pairs:
+        for seq, target in ((p.chosen, 1.0), (p.rejected, 0.0)):
+            out.append(Feedback(seq, target, seq.target_mask.index(1)))
+    return out
+
+
+def load_data(cfg: Config, tokenizer) -> dict[str, Split]:
+    """Load, validate and tokenize every dataset before training starts.
+
+    The preference slot is read as pairs or as unpaired feedback according to what its objective
+    needs; pair data given to an unpaired objective is unpaired (chosen → desirable).
+    """
+    out: dict[str, Split] = {}
+    common = {"max_length": cfg.data.max_length, "on_bad_record": cfg.data.on_bad_record}
+    for slot in ("sft", "pref"):
+        dcfg = getattr(cfg.data, slot)
+        if dcfg is None:
+            continue
+        obj = REGISTRY[getattr(cfg.objectives, slot).name]
+        kw = dict(common, split=dcfg.split, columns=dcfg.columns)
+        kind, notes = obj.data, []
+        if slot == "sft":
+            loader = load_sft
+        else:
+            found = detect_kind(dcfg.train, split=dcfg.split, columns=dcfg.columns)
+            if obj.data == "pairs" and found == "unpaired":
+                raise DataError(
+                    dcfg.train, None, None,
+                    f"objective {obj.name!r} needs preference pairs (prompt, chosen, rejected), "
+                    "but this holds unpaired feedback (label or score)",
+                )  # fmt: skip
+            if found == "pairs":
+                loader = load_preference
+            else:
+                loader = load_feedback
+                kw["score_range"] = dcfg.score_range
+        train, report = loader(dcfg.train, tokenizer, **kw)
+        if dcfg.eval is not None:
+            held, eval_report = loader(dcfg.eval, tokenizer, **kw)
+        else:
+            train, held = split_holdout(train, dcfg.eval_fraction, cfg.train.seed)
+            eval_report = None
+        if dcfg.max_samples is not None:
+            train = train[: dcfg.max_samples]
+        if kind == "unpaired" and train and isinstance(train[0], Pair):
+            train, held = unpair(train), unpair(held)
+            notes.append(f"pairs unpaired for {obj.name}: chosen desirable, rejected undesirable")
+        out[slot] = Split(kind, train, held, report, eval_report, notes)
+    return out
+
+
+def flatten(items: list) -> list[Sequence]:
+    """Sequences of a dataset: demonstrations as they are; pairs as all chosen, then rejected;
+    feedback as its completions."""
+    if not items:
+        return []
+    if isinstance(items[0], Pair):
+        return [p.chosen for p in items] + [p.rejected for p in items]
+    if isinstance(items[0], Feedback):
+        return [f.seq for f in items]
+    return list(items)
+
+
+def item_length(item: Sequence | Pair | Feedback) -> int:
+    if isinstance(item, Pair):
+        return max(len(item.chosen.input_ids), len(item.rejected.input_ids))
+    if isinstance(item, Feedback):
+        return len(item.seq.input_ids)
+    return len(item.input_ids)
+
+
+def batch_stream(
+    items: list, batch_size: int, seed: int, partition: list[list[int]] | None = None
+) -> Iterator[list[int]]:
+    """Endless stream of index batches grouped by length, reshuffled every epoch.
+
+    With a fixed `partition` (unpaired data: KTO's mismatched pairs are built per batch and their
+    reference log-probs cached), the same batches come back every epoch in a new order.
+    """
+    lengths = [item_length(it) for it in items]
+    epoch = 0
+    while True:
+        if partition is None:
+            yield from length_batches(lengths, batch_size, seed=seed + epoch, shuffle=True)
+        else:
+            g = torch.Generator().manual_seed(seed + epoch)
+            yield from (partition[i] for i in torch.randperm(len(partition), generator=g))
+        epoch += 1
+
+
+def collate_items(items: list, idx: list[int], pad_id: int, device) -> dict[str, torch.Tensor]:
+    seqs = flatten([items[i] for i in idx])
+    return {k: v.to(device) for k, v in collate(seqs, pad_id).items()}
+
+
+@dataclass
+class KLPairs:
+    """KTO's mismatched (prompt_i, completion_{i+1}) sequences of every batch of a fixed
+    partition, flattened in batch order; `offset[batch]` is where a batch's pairs start."""
+
+    seqs: list[Sequence]
+    offset: dict[tuple[int, ...], int]
+
+    @classmethod
+    def build(cls, items: list[Feedback], partition: list[list[int]]) -> KLPairs:
+        seqs: list[Sequence] = []
+        offset = {}
+        for batch in partition:
+            offset[tuple(batch)] = len(seqs)
+            seqs += mismatched(items, batch)
+        return cls(seqs, offset)

@@ -1,0 +1,128 @@
+"""Every objective inside the joint schedules, on builtin:tiny."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from conftest import ANIMALS, write_jsonl
+
+from unitune.config import parse_config
+from unitune.objectives import REGISTRY
+from unitune.trainer import Run, train
+
+SFT_FAMILY = [n for n, o in REGISTRY.items() if o.data == "demonstrations" and n != "sft"]
+PAIR_FAMILY = [n for n, o in REGISTRY.items() if o.data == "pairs" and n != "dpo"]
+UNPAIRED = [n for n, o in REGISTRY.items() if o.data == "unpaired"]
+
+
+@pytest.fixture
+def feedback_files(tmp_path):
+    def rows(animals, kind):
+        out = []
+        for i, a in enumerate(animals):
+            good = i % 2 == 0
+            row = {
+                "prompt": [{"role": "user", "content": f"Describe a {a}."}],
+                "completion": [
+                    {"role": "assistant", "content": f"A {a} is {'WONDERFUL' if good else 'dull'}."}
+                ],
+            }
+            row |= {"label": good} if kind == "label" else {"score": 9.0 if good else 2.0}
+            out.append(row)
+        return out
+
+    held_out = ["hen", "ram", "gnu", "doe"]
+    return {
+        kind: (write_jsonl(tmp_path / f"{kind}_train.jsonl", rows(ANIMALS * 2, kind)),
+               write_jsonl(tmp_path / f"{kind}_eval.jsonl", rows(held_out, kind)))
+        for kind in ("label", "score")
+    }  # fmt: skip
+
+
+def run(raw) -> tuple[dict, list[dict]]:
+    cfg = parse_config(raw)
+    summary = train(cfg, progress=False)
+    rows = [json.loads(x) for x in (Path(cfg.output_dir) / "metrics.jsonl").open()]
+    return summary, [r for r in rows if r["type"] == "eval"]
+
+
+@pytest.mark.parametrize("schedule", ["alright", "mix"])
+@pytest.mark.parametrize("name", SFT_FAMILY)
+def test_sft_family_in_schedules(tiny_config, schedule, name):
+    raw = tiny_config(schedule, max_steps=3, eval_every=3)
+    raw["objectives"] = {"sft": {"name": name}, "pref": {"name": "dpo"}}
+    summary, evals = run(raw)
+    assert summary["sft_objective"] == name
+    assert math.isfinite(evals[-1][f"loss_{name}"]) and math.isfinite(evals[-1]["deviation"])
+
+
+@pytest.mark.parametrize("schedule", ["alright", "mix"])
+@pytest.mark.parametrize("name", PAIR_FAMILY)
+def test_pair_family_in_schedules(tiny_config, schedule, name):
+    raw = tiny_config(schedule, max_steps=3, eval_every=3)
+    raw["objectives"] = {"sft": {"name": "sft"}, "pref": {"name": name}}
+    summary, evals = run(raw)
+    assert math.isfinite(evals[-1][f"loss_{name}"]) and math.isfinite(evals[-1]["f_pref"])
+
+
+@pytest.mark.parametrize("schedule", ["alright", "mix"])
+@pytest.mark.parametrize("name", UNPAIRED)
+def test_unpaired_family_in_schedules(tiny_config, feedback_files, schedule, name):
+    raw = tiny_config(schedule, max_steps=3, eval_every=3)
+    kind = "score" if name == "una_score" else "label"
+    train_file, eval_file = feedback_files[kind]
+    raw["data"]["pref"] = {"train": str(train_file), "eval": str(eval_file)}
+    if kind == "score":
+        raw["data"]["pref"]["score_range"] = [0, 10]
+    raw["objectives"] = {"sft": {"name": "uft" if name.startswith("una") else "sft"},
+                         "pref": {"name": name}}  # fmt: skip
+    summary, evals = run(raw)
+    last = evals[-1]
+    assert math.isfinite(last["f_pref"]) and last["f_pref"] == last[f"loss_{name}"]
+    assert 0.0 <= last["reward_acc"] <= 1.0
+    if name == "kto":
+        trains = [json.loads(x) for x in (Path(raw["output_dir"]) / "metrics.jsonl").open()]
+        kls = [r["kl"] for r in trains if r.get("objective") == "pref" and "kl" in r]
+        assert kls and all(math.isfinite(k) and k >= 0 for k in kls)
+
+
+def test_kto_trains_on_pair_data_by_unpairing(tiny_config):
+    raw = tiny_config("alright", max_steps=2, eval_every=2)
+    raw["objectives"] = {"pref": {"name": "kto"}}
+    cfg = parse_config(raw)
+    r = Run(cfg, progress=False)
+    r.setup()
+    split = r.data["pref"]
+    assert split.kind == "unpaired" and len(split.train) == 2 * 24  # every pair, both sides
+    assert sorted({f.target for f in split.train}) == [0.0, 1.0]
+
+
+def test_pair_objective_refuses_unpaired_data(tiny_config, feedback_files):
+    from unitune.data import DataError
+
+    raw = tiny_config("alright", max_steps=2)
+    raw["data"]["pref"] = {"train": str(feedback_files["label"][0])}
+    with pytest.raises(DataError, match="needs preference pairs"):
+        train(parse_config(raw), progress=False)
+
+
+@pytest.mark.parametrize("name", ["simpo", "orpo"])
+def test_reference_free_objectives_compute_no_training_reference(tiny_config, monkeypatch, name):
+    import unitune.trainer as trainer
+
+    computed = []
+    original = trainer.reference_logps
+
+    def spy(policy, seqs, **kw):
+        computed.append(len(seqs))
+        return original(policy, seqs, **kw)
+
+    monkeypatch.setattr(trainer, "reference_logps", spy)
+    raw = tiny_config("alright", max_steps=2)
+    raw["objectives"] = {"pref": {"name": name}}
+    r = Run(parse_config(raw), progress=False)
+    r.setup()
+    assert "pref_train" not in r.refs and "sft_train" not in r.refs
+    # only the held-out sets, for the metrics against the starting model (3 + 2*3 sequences)
+    assert sorted(computed) == [3, 6]
