@@ -6,9 +6,35 @@ import pytest
 ANIMALS = ["cat", "dog", "owl", "fox", "bee", "cow", "yak", "elk", "ant", "emu", "bat", "pig"]
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+def write_jsonl(path: Path, rows: list) -> Path:
+    """Rows are dicts (dumped as JSON) or raw str/bytes lines written as they are."""
+    with open(path, "wb") as fh:
+        for row in rows:
+            if isinstance(row, bytes):
+                fh.write(row + b"\n")
+            elif isinstance(row, str):
+                fh.write(row.encode() + b"\n")
+            else:
+                fh.write(json.dumps(row).encode() + b"\n")
     return path
+
+
+def msg(role: str, content: str) -> dict:
+    return {"role": role, "content": content}
+
+
+def target_spans(tok, seq) -> list[str]:
+    """The decoded runs of consecutive target tokens of a `Sequence`."""
+    spans, run = [], []
+    for token, m in zip(seq.input_ids, seq.target_mask, strict=True):
+        if m:
+            run.append(token)
+        elif run:
+            spans.append(tok.decode(run))
+            run = []
+    if run:
+        spans.append(tok.decode(run))
+    return spans
 
 
 @pytest.fixture

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
+from conftest import msg, target_spans, write_jsonl
 
 from unitune.data import (
     DataError,
@@ -27,37 +27,6 @@ EOS = "<|im_end|>"
 @pytest.fixture(scope="module")
 def tok():
     return tiny_tokenizer()
-
-
-def msg(role: str, content: str) -> dict:
-    return {"role": role, "content": content}
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    """Rows are dicts (dumped as JSON) or raw str/bytes lines written as they are."""
-    with open(path, "wb") as fh:
-        for row in rows:
-            if isinstance(row, bytes):
-                fh.write(row + b"\n")
-            elif isinstance(row, str):
-                fh.write(row.encode() + b"\n")
-            else:
-                fh.write(json.dumps(row).encode() + b"\n")
-    return path
-
-
-def target_spans(tok, seq: Sequence) -> list[str]:
-    """The decoded runs of consecutive target tokens."""
-    spans, run = [], []
-    for token, m in zip(seq.input_ids, seq.target_mask, strict=True):
-        if m:
-            run.append(token)
-        elif run:
-            spans.append(tok.decode(run))
-            run = []
-    if run:
-        spans.append(tok.decode(run))
-    return spans
 
 
 def prompt_text(tok, item: Feedback) -> str:
