@@ -126,3 +126,16 @@ def test_reference_free_objectives_compute_no_training_reference(tiny_config, mo
     assert "pref_train" not in r.refs and "sft_train" not in r.refs
     # only the held-out sets, for the metrics against the starting model (3 + 2*3 sequences)
     assert sorted(computed) == [3, 6]
+
+
+def test_kto_held_out_kl_is_zero_at_the_start_across_eval_batches(tiny_config, feedback_files):
+    """At pi_theta = pi_ref the KL estimate is 0: the held-out mismatched pairs scored by the
+    policy must be the very sequences whose reference log-probs were cached."""
+    raw = tiny_config("alright", max_steps=1, eval_batch_size=2)  # 4 eval items: 2 batches
+    train_file, eval_file = feedback_files["label"]
+    raw["data"]["pref"] = {"train": str(train_file), "eval": str(eval_file)}
+    raw["objectives"] = {"pref": {"name": "kto"}}
+    _, evals = run(raw)
+    assert evals[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    # r = 0 and z = 0 on every eval batch: each KTO term is 1 - sigmoid(0)
+    assert evals[0]["loss_kto"] == pytest.approx(0.5, abs=1e-6)

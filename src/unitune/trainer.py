@@ -24,9 +24,17 @@ from torch import nn
 from transformers import get_scheduler
 
 from unitune import metrics
-from unitune.batches import KLPairs, Split, batch_stream, collate_items, flatten, load_data
+from unitune.batches import (
+    KLPairs,
+    Split,
+    batch_stream,
+    collate_items,
+    flatten,
+    item_length,
+    load_data,
+)
 from unitune.config import Config, dump_config
-from unitune.data import Sequence, collate, length_batches, mismatched
+from unitune.data import Sequence, collate, length_batches
 from unitune.logprobs import sequence_logps
 from unitune.models import (
     cache_root,
@@ -97,13 +105,16 @@ class Run:
         }
         self.beta = float(getattr(self.objectives.get("pref", (0, 0))[1], "beta", 0.1))
         if "pref" in self.data and self.pref_obj.needs_kl:
-            # a fixed partition, so that each batch's mismatched pairs are known and cached
-            items = self.data["pref"].train
-            lengths = [len(f.seq.input_ids) for f in items]
+            # fixed partitions, so that each batch's mismatched pairs are known and cached
+            split = self.data["pref"]
+            lengths = [item_length(f) for f in split.train]
             self.partition = length_batches(
                 lengths, cfg.train.batch_size, seed=cfg.train.seed, shuffle=True
             )
-            self.kl_train = KLPairs.build(items, self.partition)
+            self.kl = {
+                "train": KLPairs.build(split.train, self.partition),
+                "eval": KLPairs.build(split.eval, self._eval_batches(split.eval)),
+            }
         self.policy = PolicyLogps(self.model, cfg.train.logprob_chunk_size).to(self.device)
         self.refs: dict[str, torch.Tensor] = {}
         self.extras: dict[str, dict[str, float]] = {}  # per-slot figures of the last step
@@ -124,12 +135,11 @@ class Run:
         if "pref" in self.data and self.pref_obj.needs_ref:
             wanted.append(("pref_train", self.data["pref"].train))
         if "pref" in self.data and self.pref_obj.needs_kl:
-            wanted.append(("pref_train_kl", self.kl_train.seqs))
+            wanted.append(("pref_train_kl", self.kl["train"].seqs))
         if initial:
             wanted += [(f"{k}_eval", s.eval) for k, s in self.data.items()]
             if "pref" in self.data and self.pref_obj.needs_kl:
-                ev = self.data["pref"].eval
-                wanted.append(("pref_eval_kl", mismatched(ev, list(range(len(ev))))))
+                wanted.append(("pref_eval_kl", self.kl["eval"].seqs))
         ref_ctx = reference_mode(self.model) if initial else nullcontext()
         with ref_ctx, self.acc.autocast():
             for name, items in wanted:
@@ -148,7 +158,7 @@ class Run:
                 )
 
     # ------------------------------------------------------------ objectives
-    def objective_input(self, slot: str, stage: str, idx: list[int], *, grad: bool = True):
+    def objective_input(self, slot: str, stage: str, idx: list[int]):
         """The log-probs the objective of `slot` consumes, on items `idx` of `stage` (train/eval):
         `SeqLogps`, `PairLogps`, `FeedbackLogps`, or its own forward's output (IFT)."""
         obj, params, split = self.objectives[slot]
@@ -177,16 +187,12 @@ class Run:
     def kl_logps(self, stage: str, idx: list[int]) -> SeqLogps:
         """KTO's mismatched pairs of this batch: policy log-probs (no grad, as TRL) and cached
         reference log-probs."""
-        if stage == "train":
-            start = self.kl_train.offset[tuple(idx)]
-            seqs = self.kl_train.seqs[start : start + len(idx)]
-        else:
-            start, seqs = 0, mismatched(self.data["pref"].eval, idx)
-        batch = {k: v.to(self.device) for k, v in collate(seqs, self.pad_id).items()}
+        pairs = self.kl[stage]
+        start = pairs.offset[tuple(idx)]
+        rows = slice(start, start + len(idx))
+        batch = {k: v.to(self.device) for k, v in collate(pairs.seqs[rows], self.pad_id).items()}
         logp, n = self.policy(**batch)
-        ref = self.refs[f"pref_{stage}_kl"]
-        ref = ref[start : start + len(idx)] if stage == "train" else ref[idx]
-        return SeqLogps(logp, n, ref.to(logp.device))
+        return SeqLogps(logp, n, self.refs[f"pref_{stage}_kl"][rows].to(logp.device))
 
     def loss(self, slot: str, idx: list[int]) -> tuple[torch.Tensor, int]:
         """The training objective of `slot` on the batch `idx`; returns (loss, tokens processed)."""
@@ -230,7 +236,7 @@ class Run:
                 for slot in self.data:
                     obj = self.objectives[slot][0]
                     if obj.name not in ("sft", "dpo"):  # those are f_sft, f_pref already
-                        out[f"loss_{obj.name}"] = self._own_loss(slot, bs)
+                        out[f"loss_{obj.name}"] = self._own_loss(slot)
                 if "pref" in self.data and self.data["pref"].kind == "unpaired":
                     out |= self._feedback_metrics(bs)
         finally:
@@ -241,15 +247,15 @@ class Run:
             )
         return out
 
-    def _eval_batches(self, items: list, bs: int) -> list[list[int]]:
-        lengths = [len(s.input_ids) for s in flatten(items)][: len(items)]
-        return length_batches(lengths, bs, seed=0, shuffle=False)
+    def _eval_batches(self, items: list) -> list[list[int]]:
+        lengths = [item_length(it) for it in items]
+        return length_batches(lengths, self.cfg.train.eval_batch_size, seed=0, shuffle=False)
 
-    def _own_loss(self, slot: str, bs: int) -> float:
+    def _own_loss(self, slot: str) -> float:
         """The objective's own loss on held-out data: batch losses weighted by batch size."""
         obj, params, split = self.objectives[slot]
         total = 0.0
-        for idx in self._eval_batches(split.eval, bs):
+        for idx in self._eval_batches(split.eval):
             lp = self.objective_input(slot, "eval", idx)
             total += float(obj.loss(lp, params)) * len(idx)
         return total / len(split.eval)
@@ -264,14 +270,14 @@ class Run:
         target = torch.tensor([f.target for f in items])
         good = target >= 0.5
         out = {
-            "f_pref": self._own_loss("pref", bs),
+            "f_pref": self._own_loss("pref"),
             "reward_acc": float(((r > 0) == good).float().mean()),
         }
         if good.any() and (~good).any():
             out["reward_margin"] = float(self.beta * (r[good].mean() - r[~good].mean()))
         if obj.needs_kl:
-            kl = self.kl_logps("eval", list(range(len(items))))
-            out["kl"] = float(kl.ratio.mean().clamp(min=0))
+            ratios = [self.kl_logps("eval", idx).ratio for idx in self._eval_batches(items)]
+            out["kl"] = float(torch.cat(ratios).mean().clamp(min=0))
         return out
 
     def _all_logps(self, seqs: list[Sequence], bs: int) -> tuple[torch.Tensor, torch.Tensor]:
