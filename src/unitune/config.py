@@ -88,14 +88,65 @@ class ObjectivesConfig(Strict):
         return data
 
 
+MergeMethod = Literal["task_arithmetic", "ties", "dare_linear", "dare_ties"]
+
+
+class MergeOptions(Strict):
+    """How the deltas `d_i = theta_i - theta_base` combine (METHODS.md, "Merging").
+
+    - `task_arithmetic`: `theta_base + sum_i w_i * d_i`.
+    - `ties`: keep each delta's top `density` fraction by magnitude, elect each entry's sign by
+      the sign of the summed kept (weighted) values, average the kept values that agree with it.
+    - `dare_linear` / `dare_ties`: drop each entry with probability `drop_rate`, rescale the
+      survivors by `1 / (1 - drop_rate)` (seeded), then combine as task arithmetic / TIES
+      (sign election and disjoint mean, without TIES's magnitude trimming).
+    """
+
+    method: MergeMethod = "ties"
+    density: float = Field(0.5, gt=0.0, le=1.0)  # ties: fraction of each delta kept
+    drop_rate: float = Field(0.5, ge=0.0, lt=1.0)  # dare: probability of dropping an entry
+    seed: int = 0  # dare: the drop masks are drawn from this seed and the tensor's name
+    # ties' disjoint mean: over the agreeing models (TIES paper, default) or weighted by their
+    # weights (mergekit's `normalize: true`); both equal the plain mean at equal weights of 1
+    normalize: Literal["count", "weight"] = "count"
+
+
+class MergeSource(Strict):
+    path: str  # a model directory or LoRA adapter directory (local, or a hub id)
+    weight: float = 1.0
+    density: float | None = Field(None, gt=0.0, le=1.0)  # ties: overrides the global density
+    revision: str | None = None
+
+
+class MergeConfig(MergeOptions):
+    """`unitune merge CONFIG.yaml`: a base and N fine-tuned models into one HF model directory."""
+
+    base: str  # local dir, hub id, builtin:smollm2-135m or builtin:tiny
+    revision: str | None = None
+    models: list[MergeSource] = Field(min_length=1)
+    output: str
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # default: the base's dtype
+    max_shard_gb: float = Field(5.0, gt=0.0)
+
+
+class ParallelMerge(MergeOptions):
+    """The `parallel` schedule's merge of its SFT and preference branches."""
+
+    weights: tuple[float, float] = (1.0, 1.0)  # (sft branch, preference branch)
+
+
 class ScheduleConfig(Strict):
-    name: Literal["sft", "pref", "sequential", "mix", "alright", "maxright"] = "alright"
+    name: Literal["sft", "pref", "sequential", "mix", "alright", "maxright", "parallel"] = "alright"
     lam: float = Field(0.5, ge=0.0, le=1.0)  # weight / probability of the preference objective
     k: int = Field(10, gt=0)  # MAXRIGHT: recompute both gaps every k steps
     ideal: Literal["zero", "config", "calibrate"] = "zero"  # where f_sft*, f_pref* come from
     f_sft_star: float | None = None
     f_pref_star: float | None = None
     calibration_steps: int = Field(50, gt=0)
+    # parallel (PAFT): L1 penalty on the SFT branch's delta from the base, and the merge
+    l1: float = Field(0.0, ge=0.0)
+    sparsity_tol: float = Field(1e-6, ge=0.0)  # |delta| <= tol counts as zero in the report
+    merge: ParallelMerge = ParallelMerge()
 
     @model_validator(mode="after")
     def _ideal(self) -> ScheduleConfig:
@@ -186,16 +237,28 @@ def parse_config(data: dict[str, Any], source: str = "config") -> Config:
         raise ConfigError(_format_errors(err, source)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    path = Path(path)
+def _read_yaml(path: Path, overrides: list[str] | None) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
-    apply_overrides(data, overrides or [])
-    return parse_config(data, str(path))
+    return apply_overrides(data, overrides or [])
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    return parse_config(_read_yaml(path, overrides), str(path))
+
+
+def load_merge_config(path: str | Path, overrides: list[str] | None = None) -> MergeConfig:
+    """The YAML of `unitune merge`; unknown keys are errors naming their dotted path."""
+    path = Path(path)
+    try:
+        return MergeConfig.model_validate(_read_yaml(path, overrides))
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, str(path))) from None
 
 
 def dump_config(cfg: Config) -> str:

@@ -233,6 +233,39 @@ def _load_tiny(dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizer
     return model.to(dtype), tokenizer
 
 
+def model_dir(name: str, revision: str | None = None) -> Path:
+    """A model or adapter as a local directory of safetensors, config and tokenizer files.
+
+    Builtins come from the cache (`builtin:tiny` is saved there on first use), local directories
+    are used as they are, and hub ids are downloaded (safetensors, JSON and tokenizer files only;
+    never pickles).
+    """
+    if name == BUILTIN_SMOLLM2:
+        return smollm2_cache_dir()
+    if name == BUILTIN_TINY:
+        target = cache_root() / "models" / f"tiny-{TINY_SEED}"
+        if not (target / CACHE_MARKER).is_file():
+            model, tokenizer = _load_tiny(torch.float32)
+            with atomic_dir(target) as tmp:
+                model.save_pretrained(str(tmp))
+                tokenizer.save_pretrained(str(tmp))
+                (tmp / CACHE_MARKER).write_text(json.dumps({"source": BUILTIN_TINY}) + "\n")
+        return target
+    if name.startswith("builtin:"):
+        raise ModelLoadError(f"unknown builtin model {name!r}; known: {', '.join(BUILTINS)}")
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{path} is a file, not a model directory")
+        return path
+    if name.startswith(("/", "./", "../", "~")):
+        raise ModelLoadError(f"model directory {name} does not exist")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+    return Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
+
+
 # --------------------------------------------------------------------------------------------
 # The embedded SmolLM2-135M-Instruct
 
@@ -429,14 +462,10 @@ def save_model(
     copy (rather than merge + unmerge in place) leaves the training model bit-for-bit unchanged,
     so its reference weights and fingerprint stay valid; it costs one temporary copy of the weights.
 
-    Everything is written to a temporary sibling directory first and renamed into place only when
-    complete; an existing `out_dir` is renamed away, replaced, then deleted.
+    Written through `atomic_dir`: a crash never leaves a half-written `out_dir`.
     """
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _make_temp_dir(out_dir)
-    old: Path | None = None
-    try:
+    with atomic_dir(out_dir) as tmp:
         if _is_peft(model) and merge_lora:
             to_save = copy.deepcopy(model).merge_and_unload()
         else:
@@ -450,20 +479,34 @@ def save_model(
                 to_save.save_pretrained(str(tmp))
         del to_save
         tokenizer.save_pretrained(str(tmp))
+    return out_dir
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary sibling of `out_dir` to write into; move it into place only when
+    the block succeeds. An existing `out_dir` is renamed away, replaced, then deleted; on any
+    error the temporary directory is removed and a previous `out_dir` is left as it was.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _make_temp_dir(out_dir)
+    old: Path | None = None
+    try:
+        yield tmp
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, old / "dir")
         os.rename(tmp, out_dir)
     except BaseException:
         if old is not None and not out_dir.exists():
-            os.replace(old / "dir", out_dir)  # put the previous save back
+            os.replace(old / "dir", out_dir)  # put the previous one back
         raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    return out_dir
 
 
 @contextlib.contextmanager
