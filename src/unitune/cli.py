@@ -126,5 +126,43 @@ def objectives() -> None:
     console.print(table)
 
 
+@app.command()
+def merge(
+    config: Path = typer.Argument(..., help="YAML merge config (base, models, method, output)"),
+    set_: list[str] = typer.Option(None, "--set", help="override: key.path=value (repeatable)"),
+    no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar"),
+) -> None:
+    """Merge fine-tuned models or LoRA adapters into a base: task arithmetic, TIES or DARE."""
+    from rich.table import Table
+
+    from unitune.config import load_merge_config
+    from unitune.merge import MergeError
+    from unitune.merge import merge as run_merge
+    from unitune.models import ModelLoadError
+
+    if not config.exists():
+        _fail(f"{config}: no such file")
+    try:
+        cfg = load_merge_config(config, set_ or [])
+        report = run_merge(cfg, console=console, progress=not no_progress)
+    except (ConfigError, MergeError, ModelLoadError) as e:
+        _fail(str(e))
+    table = Table(title=f"merged into {report['output']}")
+    table.add_column("")
+    table.add_column("", overflow="fold")
+    table.add_row("method", report["method"])
+    table.add_row("tensors", f"{report['tensors']} ({report['parameters']:,} parameters)")
+    table.add_row("seconds", f"{report['seconds']:.1f}")
+    size = f"{report['output_bytes'] / 1e6:.1f} MB in {report['shards']} file(s)"
+    table.add_row("output size", size)
+    for i, m in enumerate(report["models"]):
+        table.add_row(
+            f"models[{i}]",
+            f"{m['path']} ({m['kind']}, weight {m['weight']:g}): delta sparsity "
+            f"{m['sparsity']:.2%}, top-10% entries hold {m['top10_mass']:.1%} of its L1 mass",
+        )
+    console.print(table)
+
+
 if __name__ == "__main__":
     app()

@@ -188,7 +188,7 @@ def _disjoint_mean(ds: list[torch.Tensor], weights: list[float], normalize: str)
     den = torch.zeros_like(total)
     for w, d in zip(weights, ds, strict=True):
         u = d * w
-        agree = (torch.sign(u) == elected) & (u != 0)
+        agree = torch.sign(u) == elected  # where elected is 0 this is u == 0: adds nothing
         num += torch.where(agree, u, 0.0)
         den += agree * (1.0 if normalize == "count" else w)
     den[den == 0] = 1.0  # no agreeing value: num is 0 (weights summing to 0: as mergekit)
