@@ -118,19 +118,29 @@ def combine(
 
     A pure function: the inputs are not modified.
     """
-    if not deltas or len(deltas) != len(weights):
-        raise ValueError(f"combine: {len(deltas)} deltas but {len(weights)} weights")
-    if densities is not None and len(densities) != len(deltas):
-        raise ValueError(f"combine: {len(deltas)} deltas but {len(densities)} densities")
-    ds = [d.float() for d in deltas]
-    if opts.method in ("dare_linear", "dare_ties"):
-        ds = [
-            dare_drop(d, opts.drop_rate, seed=opts.seed, name=name, index=i)
-            for i, d in enumerate(ds)
-        ]
-    elif opts.method == "ties":
-        dens = densities if densities is not None else [opts.density] * len(ds)
-        ds = [trim(d, k) for d, k in zip(ds, dens, strict=True)]
+    return _combine([d.float() for d in deltas], weights, opts, densities=densities, name=name)
+
+
+def _combine(
+    ds: list[torch.Tensor],
+    weights: list[float],
+    opts: MergeOptions,
+    *,
+    densities: list[float] | None = None,
+    name: str = "",
+) -> torch.Tensor:
+    """`combine` on a list of float32 deltas that it owns: each entry is replaced by its trimmed
+    or dropped version as it goes (no tensor is modified in place), so a caller that holds no
+    other reference to a delta has it freed as soon as its replacement exists."""
+    if not ds or len(ds) != len(weights):
+        raise ValueError(f"combine: {len(ds)} deltas but {len(weights)} weights")
+    if densities is not None and len(densities) != len(ds):
+        raise ValueError(f"combine: {len(ds)} deltas but {len(densities)} densities")
+    for i in range(len(ds)):
+        if opts.method in ("dare_linear", "dare_ties"):
+            ds[i] = dare_drop(ds[i], opts.drop_rate, seed=opts.seed, name=name, index=i)
+        elif opts.method == "ties":
+            ds[i] = trim(ds[i], densities[i] if densities is not None else opts.density)
 
     if opts.method in ("task_arithmetic", "dare_linear"):
         out = torch.zeros_like(ds[0])
@@ -141,16 +151,22 @@ def combine(
 
 
 def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """TIES's trim: keep the `max(1, int(density * numel))` entries largest in magnitude."""
+    """TIES's trim: keep the `max(1, int(density * numel))` entries largest in magnitude.
+
+    Entries of equal magnitude at the cut are kept lowest index first.
+    """
     n = delta.numel()
     k = max(1, int(density * n))
     if density >= 1.0 or k >= n:
         return delta
-    flat = delta.reshape(-1)
-    keep = torch.topk(flat.abs(), k, sorted=False).indices
-    out = torch.zeros_like(flat)
-    out[keep] = flat[keep]
-    return out.view_as(delta)
+    a = delta.abs().reshape(-1)
+    cut = a.kthvalue(n - k + 1).values  # the k-th largest magnitude
+    keep = a > cut
+    missing = k - int(keep.sum())
+    if missing > 0:  # entries equal to the cut fill the remaining places
+        keep[(a == cut).nonzero().flatten()[:missing]] = True
+    del a
+    return delta * keep.view_as(delta)
 
 
 def dare_mask(
@@ -175,24 +191,25 @@ def dare_drop(
     if drop_rate == 0.0:
         return delta
     keep = dare_mask(delta.shape, drop_rate, seed=seed, name=name, index=index)
-    return delta * keep / (1.0 - drop_rate)
+    return (delta * keep).div_(1.0 - drop_rate)
 
 
 def _disjoint_mean(ds: list[torch.Tensor], weights: list[float], normalize: str) -> torch.Tensor:
     """TIES's sign election and disjoint mean over the weighted deltas `u_i = w_i d_i`."""
-    total = torch.zeros_like(ds[0])
+    elected = torch.zeros_like(ds[0])
     for w, d in zip(weights, ds, strict=True):
-        total.add_(d, alpha=w)
-    elected = torch.sign(total)
-    num = torch.zeros_like(total)
-    den = torch.zeros_like(total)
+        elected.add_(d, alpha=w)
+    elected.sign_()
+    num = torch.zeros_like(elected)
+    den = torch.zeros_like(elected)
     for w, d in zip(weights, ds, strict=True):
         u = d * w
         agree = torch.sign(u) == elected  # where elected is 0 this is u == 0: adds nothing
-        num += torch.where(agree, u, 0.0)
-        den += agree * (1.0 if normalize == "count" else w)
+        num.add_(u.mul_(agree))
+        den.add_(agree, alpha=1.0 if normalize == "count" else w)
+        del u, agree
     den[den == 0] = 1.0  # no agreeing value: num is 0 (weights summing to 0: as mergekit)
-    return num / den
+    return num.div_(den)
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,7 +320,7 @@ class FullModel:
         return name in self.weights.meta
 
     def delta(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
-        return self.weights.get(name).float() - base
+        return _minus(self.weights.get(name), base)
 
 
 @dataclass
@@ -442,7 +459,7 @@ class LoraAdapter:
 
     def delta(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
         if name in self.full:
-            return self.weights.get(self.full[name]).float() - base
+            return _minus(self.weights.get(self.full[name]), base)
         module = self.targets.get(name)
         if module is None:
             return None
@@ -454,6 +471,11 @@ class LoraAdapter:
 
 
 Source = FullModel | LoraAdapter
+
+
+def _minus(tensor: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """`tensor - base` in float32, in place when `tensor` was just read as float32."""
+    return tensor.sub_(base) if tensor.dtype == torch.float32 else tensor.float() - base
 
 
 def open_source(path: Path, label: str) -> Source:
@@ -714,16 +736,17 @@ def merge(
         if not base_t.is_floating_point():
             return base_t
         base_f = base_t.float()
-        deltas = []
+        deltas: list[torch.Tensor | None] = []
         for s, st in zip(sources, stats, strict=True):
-            d = s.delta(e.name, base_f) if s.touches(e.name) else None
-            st.update(d, base_t.numel())
-            deltas.append(d)
+            deltas.append(s.delta(e.name, base_f) if s.touches(e.name) else None)
+            st.update(deltas[-1], base_t.numel())
         if all(d is None for d in deltas):
             return base_t.to(_ST_DTYPES[e.dtype])
-        deltas = [torch.zeros_like(base_f) if d is None else d for d in deltas]
-        delta = combine(deltas, weights, cfg, densities=densities, name=e.name)
-        return (base_f + delta).to(_ST_DTYPES[e.dtype])
+        owned = [torch.zeros_like(base_f) if d is None else d for d in deltas]
+        del deltas  # `owned` holds the only references, so _combine frees each as it goes
+        delta = _combine(owned, weights, cfg, densities=densities, name=e.name)
+        del owned
+        return delta.add_(base_f).to(_ST_DTYPES[e.dtype])  # the result is ours to modify
 
     def compute(e: _OutTensor) -> torch.Tensor:
         t = merged(e)
