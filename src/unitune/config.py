@@ -145,13 +145,17 @@ class ScheduleConfig(Strict):
     calibration_steps: int = Field(50, gt=0)
     # parallel (PAFT): L1 penalty on the SFT branch's delta from the base, and the merge
     l1: float = Field(0.0, ge=0.0)
-    sparsity_tol: float = Field(1e-6, ge=0.0)  # |delta| <= tol counts as zero in the report
+    # |delta| <= tol counts as zero in the sparsity report; default: the learning rate. With Adam,
+    # an L1 subgradient holds an entry within about one step (lr) of 0, not at exactly 0.
+    sparsity_tol: float | None = Field(None, ge=0.0)
     merge: ParallelMerge = ParallelMerge()
 
     @model_validator(mode="after")
     def _ideal(self) -> ScheduleConfig:
         if self.ideal == "config" and (self.f_sft_star is None or self.f_pref_star is None):
             raise ValueError("ideal: config needs both f_sft_star and f_pref_star")
+        if self.l1 > 0 and self.name not in ("parallel", "sft"):
+            raise ValueError("l1 (PAFT's penalty on the SFT delta) needs schedule parallel or sft")
         return self
 
 

@@ -1,7 +1,8 @@
 """The embedded default job: every joint schedule on the shipped demo data, compared.
 
-Runs `sequential`, `mix`, `alright` and `maxright` at the same `lam` with equal step budgets on
-SmolLM2-135M-Instruct (embedded), then prints a comparison table and writes the trajectory plot.
+Runs `sequential`, `mix`, `alright`, `maxright` and `parallel` (PAFT: two branches, then a merge)
+at the same `lam` with equal data budgets on SmolLM2-135M-Instruct (embedded), then prints a
+comparison table and writes the trajectory plot.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from unitune.config import Config, parse_config
 from unitune.plots import plot_runs
 
 DEMO_DATA = Path(__file__).parent / "demo_data"
-SCHEDULES = ("sequential", "mix", "alright", "maxright")
+SCHEDULES = ("sequential", "mix", "alright", "maxright", "parallel")
+# parallel: PAFT's L1 on the SFT delta and the merge, chosen on the demo data (README, "Parallel")
+DEMO_L1 = 1e-3
+DEMO_MERGE = {"method": "ties", "density": 0.5}
 
 
 def default_precision() -> str:
@@ -44,7 +48,8 @@ def demo_config(
     precision: str | None = None,
 ) -> Config:
     """Equal budgets: every schedule draws one SFT and one preference batch per step, so each
-    sees exactly the first `steps * batch_size` records of both training sets, once."""
+    sees exactly the first `steps * batch_size` records of both training sets, once (`parallel`'s
+    branches each see their own set once, in `steps` steps each)."""
     n = steps * batch_size
     return parse_config(
         {
@@ -70,6 +75,7 @@ def demo_config(
                 "k": 10,
                 "ideal": "calibrate",
                 "calibration_steps": max(steps // 2, 1),
+                **({"l1": DEMO_L1, "merge": DEMO_MERGE} if schedule == "parallel" else {}),
             },
             "train": {
                 "max_steps": steps,
@@ -88,32 +94,35 @@ def demo_config(
 
 
 def comparison_table(summaries: list[dict]) -> Table:
+    """One row per run; a `parallel` run adds the base and its two branches under its row."""
     table = Table(
         title="unitune demo: joint SFT + preference schedules (held-out, lower is better)"
     )
-    for col in (
-        "schedule",
-        "lam",
-        "f_sft",
-        "f_pref",
-        "reward acc",
-        "ideal dist.",
-        "wall s",
-        "steps sft/pref",
-    ):
+    cols = ("schedule", "lam", "f_sft", "f_pref", "reward acc", "ideal dist.", "wall s", "steps")
+    for col in cols:
         table.add_column(col, justify="right" if col != "schedule" else "left", no_wrap=True)
-    for s in summaries:
-        f = s["final"]
+
+    def row(label: str, f: dict, s: dict | None, steps: str) -> None:
         table.add_row(
-            s["name"],
-            f"{s['lam']:.2f}",
+            label,
+            f"{s['lam']:.2f}" if s else "",
             f"{f['f_sft']:.4f}",
             f"{f['f_pref']:.4f}",
             f"{f['reward_acc']:.2f}",
-            f"{f['ideal_distance']:.4f}",
-            f"{s['wall_s']:.0f}",
-            f"{s['steps']['sft']}/{s['steps']['pref']}",
+            f"{f['ideal_distance']:.4f}" if "ideal_distance" in f else "",
+            f"{s['wall_s']:.0f}" if s else "",
+            steps,
         )
+
+    for s in summaries:
+        row(s["name"], s["final"], s, f"{s['steps']['sft']}/{s['steps']['pref']}")
+        if s["schedule"] == "parallel":
+            n = s["steps"]
+            for kind, f in s["branches"].items():
+                sp = s["sparsity"][kind]["sparsity"]
+                steps = f"{n['sft']}/0" if kind == "sft" else f"0/{n['pref']}"
+                row(f"  {kind} branch (sparsity {sp:.0%})", f, None, steps)
+            row("  base", s["base"], None, "0/0")
     return table
 
 

@@ -786,3 +786,11 @@ def merge(
         merge_json = {"config": cfg.model_dump(mode="json"), "report": report}
         (tmp / "merge.json").write_text(json.dumps(merge_json, indent=2) + "\n")
     return report
+
+
+def stored_dtypes(path: str | Path) -> set[torch.dtype]:
+    """The dtypes of the floating-point tensors stored in a model directory (headers only)."""
+    path = Path(path)
+    weights = Checkpoint(_weight_files(path, str(path)), str(path))
+    dtypes = {_ST_DTYPES[m.dtype] for m in weights.meta.values()}
+    return {d for d in dtypes if d.is_floating_point}

@@ -55,6 +55,7 @@ class RunTrajectory:
     ideal: tuple[float, float]
     summary: dict[str, Any] = field(default_factory=dict)
     stage_switch: int | None = None  # sequential runs: last eval index of the SFT stage
+    branches: dict[str, RunTrajectory] = field(default_factory=dict)  # parallel: sft/, pref/
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -172,6 +173,11 @@ def load_run(run_dir: Path) -> RunTrajectory:
         ),
         summary=summary,
         stage_switch=_stage_switch(evals),
+        branches={
+            kind: load_run(run_dir / kind)
+            for kind in ("sft", "pref")
+            if summary.get("schedule") == "parallel" and (run_dir / kind).is_dir()
+        },
     )
 
 
@@ -228,6 +234,16 @@ def _draw(fig: Figure, runs: list[RunTrajectory], title: str | None) -> None:
             zorder=5,
         )
         end.set_gid(f"run{i}-end")
+        for kind, br in run.branches.items():  # parallel: each branch's path, then the merge
+            (bl,) = ax.plot(
+                br.f_sft + [run.f_sft[-1]], br.f_pref + [run.f_pref[-1]], color=st["color"],
+                linestyle=":", linewidth=1.0, alpha=0.7, zorder=2,
+            )  # fmt: skip
+            bl.set_gid(f"run{i}-branch-{kind}")
+            ax.annotate(
+                f"{kind} branch", (br.f_sft[-1], br.f_pref[-1]), xytext=(5, 5),
+                textcoords="offset points", fontsize=7, color=st["color"],
+            )  # fmt: skip
         if run.stage_switch is not None:
             k = run.stage_switch
             ax.annotate(

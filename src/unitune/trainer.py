@@ -45,6 +45,7 @@ from unitune.models import (
     trainable_parameters,
 )
 from unitune.objectives import REGISTRY, FeedbackLogps, PairLogps, SeqLogps
+from unitune.parallel import DeltaL1, train_parallel
 from unitune.refcache import compute_logps, reference_logps
 from unitune.schedules import Sequential, build_schedule
 
@@ -115,6 +116,8 @@ class Run:
                 "train": KLPairs.build(split.train, self.partition),
                 "eval": KLPairs.build(split.eval, self._eval_batches(split.eval)),
             }
+        # PAFT's L1 penalty on the SFT objective's delta from the starting weights
+        self.l1 = DeltaL1(self.model) if cfg.schedule.l1 > 0 else None
         self.policy = PolicyLogps(self.model, cfg.train.logprob_chunk_size).to(self.device)
         self.refs: dict[str, torch.Tensor] = {}
         self.extras: dict[str, dict[str, float]] = {}  # per-slot figures of the last step
@@ -201,7 +204,12 @@ class Run:
         n_tok = sum(len(s.input_ids) for s in flatten([split.train[i] for i in idx]))
         if isinstance(lp, FeedbackLogps) and lp.kl is not None:  # KTO's batch KL estimate z
             self.extras[slot] = {"kl": float(lp.kl.ratio.mean().clamp(min=0))}
-        return obj.loss(lp, params), n_tok
+        loss = obj.loss(lp, params)
+        if slot == "sft" and self.l1 is not None:
+            norm = self.l1()
+            self.extras[slot] = {"l1_norm": norm.item()}
+            loss = loss + self.cfg.schedule.l1 * norm
+        return loss, n_tok
 
     @torch.no_grad()
     def probe(self, batches: dict[str, list[int]]) -> dict[str, float]:
@@ -297,6 +305,8 @@ def train(
     ideal: tuple[float, float] | None = None,
 ) -> dict:
     """Run one training job described by `cfg`; returns the summary written to summary.json."""
+    if cfg.schedule.name == "parallel":  # two runs and a merge, not a per-step schedule
+        return train_parallel(cfg, console=console, progress=progress, ideal=ideal)
     run = Run(cfg, console, progress)
     con = run.console
     t_start = time.time()
@@ -433,7 +443,7 @@ def train(
             run.out / "model",
             merge_lora=merge,
         )
-    _atomic_write(run.out / "summary.json", json.dumps(summary, indent=2))
+    atomic_write(run.out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
@@ -482,7 +492,7 @@ def report_data(run: Run) -> None:
         run.console.log(f"{kind}: {len(split.train)} train / {len(split.eval)} eval")
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -529,6 +539,6 @@ def calibrate(cfg: Config, console: Console | None = None, progress: bool = Fals
         best[kind] = min(e[f"f_{kind}"] for e in evals if e["type"] == "eval")
     star = {"f_sft_star": best["sft"], "f_pref_star": best["pref"]}
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, json.dumps(star))
+    atomic_write(path, json.dumps(star))
     console.log(f"ideal point: {star}")
     return star["f_sft_star"], star["f_pref_star"]

@@ -1,0 +1,201 @@
+"""PAFT (arXiv 2406.17923): SFT and preference trained in parallel from one base, then merged.
+
+The `parallel` schedule is two ordinary single-objective runs from the same base: the SFT branch,
+with an L1 penalty on its delta from the base (`schedule.l1`) to make that delta sparse, and the
+preference branch as it is. The two saved models are merged with `schedule.merge` (`merge.py`),
+and the merged model is evaluated on both held-out objectives against the base, like every other
+run. The run directory has the usual `metrics.jsonl` and `summary.json`, so `parallel` sits in the
+same table and plot as the joint schedules; its branches are sub-runs in `sft/` and `pref/`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from unitune.config import Config, MergeConfig, ModelConfig
+
+
+class DeltaL1:
+    """`sum |theta - theta_base|` over the trained weights, for PAFT's L1 penalty.
+
+    Full fine-tuning: against a copy of the starting values of the trainable parameters, taken at
+    construction (one extra copy of those weights). LoRA: the delta of each adapted weight is the
+    LoRA product `scaling * B @ A` itself, so no copy is kept.
+    """
+
+    def __init__(self, model: Any):
+        self.lora: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+        self.full: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        lora_params: set[int] = set()
+        for module in model.modules():
+            if hasattr(module, "lora_A") and hasattr(module, "scaling"):
+                for name, a in module.lora_A.items():
+                    b = module.lora_B[name]
+                    self.lora.append((a.weight, b.weight, float(module.scaling[name])))
+                    lora_params |= {id(a.weight), id(b.weight)}
+        for p in model.parameters():
+            if p.requires_grad and id(p) not in lora_params:
+                self.full.append((p, p.detach().clone()))  # e.g. modules_to_save, full weights
+
+    def __call__(self) -> torch.Tensor:
+        terms = [(p - p0).abs().sum() for p, p0 in self.full]
+        terms += [abs(s) * (b @ a).abs().sum() for a, b, s in self.lora]
+        return torch.stack(terms).sum()
+
+
+def train_parallel(
+    cfg: Config,
+    *,
+    console: Console | None = None,
+    progress: bool = True,
+    ideal: tuple[float, float] | None = None,
+) -> dict:
+    """Run both branches, merge, evaluate; returns the summary written to summary.json."""
+    from unitune.merge import merge
+    from unitune.trainer import atomic_write, resolve_ideal, train
+
+    console = console or Console()
+    t_start = time.time()
+    sc, out = cfg.schedule, Path(cfg.output_dir)
+    star = ideal if ideal is not None else resolve_ideal(cfg, console)
+    name = cfg.name or sc.name
+
+    branches: dict[str, dict] = {}
+    for kind in ("sft", "pref"):
+        sub = cfg.model_copy(deep=True)
+        sub.name = f"{name}: {kind} branch"
+        sub.schedule = sc.model_copy(update={"name": kind, "l1": sc.l1 if kind == "sft" else 0.0})
+        sub.train = cfg.train.model_copy(update={"save_model": True})
+        sub.output_dir = str(out / kind)
+        console.log(f"parallel: {kind} branch from the base for {cfg.train.max_steps} steps")
+        branches[kind] = train(sub, console=console, progress=progress, ideal=star)
+
+    base_dir = merge_base(cfg, out / "base")
+    models = [out / kind / "model" for kind in ("sft", "pref")]
+    merge_cfg = MergeConfig(
+        base=str(base_dir),
+        models=[
+            {"path": str(m), "weight": w} for m, w in zip(models, sc.merge.weights, strict=True)
+        ],
+        output=str(out / "model"),
+        **sc.merge.model_dump(exclude={"weights"}),
+    )
+    console.log(f"parallel: merging the branches ({sc.merge.method})")
+    tol = sc.sparsity_tol if sc.sparsity_tol is not None else cfg.train.lr
+    report = merge(merge_cfg, console=console, progress=progress, sparsity_tol=tol)
+    sparsity = {
+        kind: {k: v for k, v in r.items() if k not in ("path", "kind", "weight")}
+        for kind, r in zip(("sft", "pref"), report["models"], strict=True)
+    }
+    console.log("parallel: evaluating the merged model")
+    merged = evaluate_model(cfg, out / "model", star, console)
+
+    base = _first_eval(out / "sft")
+    steps = cfg.train.max_steps
+    final = {"type": "eval", "step": steps, **merged, "steps_sft": steps, "steps_pref": steps}
+    final["elapsed_s"] = round(time.time() - t_start, 2)
+    with (out / "metrics.jsonl").open("w") as log:
+        for rec in (base, final):
+            log.write(json.dumps(rec) + "\n")
+    if not cfg.train.save_model:
+        for m in (*models, out / "model", out / "base"):
+            shutil.rmtree(m, ignore_errors=True)
+    summary = {
+        "name": name,
+        "schedule": "parallel",
+        "lam": sc.lam,
+        "seed": cfg.train.seed,
+        "sft_objective": cfg.objectives.sft.name,
+        "pref_objective": cfg.objectives.pref.name,
+        "f_sft_star": star[0],
+        "f_pref_star": star[1],
+        "final": {k: v for k, v in final.items() if k != "type"},
+        "base": {k: v for k, v in base.items() if k != "type"},
+        "branches": {kind: s["final"] for kind, s in branches.items()},
+        "sparsity": sparsity,
+        "l1": sc.l1,
+        "sparsity_tol": tol,
+        "merge": {**sc.merge.model_dump(mode="json"), "seconds": report.get("seconds")},
+        "wall_s": round(time.time() - t_start, 2),
+        "train_s": round(sum(s["train_s"] for s in branches.values()), 2),
+        "steps": {"sft": steps, "pref": steps},
+        "data": branches["sft"]["data"],
+    }
+    atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+    console.print(parallel_table(summary))
+    return summary
+
+
+def merge_base(cfg: Config, cast_dir: Path) -> Path:
+    """The base the branches' deltas are taken from: the base model's directory, or, when the
+    run's `model.dtype` differs from the dtype stored there, the base cast to `model.dtype` and
+    saved to `cast_dir` (the branches started from that cast, so their deltas are exact)."""
+    from unitune.merge import stored_dtypes
+    from unitune.models import load_model, model_dir, save_model
+
+    base_dir = model_dir(cfg.model.name, cfg.model.revision)
+    if stored_dtypes(base_dir) == {getattr(torch, cfg.model.dtype)}:
+        return base_dir
+    model, tokenizer = load_model(cfg.model.model_copy(update={"lora": None}))
+    return save_model(model, tokenizer, cast_dir)
+
+
+def evaluate_model(
+    cfg: Config, path: Path, star: tuple[float, float], console: Console
+) -> dict[str, float]:
+    """Held-out metrics of the model saved at `path`, against the base's reference log-probs
+    (as every run's metrics are), on the data and objectives of `cfg`."""
+    from unitune.models import load_model
+    from unitune.trainer import Run
+
+    ev = cfg.model_copy(deep=True)
+    ev.model = cfg.model.model_copy(update={"lora": None})  # the base, for its reference
+    ev.schedule = cfg.schedule.model_copy(update={"name": "mix", "l1": 0.0})
+    run = Run(ev, console, progress=False)
+    run.setup()
+    run.f_sft_star, run.f_pref_star = star
+    model, _ = load_model(ModelConfig(name=str(path), dtype=cfg.model.dtype))
+    run.policy.model = model.to(run.device)
+    return run.evaluate()
+
+
+def _first_eval(run_dir: Path) -> dict:
+    with (run_dir / "metrics.jsonl").open() as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec["type"] == "eval":
+                return rec
+    raise ValueError(f"{run_dir}: no eval record")
+
+
+def parallel_table(summary: dict) -> Table:
+    """Base, each branch and the merged model on both held-out objectives, with the deltas'
+    sparsity."""
+    table = Table(title=f"{summary['name']}: PAFT branches and merge (held-out, lower is better)")
+    for col in ("model", "f_sft", "f_pref", "reward acc", "delta sparsity", "delta L1"):
+        table.add_column(col, justify="left" if col == "model" else "right", no_wrap=True)
+    sp = summary["sparsity"]
+    rows = [
+        ("base", summary["base"], None),
+        ("sft branch", summary["branches"]["sft"], sp["sft"]),
+        ("pref branch", summary["branches"]["pref"], sp["pref"]),
+        (f"merged ({summary['merge']['method']})", summary["final"], None),
+    ]
+    for label, ev, s in rows:
+        table.add_row(
+            label,
+            f"{ev['f_sft']:.4f}",
+            f"{ev['f_pref']:.4f}",
+            f"{ev['reward_acc']:.2f}" if "reward_acc" in ev else "-",
+            f"{s['sparsity']:.1%}" if s else "-",
+            f"{s['l1']:.4g}" if s else "-",
+        )
+    return table

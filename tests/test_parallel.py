@@ -1,0 +1,145 @@
+"""The `parallel` schedule (PAFT): L1 on the SFT delta, two branches, merge, evaluation."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from unitune.config import ConfigError, LoraConfig, parse_config
+from unitune.models import _load_tiny
+from unitune.parallel import DeltaL1
+from unitune.plots import load_run, plot_runs
+from unitune.trainer import train
+
+
+def test_delta_l1_full_weights_is_the_l1_norm_of_the_delta_and_its_gradient_the_sign():
+    model, _ = _load_tiny(torch.float32)
+    l1 = DeltaL1(model)
+    assert l1().item() == 0.0
+    w = model.model.layers[0].mlp.up_proj.weight
+    with torch.no_grad():
+        w[0, :3] += torch.tensor([0.5, -0.25, 1.0])
+        model.model.norm.weight[1] -= 2.0
+    value = l1()
+    assert value.item() == pytest.approx(0.5 + 0.25 + 1.0 + 2.0, rel=1e-5)
+    value.backward()
+    assert w.grad[0, :3].tolist() == [1.0, -1.0, 1.0]
+    assert float(w.grad[1:].abs().sum()) == 0.0  # sign(0) = 0: untouched entries feel nothing
+    assert float(model.model.norm.weight.grad[1]) == -1.0
+
+
+def test_delta_l1_lora_is_the_l1_norm_of_the_lora_products():
+    from unitune.models import _add_lora
+
+    model, _ = _load_tiny(torch.float32)
+    model = _add_lora(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    l1 = DeltaL1(model)
+    assert not l1.full  # no copy of the base weights with LoRA
+    assert l1().item() == 0.0  # B starts at zero
+    torch.manual_seed(0)
+    expected = 0.0
+    for module in model.modules():
+        if hasattr(module, "lora_B") and "default" in module.lora_B:
+            with torch.no_grad():
+                module.lora_B["default"].weight.normal_()
+            expected += float(module.get_delta_weight("default").abs().sum())  # peft's own delta
+    assert l1().item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_l1_makes_the_sft_delta_sparse(tiny_config):
+    """With Adam, L1 holds most entries within about one step (lr) of the base."""
+    near_zero = {}
+    for l1 in (0.0, 1e-3):
+        raw = tiny_config("sft", max_steps=10, eval_every=10)
+        raw["schedule"]["l1"] = l1
+        raw["output_dir"] += f"-{l1}"
+        cfg = parse_config(raw)
+        train(cfg, progress=False)
+        base, _ = _load_tiny(torch.float32)
+        tuned = AutoModelForCausalLM.from_pretrained(Path(cfg.output_dir) / "model")
+        d = torch.cat(
+            [(p - q).flatten() for p, q in zip(tuned.parameters(), base.parameters(), strict=True)]
+        )
+        near_zero[l1] = float((d.abs() <= cfg.train.lr).float().mean())
+    assert near_zero[0.0] < 0.1 and near_zero[1e-3] > 0.5
+
+
+def test_l1_is_only_for_the_sft_or_parallel_schedule(tiny_config):
+    raw = tiny_config("alright")
+    raw["schedule"]["l1"] = 0.1
+    with pytest.raises(ConfigError, match="schedule.*l1|l1.*schedule"):
+        parse_config(raw)
+
+
+def parallel_config(tiny_config, **merge):
+    raw = tiny_config("parallel", max_steps=4, eval_every=2)
+    raw["schedule"]["l1"] = 1e-4
+    raw["schedule"]["merge"] = {"method": "task_arithmetic", **merge}
+    return raw
+
+
+def test_parallel_runs_both_branches_merges_and_evaluates(tiny_config):
+    cfg = parse_config(parallel_config(tiny_config, method="ties", density=0.5))
+    summary = train(cfg, progress=False)
+    out = Path(cfg.output_dir)
+    assert summary["schedule"] == "parallel" and summary["steps"] == {"sft": 4, "pref": 4}
+    # each branch is an ordinary single-objective run evaluated on both objectives
+    for kind in ("sft", "pref"):
+        branch = json.loads((out / kind / "summary.json").read_text())
+        want = {"sft": 4, "pref": 0} if kind == "sft" else {"sft": 0, "pref": 4}
+        assert branch["steps"] == want
+        assert summary["branches"][kind]["f_sft"] == branch["final"]["f_sft"]
+        assert 0.0 <= summary["sparsity"][kind]["sparsity"] <= 1.0
+    assert summary["base"]["f_pref"] == pytest.approx(math.log(2), abs=1e-5)
+    assert summary["sparsity"]["sft"]["sparsity"] > summary["sparsity"]["pref"]["sparsity"]
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    assert [e["step"] for e in evals] == [0, 4]
+    assert evals[-1]["f_sft"] == summary["final"]["f_sft"]
+    merged = AutoModelForCausalLM.from_pretrained(out / "model")  # plain transformers
+    assert merged.config.vocab_size > 0
+    # in the plot: the merged run's line plus each branch's path
+    run = load_run(out)
+    assert set(run.branches) == {"sft", "pref"}
+    png, svg = plot_runs([out], out / "plot")
+    assert png.stat().st_size > 0 and 'id="run0-branch-sft"' in svg.read_text()
+
+
+@pytest.mark.parametrize(
+    ("weights", "expect"),
+    [((1.0, 0.0), "sft"), ((0.0, 1.0), "pref"), ((0.0, 0.0), "base")],
+)
+def test_merged_model_is_evaluated_like_the_branches(tiny_config, weights, expect):
+    """Task arithmetic with weights (1, 0) is the SFT branch, (0, 1) the preference branch and
+    (0, 0) the base: the merged model's metrics must then equal that model's."""
+    raw = parallel_config(tiny_config, weights=list(weights))
+    raw["train"]["save_model"] = False
+    summary = train(parse_config(raw), progress=False)
+    want = summary["base"] if expect == "base" else summary["branches"][expect]
+    for key in ("f_sft", "f_pref", "reward_acc", "deviation"):
+        assert summary["final"][key] == pytest.approx(want[key], abs=1e-4), key
+    assert not (Path(raw["output_dir"]) / "model").exists()  # save_model: false
+
+
+def test_parallel_with_lora_merges_the_adapters(tiny_config):
+    raw = parallel_config(tiny_config, weights=[1.0, 0.0])
+    raw["model"]["lora"] = {"r": 4, "alpha": 8}
+    summary = train(parse_config(raw), progress=False)
+    out = Path(raw["output_dir"])
+    assert (out / "sft" / "model" / "adapter_config.json").exists()
+    assert summary["final"]["f_sft"] == pytest.approx(summary["branches"]["sft"]["f_sft"], abs=1e-4)
+    assert summary["sparsity"]["sft"]["l1"] > 0
+
+
+def test_parallel_in_bf16_merges_against_the_base_cast_to_bf16(tiny_config):
+    """The tiny base is stored in float32; branches trained in bfloat16 start from its bf16 cast,
+    which is then the merge's base, so the (1, 0) merge is exactly the SFT branch."""
+    raw = parallel_config(tiny_config, weights=[1.0, 0.0])
+    raw["model"]["dtype"] = "bfloat16"
+    summary = train(parse_config(raw), progress=False)
+    out = Path(raw["output_dir"])
+    assert (out / "base" / "config.json").exists()
+    assert summary["final"]["f_sft"] == pytest.approx(summary["branches"]["sft"]["f_sft"], abs=1e-4)
+    assert summary["sparsity"]["pref"]["sparsity"] < 1.0
