@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from unitune.config import ConfigError, load_config, parse_config
@@ -60,3 +62,11 @@ def test_set_overrides(tmp_path):
 def test_ideal_config_needs_both_stars():
     with pytest.raises(ConfigError, match="f_sft_star"):
         parse_config(BASE | {"schedule": {"ideal": "config", "f_sft_star": 1.0}})
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[1] / "examples").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_every_example_config_is_valid(path):
+    cfg = load_config(path)
+    assert cfg.data.sft is not None or cfg.data.pref is not None
