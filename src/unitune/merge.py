@@ -196,15 +196,15 @@ def dare_drop(
 
 def _disjoint_mean(ds: list[torch.Tensor], weights: list[float], normalize: str) -> torch.Tensor:
     """TIES's sign election and disjoint mean over the weighted deltas `u_i = w_i d_i`."""
-    elected = torch.zeros_like(ds[0])
+    total = torch.zeros_like(ds[0])
     for w, d in zip(weights, ds, strict=True):
-        elected.add_(d, alpha=w)
-    elected.sign_()
-    num = torch.zeros_like(elected)
-    den = torch.zeros_like(elected)
+        total.add_(d, alpha=w)
+    positive, negative = total > 0, total < 0  # the elected sign; neither where the sum is 0
+    num = total.zero_()
+    den = torch.zeros_like(num)
     for w, d in zip(weights, ds, strict=True):
         u = d * w
-        agree = torch.sign(u) == elected  # where elected is 0 this is u == 0: adds nothing
+        agree = ((u > 0) & positive) | ((u < 0) & negative)
         num.add_(u.mul_(agree))
         den.add_(agree, alpha=1.0 if normalize == "count" else w)
         del u, agree
