@@ -88,12 +88,14 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="output directory"),
     steps: int = typer.Option(40, help="optimizer steps per schedule (equal budgets)"),
     lam: float = typer.Option(0.5, help="weight / probability of the preference objective"),
-    schedules: str = typer.Option("sequential,mix,alright,maxright", help="comma-separated"),
+    schedules: str = typer.Option(
+        "sequential,mix,alright,maxright,parallel", help="comma-separated"
+    ),
     sft: str = typer.Option("sft", help="SFT-family objective"),
     pref: str = typer.Option("dpo", help="preference-family objective"),
     no_progress: bool = typer.Option(False, "--no-progress"),
 ) -> None:
-    """Compare the joint schedules on the embedded model and the shipped demo data."""
+    """Compare the joint schedules and parallel (PAFT) on the embedded model and the demo data."""
     from unitune.demo import run_demo
 
     run_demo(
