@@ -143,3 +143,17 @@ def test_parallel_in_bf16_merges_against_the_base_cast_to_bf16(tiny_config):
     assert (out / "base" / "config.json").exists()
     assert summary["final"]["f_sft"] == pytest.approx(summary["branches"]["sft"]["f_sft"], abs=1e-4)
     assert summary["sparsity"]["pref"]["sparsity"] < 1.0
+
+
+def test_parallel_calibrates_each_objective_alone_without_the_penalty(tiny_config):
+    raw = parallel_config(tiny_config)
+    raw["schedule"] |= {"ideal": "calibrate", "calibration_steps": 2}
+    summary = train(parse_config(raw), progress=False)
+    assert summary["f_sft_star"] > 0 and summary["f_pref_star"] > 0
+    assert summary["final"]["ideal_distance"] == pytest.approx(
+        math.hypot(
+            summary["final"]["f_sft"] - summary["f_sft_star"],
+            summary["final"]["f_pref"] - summary["f_pref_star"],
+        ),
+        rel=1e-6,
+    )

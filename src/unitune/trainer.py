@@ -527,7 +527,8 @@ def calibrate(cfg: Config, console: Console | None = None, progress: bool = Fals
     for kind in ("sft", "pref"):
         sub = cfg.model_copy(deep=True)
         sub.name = f"calibrate-{kind}"
-        sub.schedule = sub.schedule.model_copy(update={"name": kind, "ideal": "zero"})
+        # each objective alone, as it is: no PAFT penalty on the SFT one
+        sub.schedule = sub.schedule.model_copy(update={"name": kind, "ideal": "zero", "l1": 0.0})
         steps = cfg.schedule.calibration_steps  # only the best value is needed: 3 evaluations
         sub.train = sub.train.model_copy(
             update={"max_steps": steps, "eval_every": max(steps // 2, 1), "save_model": False}
