@@ -1,6 +1,6 @@
 """Merge peak memory and wall time: `unitune merge` against `mergekit-yaml`, SmolLM2-135M fp32.
 
-    python benchmarks/merge_memory.py [--methods task_arithmetic,ties] [--tmp DIR] [--keep]
+    python benchmarks/merge_memory.py [--methods task_arithmetic,ties] [--threads 1] [--keep]
 
 Makes two "fine-tuned" variants of the embedded SmolLM2-135M-Instruct (fp32 safetensors, ~540 MB
 on disk): the base plus Gaussian noise of std 1e-3 on every tensor, saved to a temp dir. Then
@@ -10,6 +10,10 @@ merges base + both variants (weights 1.0 and 0.5) with each method, each run as 
 `--measure` child of this script, which waits for it and reports its
 `getrusage(RUSAGE_CHILDREN).ru_maxrss`: the peak RSS of that one command alone. RSS counts the
 pages of memory-mapped weight files that are resident, so reading by mmap is not free here.
+
+Every command gets `OMP_NUM_THREADS=--threads` (default 1): on a small shared machine, torch's
+multi-threaded kernels wait on descheduled threads and wall times swing 3x from run to run; one
+thread each makes the two tools' times comparable. Peak RSS does not depend on it.
 
 The "import floor" rows are the peak RSS of just importing each tool (python, torch,
 transformers...), the part of every figure that does not depend on the model. ties uses
@@ -49,9 +53,10 @@ def measure(cmd: list[str]) -> None:
     print("RESULT " + json.dumps({"peak_rss_mb": rss, "wall_s": wall}), flush=True)
 
 
-def run_measured(cmd: list[str]) -> dict:
+def run_measured(cmd: list[str], threads: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     out = subprocess.run([sys.executable, __file__, "--measure", *cmd], capture_output=True,
-                         text=True)  # fmt: skip
+                         text=True, env=env)  # fmt: skip
     line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
     if out.returncode != 0 or not line:
         sys.exit(f"{cmd} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
@@ -114,6 +119,7 @@ def main() -> None:
     p.add_argument("--tmp", default=None, help="work dir (default: a fresh temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the work dir")
     p.add_argument("--no-mergekit", action="store_true")
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every command")
     p.add_argument("--measure", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.measure:
@@ -132,22 +138,22 @@ def main() -> None:
         models = make_variants(base, root / "inputs")
         rows = []
         floor = [sys.executable, "-c", "import unitune.cli, unitune.merge, transformers"]
-        rows.append(("import floor", "unitune", run_measured(floor)))
+        rows.append(("import floor", "unitune", run_measured(floor, args.threads)))
         if use_mergekit:
             floor = [sys.executable, "-c", "import mergekit.merge, mergekit.scripts.run_yaml"]
-            rows.append(("import floor", "mergekit", run_measured(floor)))
+            rows.append(("import floor", "mergekit", run_measured(floor, args.threads)))
         for method in args.methods.split(","):
             out = root / f"out-{method}"
             cfg = unitune_config(root / f"{method}.yaml", base, models, method, out)
             cmd = [sys.executable, "-m", "unitune.cli", "merge", str(cfg), "--no-progress"]
-            rows.append((method, "unitune", run_measured(cmd)))
+            rows.append((method, "unitune", run_measured(cmd, args.threads)))
             shutil.rmtree(out, ignore_errors=True)
             print(rows[-1], flush=True)
             if use_mergekit:
                 cfg = mergekit_config(root / f"{method}-mk.yaml", base, models, method)
                 out = root / f"mk-{method}"
-                rows.append((method, "mergekit", run_measured([mergekit, str(cfg), str(out),
-                                                               "--quiet"])))  # fmt: skip
+                cmd = [mergekit, str(cfg), str(out), "--quiet"]
+                rows.append((method, "mergekit", run_measured(cmd, args.threads)))
                 shutil.rmtree(out, ignore_errors=True)
                 print(rows[-1], flush=True)
     finally:
@@ -156,7 +162,8 @@ def main() -> None:
 
     print(
         f"\nMerge of SmolLM2-135M fp32 ({size_mb:.0f} MiB of safetensors) + {len(WEIGHTS)} "
-        f"fine-tuned copies, {os.cpu_count()} CPUs; peak RSS of each command on its own\n"
+        f"fine-tuned copies, {os.cpu_count()} CPUs, {args.threads} thread(s); peak RSS of each "
+        "command on its own\n"
     )
     print("| method | tool | peak RSS MiB | x model size | wall s | RSS mergekit/unitune "
           "| wall mergekit/unitune |")  # fmt: skip
