@@ -17,9 +17,10 @@ from unitune.plots import plot_runs
 
 DEMO_DATA = Path(__file__).parent / "demo_data"
 SCHEDULES = ("sequential", "mix", "alright", "maxright", "parallel")
-# parallel: PAFT's L1 on the SFT delta and the merge, chosen on the demo data (README, "Parallel")
+# parallel: PAFT's L1 on the SFT delta and the merge, the best of a small sweep on the demo data
+# (README, "Parallel training and merging")
 DEMO_L1 = 1e-3
-DEMO_MERGE = {"method": "ties", "density": 0.5}
+DEMO_MERGE = {"method": "ties", "density": 0.2, "weights": [1.0, 0.25]}
 
 
 def default_precision() -> str:
