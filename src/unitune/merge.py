@@ -31,7 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors import safe_open
 
 from unitune.config import MergeConfig, MergeOptions
-from unitune.models import atomic_dir, model_dir
+from unitune.models import atomic_dir, model_dir, pickle_refusal
 
 
 class MergeError(ValueError):
@@ -82,7 +82,6 @@ _COPY_PATTERNS = (
     "vocab.*",
     "merges.txt",
 )
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _INDEX = "model.safetensors.index.json"
 _PEFT_PREFIX = "base_model.model."
 
@@ -258,15 +257,9 @@ def _weight_files(path: Path, label: str) -> list[Path]:
     files = sorted(path.glob("*.safetensors"))
     if files:
         return files
-    pickles = sorted(p.name for p in path.iterdir() if p.name.endswith(_PICKLE_SUFFIXES))
-    if pickles:
-        raise MergeError(
-            f"{label} ({path}) has only PyTorch pickle weights ({', '.join(pickles)}) and no "
-            ".safetensors file; unitune reads safetensors only, because loading a pickle can run "
-            "arbitrary code. If you trust the files, convert them once with "
-            "AutoModelForCausalLM.from_pretrained(DIR, use_safetensors=False)"
-            ".save_pretrained(NEW_DIR)"
-        )
+    refusal = pickle_refusal(path)
+    if refusal:
+        raise MergeError(f"{label} ({path}) {refusal}")
     raise MergeError(f"{label} ({path}) has no model weights (*.safetensors)")
 
 

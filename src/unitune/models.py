@@ -148,21 +148,31 @@ def _check_local_dir(path: Path) -> None:
     files = [p.name for p in path.iterdir() if p.is_file()]
     if any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in files):
         return
-    pickles = sorted(f for f in files if f.endswith(_PICKLE_SUFFIXES))
-    if pickles:
-        raise ModelLoadError(
-            f"{path} has only PyTorch pickle weights ({', '.join(pickles)}) and no .safetensors "
-            "file. unitune loads safetensors only, because loading a pickle can run arbitrary "
-            "code. If you trust the files, convert them once: "
-            "AutoModelForCausalLM.from_pretrained(DIR, use_safetensors=False)"
-            ".save_pretrained(NEW_DIR)"
-        )
+    refusal = pickle_refusal(path)
+    if refusal:
+        raise ModelLoadError(f"{path} {refusal}")
     if "adapter_config.json" in files:
         raise ModelLoadError(
             f"{path} holds a LoRA adapter, not a full model; save with merge_lora "
             "(lora.merge_on_save: true) to get a directory that loads on its own"
         )
     raise ModelLoadError(f"{path} has no model weights (*.safetensors)")
+
+
+def pickle_refusal(path: Path) -> str | None:
+    """Why a directory whose only weights are PyTorch pickles is refused (None if it has none):
+    the end of a sentence whose subject is the directory."""
+    pickles = sorted(
+        p.name for p in path.iterdir() if p.is_file() and p.name.endswith(_PICKLE_SUFFIXES)
+    )
+    if not pickles:
+        return None
+    return (
+        f"has only PyTorch pickle weights ({', '.join(pickles)}) and no .safetensors file. "
+        "unitune loads safetensors only, because loading a pickle can run arbitrary code. If you "
+        "trust the files, convert them once: "
+        "AutoModelForCausalLM.from_pretrained(DIR, use_safetensors=False).save_pretrained(NEW_DIR)"
+    )
 
 
 def _check_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str) -> None:
