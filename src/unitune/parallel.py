@@ -60,7 +60,7 @@ def train_parallel(
 ) -> dict:
     """Run both branches, merge, evaluate; returns the summary written to summary.json."""
     from unitune.merge import merge
-    from unitune.trainer import atomic_write, resolve_ideal, train
+    from unitune.trainer import atomic_write, resolve_ideal, run_summary, train
 
     console = console or Console()
     t_start = time.time()
@@ -108,27 +108,21 @@ def train_parallel(
     if not cfg.train.save_model:
         for m in (*models, out / "model", out / "base"):
             shutil.rmtree(m, ignore_errors=True)
-    summary = {
-        "name": name,
-        "schedule": "parallel",
-        "lam": sc.lam,
-        "seed": cfg.train.seed,
-        "sft_objective": cfg.objectives.sft.name,
-        "pref_objective": cfg.objectives.pref.name,
-        "f_sft_star": star[0],
-        "f_pref_star": star[1],
-        "final": {k: v for k, v in final.items() if k != "type"},
-        "base": {k: v for k, v in base.items() if k != "type"},
-        "branches": {kind: s["final"] for kind, s in branches.items()},
-        "sparsity": sparsity,
-        "l1": sc.l1,
-        "sparsity_tol": tol,
-        "merge": {**sc.merge.model_dump(mode="json"), "seconds": report.get("seconds")},
-        "wall_s": round(time.time() - t_start, 2),
-        "train_s": round(sum(s["train_s"] for s in branches.values()), 2),
-        "steps": {"sft": steps, "pref": steps},
-        "data": branches["sft"]["data"],
-    }
+    summary = run_summary(
+        cfg,
+        star,
+        final,
+        wall_s=time.time() - t_start,
+        train_s=sum(s["train_s"] for s in branches.values()),
+        steps={"sft": steps, "pref": steps},
+        data=branches["sft"]["data"],
+        base={k: v for k, v in base.items() if k != "type"},
+        branches={kind: s["final"] for kind, s in branches.items()},
+        sparsity=sparsity,
+        l1=sc.l1,
+        sparsity_tol=tol,
+        merge={**sc.merge.model_dump(mode="json"), "seconds": report.get("seconds")},
+    )
     atomic_write(out / "summary.json", json.dumps(summary, indent=2))
     console.print(parallel_table(summary))
     return summary

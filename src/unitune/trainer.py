@@ -420,21 +420,15 @@ def train(
     log.close()
 
     wall = time.time() - t_start
-    summary = {
-        "name": cfg.name or sc.name,
-        "schedule": sc.name,
-        "lam": sc.lam,
-        "seed": tc.seed,
-        "sft_objective": cfg.objectives.sft.name,
-        "pref_objective": cfg.objectives.pref.name,
-        "f_sft_star": run.f_sft_star,
-        "f_pref_star": run.f_pref_star,
-        "final": {k: v for k, v in last_eval.items() if k != "type"},
-        "wall_s": round(wall, 2),
-        "train_s": round(time.time() - t_train, 2),
-        "steps": {"sft": steps["sft"], "pref": steps["pref"]},
-        "data": {k: _report_dict(s) for k, s in run.data.items()},
-    }
+    summary = run_summary(
+        cfg,
+        (run.f_sft_star, run.f_pref_star),
+        last_eval,
+        wall_s=wall,
+        train_s=time.time() - t_train,
+        steps={"sft": steps["sft"], "pref": steps["pref"]},
+        data={k: _report_dict(s) for k, s in run.data.items()},
+    )
     if tc.save_model and run.acc.is_main_process:
         merge = bool(cfg.model.lora and cfg.model.lora.merge_on_save)
         save_model(
@@ -445,6 +439,38 @@ def train(
         )
     atomic_write(run.out / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def run_summary(
+    cfg: Config,
+    star: tuple[float, float],
+    final: dict,
+    *,
+    wall_s: float,
+    train_s: float,
+    steps: dict[str, int],
+    data: dict,
+    **extra,
+) -> dict:
+    """A run's summary.json (docs/ARCHITECTURE.md, "Run directory"); `extra` keys go after
+    `final`."""
+    sc = cfg.schedule
+    return {
+        "name": cfg.name or sc.name,
+        "schedule": sc.name,
+        "lam": sc.lam,
+        "seed": cfg.train.seed,
+        "sft_objective": cfg.objectives.sft.name,
+        "pref_objective": cfg.objectives.pref.name,
+        "f_sft_star": star[0],
+        "f_pref_star": star[1],
+        "final": {k: v for k, v in final.items() if k != "type"},
+        **extra,
+        "wall_s": round(wall_s, 2),
+        "train_s": round(train_s, 2),
+        "steps": steps,
+        "data": data,
+    }
 
 
 def adamw(params: list, **kw) -> torch.optim.Optimizer:
