@@ -18,20 +18,15 @@ pulling another torch). The first `--warmup` steps are not timed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from harness import MALLOC_ENV, peak_rss_mb, report, run_child
+
 DEMO = Path(__file__).resolve().parents[1] / "src" / "unitune" / "demo_data" / "pref_train.jsonl"
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def worker_unitune(args) -> dict:
@@ -153,21 +148,17 @@ def main() -> None:
             "trl": lambda: worker_trl(args, False),
             "trl-precompute": lambda: worker_trl(args, True),
         }[args.worker]
-        print("RESULT " + json.dumps(fn()), flush=True)
+        report(fn())
         return
 
-    env = dict(os.environ, MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="4294967296")
+    env = dict(os.environ, **MALLOC_ENV)
     results = {}
     workers = ["unitune", "trl"] + (["trl-precompute"] if args.trl_precompute else [])
     for w in workers:
         cmd = [sys.executable, __file__, "--worker", w] + [
             a for a in sys.argv[1:] if a != "--trl-precompute"
         ]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-        if out.returncode != 0 or not line:
-            sys.exit(f"{w} failed:\n{out.stderr[-3000:]}")
-        results[w] = json.loads(line[-1][7:])
+        results[w] = run_child(cmd, env, what=w)
         print(f"{w:15s} {results[w]}", flush=True)
     base = results["unitune"]
     print(

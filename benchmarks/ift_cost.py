@@ -19,20 +19,15 @@ keeps each row's smallest median (robust to other load on the machine).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from harness import MALLOC_ENV, peak_rss_mb, report, run_child
+
 DEMO = Path(__file__).resolve().parents[1] / "src" / "unitune" / "demo_data" / "sft_train.jsonl"
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def worker(args, which: str) -> dict:
@@ -99,10 +94,10 @@ def main() -> None:
     p.add_argument("--worker", choices=["sft", "ift", "ift_lam0"])
     args = p.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(args, args.worker)), flush=True)
+        report(worker(args, args.worker))
         return
 
-    env = dict(os.environ, MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="4294967296")
+    env = dict(os.environ, **MALLOC_ENV)
     results: dict[str, dict] = {}
     passthrough = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size",
                    str(args.batch_size), "--max-length", str(args.max_length), "--data",
@@ -110,11 +105,7 @@ def main() -> None:
     for r in range(args.rounds):
         for w in ["sft", "ift"] + (["ift_lam0"] if args.lam0 else []):
             cmd = [sys.executable, __file__, "--worker", w, *passthrough]
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-            if out.returncode != 0 or not line:
-                sys.exit(f"{w} failed:\n{out.stderr[-3000:]}")
-            res = json.loads(line[-1][7:])
+            res = run_child(cmd, env, what=w)
             print(f"round {r} {w:9s} {res}", flush=True)
             # several rounds: keep the least disturbed one (smallest median step time)
             if w not in results or res["step_s"] < results[w]["step_s"]:

