@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness import MALLOC_ENV, peak_rss_mb, report, run_child
+from harness import MALLOC_ENV, peak_rss_mb, print_ratio_table, report, run_child
 
 DEMO = Path(__file__).resolve().parents[1] / "src" / "unitune" / "demo_data" / "pref_train.jsonl"
 
@@ -160,17 +160,11 @@ def main() -> None:
         ]
         results[w] = run_child(cmd, env, what=w)
         print(f"{w:15s} {results[w]}", flush=True)
-    base = results["unitune"]
     print(
         f"\nDPO step, SmolLM2-135M fp32, batch {args.batch_size} pairs, "
         f"max_length {args.max_length}, {os.cpu_count()} CPUs"
     )
-    print(f"{'':15s} {'step s':>8s} {'x unitune':>10s} {'peak RSS MB':>12s} {'x unitune':>10s}")
-    for w, r in results.items():
-        print(
-            f"{w:15s} {r['step_s']:8.2f} {r['step_s'] / base['step_s']:10.2f} "
-            f"{r['peak_rss_mb']:12.0f} {r['peak_rss_mb'] / base['peak_rss_mb']:10.2f}"
-        )
+    print_ratio_table(results, "unitune")
 
 
 if __name__ == "__main__":

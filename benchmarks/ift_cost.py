@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness import MALLOC_ENV, peak_rss_mb, report, run_child
+from harness import MALLOC_ENV, peak_rss_mb, print_ratio_table, report, run_child
 
 DEMO = Path(__file__).resolve().parents[1] / "src" / "unitune" / "demo_data" / "sft_train.jsonl"
 
@@ -110,19 +110,13 @@ def main() -> None:
             # several rounds: keep the least disturbed one (smallest median step time)
             if w not in results or res["step_s"] < results[w]["step_s"]:
                 results[w] = res
-    base = results["sft"]
     print(
         f"\nTraining step (fwd+bwd+AdamW), SmolLM2-135M fp32, batch {args.batch_size}, "
         f"max_length {args.max_length}, median of {args.steps} after {args.warmup} warm-up, "
         f"best of {args.rounds} round(s), {results['sft']['threads']} threads, "
         f"{os.cpu_count()} CPUs"
     )
-    print(f"{'':9s} {'step s':>8s} {'x sft':>7s} {'peak RSS MB':>12s} {'x sft':>7s}")
-    for w, r in results.items():
-        print(
-            f"{w:9s} {r['step_s']:8.3f} {r['step_s'] / base['step_s']:7.2f} "
-            f"{r['peak_rss_mb']:12.0f} {r['peak_rss_mb'] / base['peak_rss_mb']:7.2f}"
-        )
+    print_ratio_table(results, "sft", step_digits=3)
 
 
 if __name__ == "__main__":
