@@ -2,8 +2,25 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 ANIMALS = ["cat", "dog", "owl", "fox", "bee", "cow", "yak", "elk", "ant", "emu", "bat", "pig"]
+
+
+def tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
+    """A 2-layer random Llama with untied embeddings, for log-prob level tests."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg)
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

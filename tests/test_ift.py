@@ -1,7 +1,7 @@
 import pytest
 import torch
+from conftest import tiny_llama
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from unitune.logprobs import sequence_logps
 from unitune.objectives import REGISTRY, SeqLogps, TokenLogps
@@ -16,23 +16,9 @@ from unitune.objectives.ift import (
 V = 97
 
 
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=V,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(cfg)
-
-
 @pytest.fixture(scope="module")
 def model():
-    return tiny_llama()
+    return tiny_llama(V)
 
 
 def batch(seed=1):
@@ -229,7 +215,7 @@ def test_lam0_skips_the_greedy_pass(model):
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # peft probes a deprecated attribute
 def test_works_through_peft(model):
     ids, am, tm = batch(5)
-    lora = get_peft_model(tiny_llama(1), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    lora = get_peft_model(tiny_llama(V, 1), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     for n, p in lora.named_parameters():
         if "lora_B" in n:  # non-zero adapters, so that LoRA matters
             torch.nn.init.normal_(p, std=0.1)

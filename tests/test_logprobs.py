@@ -1,24 +1,15 @@
 import pytest
 import torch
+from conftest import tiny_llama
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from unitune.logprobs import naive_sequence_logps, sequence_logps
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=311,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(cfg)
+    return tiny_llama(311)
 
 
 def batch(seed=1):
