@@ -87,6 +87,23 @@ def test_tiny_dtype():
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
 
 
+def test_tiny_in_bf16_is_what_a_reload_of_it_gives(tmp_path):
+    """bf16 weights, float32 rotary buffers, as `from_pretrained(dtype=bfloat16)` gives them: a
+    saved-and-reloaded tiny model computes the same log-probs as the one trained in memory."""
+    model, tok = load_model(ModelConfig(name="builtin:tiny", dtype="bfloat16"))
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    ours, theirs = dict(model.named_buffers()), dict(again.named_buffers())
+    assert ours.keys() == theirs.keys() and ours
+    for name, buf in ours.items():
+        assert buf.dtype == theirs[name].dtype == torch.float32, name
+        assert torch.equal(buf, theirs[name]), name
+    ids = torch.tensor([tok("The cat says hello.")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+
+
 def test_unknown_builtin_is_refused():
     with pytest.raises(ModelLoadError, match="builtin:smollm2-135m"):
         load_model(ModelConfig(name="builtin:nope"))

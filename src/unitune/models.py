@@ -240,7 +240,13 @@ def _load_tiny(dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizer
         model = LlamaForCausalLM(config)
     model.name_or_path = BUILTIN_TINY
     model.config.name_or_path = BUILTIN_TINY
-    return model.to(dtype), tokenizer
+    # Cast the weights only, as `from_pretrained(dtype=...)` does: buffers such as the rotary
+    # `inv_freq` stay float32. `model.to(dtype)` would round them to bfloat16 and shift every
+    # position's encoding, so a saved-and-reloaded copy would compute different log-probs.
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
+    model.config.dtype = dtype
+    return model, tokenizer
 
 
 def model_dir(name: str, revision: str | None = None) -> Path:
