@@ -586,3 +586,126 @@ def test_columns_map_source_fields_to_standard_ones(tmp_path):
     assert tok.decode(target) == "Hi!<|im_end|>"
     with pytest.raises(Exception, match="alpaca.jsonl"):
         load_sft(path, tok, max_length=64)
+
+
+# ---------------------------------------------------------------- alpaca, UltraFeedback, unused
+
+
+def prompt_text(tok, seq: Sequence) -> str:
+    return tok.decode(list(seq.input_ids[: seq.target_mask.index(1)]))
+
+
+def test_alpaca_format_builds_the_prompt_from_instruction_and_input(tok, tmp_path):
+    rows = [
+        {"instruction": "Add the numbers.", "input": "2, 3", "output": "5", "text": "dup"},
+        {"instruction": "Say hi.", "input": "", "output": "Hi!", "text": "dup"},
+        {"instruction": "Say bye.", "input": "  ", "output": "Bye!"},
+        {"instruction": "Wave.", "output": "*waves*"},  # no input column at all
+    ]
+    path = write_jsonl(tmp_path / "alpaca.jsonl", rows)
+    seqs, report = load_sft(path, tok, max_length=128, format="alpaca")
+    user = ["Add the numbers.\n\n2, 3", "Say hi.", "Say bye.", "Wave."]
+    for seq, content, row in zip(seqs, user, rows, strict=True):
+        assert prompt_text(tok, seq) == f"<|im_start|>user\n{content}{EOS}\n<|im_start|>assistant\n"
+        assert target_spans(tok, seq) == [row["output"] + EOS]
+        check_invariants(tok, seq)
+    # exactly the tokens of the same conversation given as prompt/completion messages
+    chat = [
+        {"prompt": [msg("user", content)], "completion": [msg("assistant", row["output"])]}
+        for content, row in zip(user, rows, strict=True)
+    ]
+    assert seqs == load_sft(chat, tok, max_length=128)[0]
+    assert report.unused_columns == {"text": 2}  # counted, not silently dropped
+    assert "unused columns: text (2)" in report.summary()
+
+
+def test_alpaca_format_errors_name_the_field(tok, tmp_path):
+    rows = [{"instruction": "Hi.", "output": "Hello."}, {"instruction": "  ", "output": "x"}]
+    with pytest.raises(DataError, match="line 2, field 'instruction'.*empty"):
+        load_sft(write_jsonl(tmp_path / "a.jsonl", rows), tok, max_length=64, format="alpaca")
+    rows = [{"instruction": "Hi.", "input": ["a list"], "output": "Hello."}]
+    with pytest.raises(DataError, match="line 1, field 'input'.*expected a string"):
+        load_sft(write_jsonl(tmp_path / "b.jsonl", rows), tok, max_length=64, format="alpaca")
+
+
+def test_alpaca_records_without_the_format_say_how_to_read_them(tok):
+    with pytest.raises(DataError, match="set format: alpaca"):
+        load_sft([{"instruction": "Hi.", "input": "", "output": "Hello."}], tok, max_length=64)
+
+
+def test_alpaca_format_from_the_config(tiny_config, tmp_path):
+    from unitune.batches import load_data
+    from unitune.config import parse_config
+
+    rows = [{"instruction": f"Name animal {i}.", "input": a, "output": a} for i, a in
+            enumerate(["cat", "dog", "owl", "fox"])]  # fmt: skip
+    raw = tiny_config("sft")
+    raw["data"] = {"sft": {"train": str(write_jsonl(tmp_path / "al.jsonl", rows)),
+                           "format": "alpaca"}, "max_length": 64}  # fmt: skip
+    split = load_data(parse_config(raw), tiny_tokenizer())["sft"]
+    assert len(split.train) + len(split.eval) == 4
+    seq = (split.train + split.eval)[0]
+    assert "Name animal" in prompt_text(tiny_tokenizer(), seq)
+
+
+def ultrafeedback_rows() -> list[dict]:
+    """Records shaped exactly as HuggingFaceH4/ultrafeedback_binarized publishes them."""
+    out = []
+    for i, (q, good, bad) in enumerate(
+        [("What is 2+2?", "It is 4.", "It is 5."), ("Name a color.", "Blue.", "Seven.")]
+    ):
+        chosen = [msg("user", q), msg("assistant", good)]
+        out.append(
+            {
+                "prompt": q,
+                "prompt_id": f"id{i}",
+                "chosen": chosen,
+                "rejected": [msg("user", q), msg("assistant", bad)],
+                "messages": chosen,
+                "score_chosen": 8.0,
+                "score_rejected": 3.5,
+            }
+        )
+    return out
+
+
+def test_ultrafeedback_prompt_is_extracted_from_the_conversations(tok, tmp_path):
+    path = write_jsonl(tmp_path / "ultrafeedback.jsonl", ultrafeedback_rows())
+    pairs, report = load_preference(path, tok, max_length=128)
+    first = pairs[0]
+    expected = f"<|im_start|>user\nWhat is 2+2?{EOS}\n<|im_start|>assistant\n"
+    assert prompt_text(tok, first.chosen) == prompt_text(tok, first.rejected) == expected
+    assert target_spans(tok, first.chosen) == ["It is 4." + EOS]
+    assert target_spans(tok, first.rejected) == ["It is 5." + EOS]
+    # as TRL's maybe_extract_prompt: the same pairs as the explicit conversational form
+    explicit = [
+        {"prompt": r["chosen"][:1], "chosen": r["chosen"][1:], "rejected": r["rejected"][1:]}
+        for r in ultrafeedback_rows()
+    ]
+    assert pairs == load_preference(explicit, tok, max_length=128)[0]
+    unused = {"prompt_id": 2, "messages": 2, "score_chosen": 2, "score_rejected": 2}
+    assert report.unused_columns == unused
+
+
+def test_string_prompt_must_match_the_conversations(tok):
+    row = ultrafeedback_rows()[0] | {"prompt": "Something else entirely?"}
+    with pytest.raises(DataError, match="record 1, field 'prompt'.*not the content of a user"):
+        load_preference([row], tok, max_length=128)
+
+
+def test_ultrafeedback_trains(tiny_config, tmp_path):
+    from unitune.config import parse_config
+    from unitune.trainer import train
+
+    rows = ultrafeedback_rows() * 4
+    raw = tiny_config("pref", max_steps=2, eval_every=2)
+    raw["data"]["sft"] = None
+    raw["data"]["pref"] = {"train": str(write_jsonl(tmp_path / "uf.jsonl", rows))}
+    summary = train(parse_config(raw), progress=False)
+    assert summary["steps"]["pref"] == 2
+    assert summary["final"]["f_pref"] > 0
+    # the columns the format leaves unused are counted in the run's summary, per split
+    report = summary["data"]["pref"]["train_report"]
+    assert report["unused_columns"] == {
+        c: report["kept"] for c in ("messages", "prompt_id", "score_chosen", "score_rejected")
+    }

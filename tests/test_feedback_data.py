@@ -467,3 +467,21 @@ def test_detect_kind(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(DataError, match="no records"):
         detect_kind(tmp_path / "empty.jsonl")
+
+
+# ---------------------------------------------------------------- label_threshold
+
+
+def test_label_threshold_turns_mapped_scores_into_labels(tok):
+    rows = [GOOD_SCORE | {"score": s} for s in (0, 4.99, 5, 7, 10)]
+    items, _ = load_feedback(rows, tok, max_length=64, score_range=(0, 10), label_threshold=0.5)
+    assert [f.target for f in items] == [0.0, 0.0, 1.0, 1.0, 1.0]  # mapped score >= 0.5
+    assert feedback_kind(items) == "label"
+    labels, _ = load_feedback([GOOD_LABEL], tok, max_length=64, label_threshold=0.9)
+    assert [f.target for f in labels] == [1.0]  # label data ignores it
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.5, -0.1])
+def test_label_threshold_is_a_mapped_score_in_0_1(tok, bad):
+    with pytest.raises(ValueError, match="label_threshold"):
+        load_feedback([GOOD_SCORE], tok, max_length=64, score_range=(0, 10), label_threshold=bad)

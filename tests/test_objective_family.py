@@ -327,3 +327,14 @@ def test_hyper_parameter_validation():
     }
     assert REGISTRY["minor_sft"].defaults == {"beta": 0.1, "length_normalize": False}
     assert REGISTRY["orpo"].defaults == {"lam": 0.1}
+
+
+def test_one_desirability_rule_target_at_least_one_half():
+    from unitune.objectives import desirable
+
+    assert desirable(t([0.0, 0.49, 0.5, 1.0])).tolist() == [False, False, True, True]
+    # kto splits its examples by that rule: a target of 0.5 counts as desirable
+    kl = seq([-1.0], [-1.0])
+    half = loss("kto", fb([-1.0], [-3.0], [0.5], kl=kl))
+    assert half == loss("kto", fb([-1.0], [-3.0], [1.0], kl=kl))
+    assert half != loss("kto", fb([-1.0], [-3.0], [0.0], kl=kl))

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from unitune.config import Config
+from unitune.config import Config, DatasetConfig
 from unitune.data import (
     DataError,
     DataReport,
@@ -20,6 +20,7 @@ from unitune.data import (
     Pair,
     Sequence,
     collate,
+    detect_feedback_kind,
     detect_kind,
     length_batches,
     load_feedback,
@@ -57,7 +58,10 @@ def load_data(cfg: Config, tokenizer) -> dict[str, Split]:
     """Load, validate and tokenize every dataset before training starts.
 
     The preference slot is read as pairs or as unpaired feedback according to what its objective
-    needs; pair data given to an unpaired objective is unpaired (chosen → desirable).
+    needs; pair data given to an unpaired objective is unpaired (chosen → desirable). Score data
+    given to an objective that needs labels (kto, una_binary) is a `DataError` at the source's
+    'score' field, checked before anything is tokenized, unless `data.pref.label_threshold` turns
+    the scores into labels. `format` is for data.sft, `label_threshold` for data.pref.
     """
     out: dict[str, Split] = {}
     common = {"max_length": cfg.data.max_length, "on_bad_record": cfg.data.on_bad_record}
@@ -69,8 +73,20 @@ def load_data(cfg: Config, tokenizer) -> dict[str, Split]:
         kw = dict(common, split=dcfg.split, columns=dcfg.columns)
         kind, notes = obj.data, []
         if slot == "sft":
+            if dcfg.label_threshold is not None:
+                detail = (
+                    "data.sft.label_threshold: only unpaired preference scores (data.pref) have one"
+                )
+                raise DataError(dcfg.train, None, None, detail)
             loader = load_sft
+            kw["format"] = dcfg.format
         else:
+            if dcfg.format != "auto":
+                detail = (
+                    f"data.pref.format: {dcfg.format} is an SFT format; preference data is "
+                    "detected from its keys"
+                )
+                raise DataError(dcfg.train, None, None, detail)
             found = detect_kind(dcfg.train, split=dcfg.split, columns=dcfg.columns)
             if obj.data == "pairs" and found == "unpaired":
                 raise DataError(
@@ -83,6 +99,9 @@ def load_data(cfg: Config, tokenizer) -> dict[str, Split]:
             else:
                 loader = load_feedback
                 kw["score_range"] = dcfg.score_range
+                kw["label_threshold"] = dcfg.label_threshold
+                if obj.needs_labels and dcfg.label_threshold is None:
+                    _refuse_scores(obj.name, dcfg)
         train, report = loader(dcfg.train, tokenizer, **kw)
         if dcfg.eval is not None:
             held, eval_report = loader(dcfg.eval, tokenizer, **kw)
@@ -96,6 +115,17 @@ def load_data(cfg: Config, tokenizer) -> dict[str, Split]:
             notes.append(f"pairs unpaired for {obj.name}: chosen desirable, rejected undesirable")
         out[slot] = Split(kind, train, held, report, eval_report, notes)
     return out
+
+
+def _refuse_scores(objective: str, dcfg: DatasetConfig) -> None:
+    """Score data for an objective that needs labels: an error naming the file and field."""
+    for source in (dcfg.train, dcfg.eval):
+        if source is not None and detect_feedback_kind(source, dcfg.split, dcfg.columns) == "score":
+            raise DataError(
+                source, None, "score",
+                f"{objective} needs labels; data.pref has scores: set data.pref.label_threshold: "
+                "T to turn score >= T (after mapping to [0, 1]) into desirable",
+            )  # fmt: skip
 
 
 def flatten(items: list) -> list[Sequence]:

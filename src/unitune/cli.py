@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import textwrap
 from pathlib import Path
 
 import typer
@@ -22,6 +24,17 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
+def _check_model(spec, label: str = "model.name") -> None:
+    """Fail in one line, before any data is read or any directory is written, when the model
+    cannot be loaded (`models.check_model_source`)."""
+    from unitune.models import ModelLoadError, check_model_source
+
+    try:
+        check_model_source(spec, label=label)
+    except ModelLoadError as e:
+        _fail(str(e))
+
+
 def _load(config: Path, overrides: list[str] | None):
     if not config.exists():
         _fail(f"{config}: no such file")
@@ -39,12 +52,14 @@ def train(
 ) -> None:
     """Train with the config's objectives and schedule."""
     from unitune.data import DataError
+    from unitune.models import ModelLoadError
     from unitune.trainer import train as run_train
 
     cfg = _load(config, set_)
+    _check_model(cfg.model)
     try:
         summary = run_train(cfg, console=console, progress=not no_progress)
-    except DataError as e:
+    except (DataError, ModelLoadError) as e:
         _fail(str(e))
     f = summary["final"]
     console.print(
@@ -113,19 +128,46 @@ def demo(
 
 @app.command()
 def objectives() -> None:
-    """List the registered objectives with their data kind, defaults and source."""
-    from rich.table import Table
+    """List the registered objectives, one block each: slot, data, whether a reference model is
+    needed, default hyper-parameters, loss and source; wrapped to the terminal width."""
+    from rich.text import Text
 
     from unitune.objectives import REGISTRY
 
-    table = Table(title="objectives (objectives.sft / objectives.pref in the config)")
-    for col in ("name", "slot", "data", "loss", "defaults", "reference", "source"):
-        table.add_column(col, overflow="fold")
+    width = max(40, min(console.width, 100))
+    say = functools.partial(console.print, soft_wrap=True, highlight=False)
+    for line in _wrap(
+        "", "objectives: set objectives.sft.name / objectives.pref.name in the config", width
+    ):
+        say(Text(line, style="bold"))
     for o in REGISTRY.values():
+        data = f"{o.data} feedback" if o.data == "unpaired" else o.data
+        if o.needs_labels:
+            data += " with labels"
+        ref = "yes" if o.needs_ref else "no"
+        head = _wrap("", f"{o.name}  ({o.kind} slot; {data}; reference model: {ref})", width)
+        say()
+        title = Text(head[0])
+        title.stylize("bold cyan", 0, len(o.name))
+        say(title)
+        for line in head[1:]:
+            say(line)
         defaults = ", ".join(f"{k}={v}" for k, v in o.defaults.items()) or "-"
-        table.add_row(o.name, o.kind, o.data, o.summary, defaults,
-                      "yes" if o.needs_ref else "no", o.source)  # fmt: skip
-    console.print(table)
+        for label, text in (("defaults", defaults), ("loss", o.summary), ("source", o.source)):
+            for line in _wrap(label, text, width):
+                say(line)
+
+
+def _wrap(label: str, text: str, width: int) -> list[str]:
+    """`text` wrapped to `width`, after `label` in a 12-column gutter (no gutter without one)."""
+    first = f"  {label:<9} " if label else ""
+    return textwrap.wrap(
+        text,
+        width,
+        initial_indent=first,
+        subsequent_indent=" " * len(first) if label else "    ",
+        break_on_hyphens=False,
+    ) or [first.rstrip()]
 
 
 @app.command()

@@ -41,6 +41,12 @@ class DatasetConfig(Strict):
     score_range: tuple[float, float] | None = None  # unpaired scores: [min, max] -> [0, 1]
     # rename source columns to the standard fields, e.g. {prompt: instruction, completion: output}
     columns: dict[str, str] | None = None
+    # SFT only: "alpaca" reads instruction / input / output (README, "Data"); "auto" detects the
+    # format from the first record's keys
+    format: Literal["auto", "alpaca"] = "auto"
+    # preference only: unpaired scores -> labels at load time; a score mapped to [0, 1] by
+    # score_range is desirable when >= label_threshold (what kto and una_binary need)
+    label_threshold: float | None = Field(None, gt=0.0, le=1.0)
 
 
 class DataConfig(Strict):

@@ -30,6 +30,19 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from unitune.model_source import (  # noqa: F401 (ModelLoadError, pickle_refusal: re-exported)
+    ModelLoadError,
+    cached_snapshot,
+    check_hub_model,
+    check_local_dir,
+    first_line,
+    hub_problem,
+    hub_unreachable,
+    local_model_path,
+    pickle_refusal,
+    unreachable_message,
+)
+
 if TYPE_CHECKING:
     from unitune.config import LoraConfig, ModelConfig
 
@@ -54,11 +67,6 @@ CACHE_MARKER = "unitune-cache.json"
 TINY_SEED = 1234
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_PICKLE_SUFFIXES = (".bin", ".bin.index.json", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-class ModelLoadError(ValueError):
-    """A model or tokenizer could not be loaded; the message says why and what to do."""
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerBase:
@@ -93,26 +101,33 @@ def cache_root() -> Path:
 # Loading
 
 
-def load_model(spec: ModelConfig) -> tuple[Any, PreTrainedTokenizerBase]:
+def load_model(
+    spec: ModelConfig, *, label: str = "model.name"
+) -> tuple[Any, PreTrainedTokenizerBase]:
     """Load the model and tokenizer described by `spec`, ready for training.
 
     Returns a `PreTrainedModel` (full fine-tuning) or a `PeftModel` (when `spec.lora` is set) and
     its tokenizer, which always has an EOS and a pad token. `use_cache` is off: training never
     reuses past key/values, and keeping them costs memory.
+
+    Every failure to load is a one-line `ModelLoadError` naming `label` and `spec.name`. Local
+    names are checked as in `check_model_source`; the hub is not probed beforehand (the CLI calls
+    `check_model_source` first), but hub errors raised while loading get the same messages.
     """
     dtype = _DTYPES[spec.dtype]
     if spec.name == BUILTIN_TINY:
         model, tokenizer = _load_tiny(dtype)
     elif spec.name == BUILTIN_SMOLLM2:
-        model, tokenizer = _load_pretrained(str(smollm2_cache_dir()), dtype=dtype)
+        model, tokenizer = _load_pretrained(str(smollm2_cache_dir()), dtype=dtype, label=label)
     elif spec.name.startswith("builtin:"):
-        raise ModelLoadError(f"unknown builtin model {spec.name!r}; known: {', '.join(BUILTINS)}")
+        raise ModelLoadError(_unknown_builtin(spec.name, label))
     else:
         model, tokenizer = _load_pretrained(
             spec.name,
             dtype=dtype,
             revision=spec.revision,
             trust_remote_code=spec.trust_remote_code,
+            label=label,
         )
     _check_tokenizer(model, tokenizer, spec.name)
     model.config.use_cache = False
@@ -127,52 +142,66 @@ def _load_pretrained(
     dtype: torch.dtype,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    label: str = "model.name",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A local directory or a hub id, through plain `from_pretrained` (safetensors only)."""
-    path = Path(name).expanduser()
-    if path.exists():
-        _check_local_dir(path)
-        name = str(path)
-    elif name.startswith(("/", "./", "../", "~")):
-        raise ModelLoadError(f"model directory {name} does not exist")
+    path = local_model_path(name, label)
+    if path is not None:
+        check_local_dir(path, name, label)
+        source = str(path)
+    else:
+        source = name
     common: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
-    tokenizer = AutoTokenizer.from_pretrained(name, **common)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True, **common)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **common)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, use_safetensors=True, **common
+        )
+    except (OSError, ValueError) as err:  # transformers wraps hub errors in OSError
+        problem = hub_problem(err, name, revision, label) if path is None else None
+        raise ModelLoadError(
+            problem or f"{label} {name!r}: cannot be loaded: {first_line(err)}"
+        ) from err
     return model, tokenizer
 
 
-def _check_local_dir(path: Path) -> None:
-    """Refuse directories we would otherwise fail on obscurely (or load pickles from)."""
-    if not path.is_dir():
-        raise ModelLoadError(f"{path} is a file; model.name must be a directory of a saved model")
-    files = [p.name for p in path.iterdir() if p.is_file()]
-    if any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in files):
+# --------------------------------------------------------------------------------------------
+# Where a model comes from: checked before anything else runs
+
+
+def check_model_source(spec: ModelConfig, *, label: str = "model.name") -> None:
+    """Check, cheaply and before any data is read, that `spec.name` names a loadable model.
+
+    Raises a one-line `ModelLoadError` that names `label`, the name, the problem and what to do:
+
+    - `builtin:*`: must be a known builtin; `builtin:smollm2-135m` must be cached or installed.
+    - an existing path: must be a directory with safetensors weights (directories holding only
+      pickles, only a LoRA adapter, or no weights are refused; see `check_local_dir`).
+    - a missing path: "no such directory" when the name can only be a path (see
+      `local_model_path`).
+    - anything else is a Hugging Face Hub id: its `config.json` must be fetchable (or cached;
+      with `HF_HUB_OFFLINE=1` only the cache is used) and the repo must hold safetensors weights
+      (`model.safetensors` or `model.safetensors.index.json`). An unreachable hub is detected
+      with one request, without the hub client's retries.
+    """
+    name = spec.name
+    if name == BUILTIN_TINY:
         return
-    refusal = pickle_refusal(path)
-    if refusal:
-        raise ModelLoadError(f"{path} {refusal}")
-    if "adapter_config.json" in files:
-        raise ModelLoadError(
-            f"{path} holds a LoRA adapter, not a full model; save with merge_lora "
-            "(lora.merge_on_save: true) to get a directory that loads on its own"
-        )
-    raise ModelLoadError(f"{path} has no model weights (*.safetensors)")
+    if name == BUILTIN_SMOLLM2:
+        if not (cache_root() / "models" / SMOLLM2_CACHE_NAME / CACHE_MARKER).is_file():
+            smollm2_gguf_path()  # raises, saying how to install it
+        return
+    if name.startswith("builtin:"):
+        raise ModelLoadError(_unknown_builtin(name, label))
+    path = local_model_path(name, label)
+    if path is not None:
+        check_local_dir(path, name, label)
+        return
+    check_hub_model(name, spec.revision, label)
 
 
-def pickle_refusal(path: Path) -> str | None:
-    """Why a directory whose only weights are PyTorch pickles is refused (None if it has none):
-    the end of a sentence whose subject is the directory."""
-    pickles = sorted(
-        p.name for p in path.iterdir() if p.is_file() and p.name.endswith(_PICKLE_SUFFIXES)
-    )
-    if not pickles:
-        return None
-    return (
-        f"has only PyTorch pickle weights ({', '.join(pickles)}) and no .safetensors file. "
-        "unitune loads safetensors only, because loading a pickle can run arbitrary code. If you "
-        "trust the files, convert them once: "
-        "AutoModelForCausalLM.from_pretrained(DIR, use_safetensors=False).save_pretrained(NEW_DIR)"
-    )
+def _unknown_builtin(name: str, label: str) -> str:
+    return f"{label} {name!r}: unknown builtin model; known: {', '.join(BUILTINS)}"
 
 
 def _check_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str) -> None:
@@ -249,7 +278,7 @@ def _load_tiny(dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizer
     return model, tokenizer
 
 
-def model_dir(name: str, revision: str | None = None) -> Path:
+def model_dir(name: str, revision: str | None = None, *, label: str = "model") -> Path:
     """A model or adapter as a local directory of safetensors, config and tokenizer files.
 
     Builtins come from the cache (`builtin:tiny` is saved there on first use), local directories
@@ -268,18 +297,26 @@ def model_dir(name: str, revision: str | None = None) -> Path:
                 (tmp / CACHE_MARKER).write_text(json.dumps({"source": BUILTIN_TINY}) + "\n")
         return target
     if name.startswith("builtin:"):
-        raise ModelLoadError(f"unknown builtin model {name!r}; known: {', '.join(BUILTINS)}")
-    path = Path(name).expanduser()
-    if path.exists():
+        raise ModelLoadError(_unknown_builtin(name, label))
+    path = local_model_path(name, label)
+    if path is not None:
         if not path.is_dir():
-            raise ModelLoadError(f"{path} is a file, not a model directory")
+            raise ModelLoadError(f"{label} {name!r}: {path} is a file, not a model directory")
         return path
-    if name.startswith(("/", "./", "../", "~")):
-        raise ModelLoadError(f"model directory {name} does not exist")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import is_offline_mode, snapshot_download
 
+    if not is_offline_mode():
+        unreachable = hub_unreachable()
+        if unreachable is not None and not cached_snapshot(name, revision):
+            raise ModelLoadError(unreachable_message(name, label, unreachable))
     patterns = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja"]
-    return Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
+    try:
+        return Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
+    except Exception as err:  # every hub failure becomes one line
+        problem = hub_problem(err, name, revision, label)
+        raise ModelLoadError(
+            problem or f"{label} {name!r}: cannot be downloaded: {first_line(err)}"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,9 +6,15 @@ accepted formats.
 """
 
 from unitune.data.collate import collate, length_batches
-from unitune.data.errors import DataError, DataReport
+from unitune.data.errors import DataError, DataReport, format_unused
 from unitune.data.holdout import split_holdout
-from unitune.data.load import detect_kind, load_feedback, load_preference, load_sft
+from unitune.data.load import (
+    detect_feedback_kind,
+    detect_kind,
+    load_feedback,
+    load_preference,
+    load_sft,
+)
 from unitune.data.sequences import (
     Feedback,
     Pair,
@@ -26,8 +32,10 @@ __all__ = [
     "Sequence",
     "collate",
     "data_fingerprint",
+    "detect_feedback_kind",
     "detect_kind",
     "feedback_kind",
+    "format_unused",
     "length_batches",
     "load_feedback",
     "load_preference",

@@ -70,13 +70,16 @@ class RecordError(Exception):
 
 @dataclass
 class DataReport:
-    """Everything skipped or truncated while loading one source is counted here."""
+    """Everything skipped or truncated while loading one source is counted here, and every
+    column the format leaves unused: `unused_columns[name]` is the number of kept records that
+    have `name` (with a value other than None) although their format does not read it."""
 
     source: str
     n_records: int
     n_kept: int
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
     truncated: int = 0  # records whose response was cut (a pair counts once)
+    unused_columns: dict[str, int] = field(default_factory=dict)  # column -> kept records
 
     def summary(self) -> str:
         text = f"{self.source}: kept {self.n_kept} of {self.n_records} records"
@@ -85,4 +88,11 @@ class DataReport:
             text += f", skipped {sum(self.skipped.values())} ({reasons})"
         if self.truncated:
             text += f", truncated {self.truncated}"
+        if self.unused_columns:
+            text += f", unused columns: {format_unused(self.unused_columns)}"
         return text
+
+
+def format_unused(unused: dict[str, int]) -> str:
+    """`unused_columns` as text, by name: "messages (3), prompt_id (3)"."""
+    return ", ".join(f"{name} ({n})" for name, n in sorted(unused.items()))

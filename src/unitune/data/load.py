@@ -4,7 +4,8 @@ Every record is read, validated and tokenized before anything is returned. With
 `on_bad_record="error"` the first bad record raises a `DataError` naming the file, the 1-based
 line (JSONL) or record, and the field; with `"skip"` bad records are counted in
 `DataReport.skipped` by reason and loading goes on. Problems with the tokenizer or its chat
-template are raised in both modes. A dataset with no usable record is an error.
+template are raised in both modes. A dataset with no usable record is an error. Columns the
+format does not read are counted per kept record in `DataReport.unused_columns`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from unitune.data.validation import (
     Format,
     detect_format,
     detect_pref_kind,
+    unused_fields,
     validate_feedback,
     validate_preference,
     validate_sft,
@@ -46,12 +48,17 @@ def load_sft(
     on_bad_record: str = "error",
     split: str = "train",
     columns: dict[str, str] | None = None,
+    format: str = "auto",
 ) -> tuple[list[Sequence], DataReport]:
     """Load SFT data (prompt/completion or messages) as tokenized `Sequence`s.
 
     `columns` maps standard field names to the source's, e.g. `{"prompt": "instruction"}`.
+    `format="alpaca"` reads `instruction`, `input` and `output` (see `validation`); "auto"
+    detects the format from the first record's keys.
     """
-    return _load(source, tokenizer, "sft", _build_sft, max_length, on_bad_record, split, columns)
+    return _load(
+        source, tokenizer, "sft", _build_sft, max_length, on_bad_record, split, columns, format
+    )
 
 
 def load_preference(
@@ -78,6 +85,7 @@ def load_feedback(
     split: str = "train",
     columns: dict[str, str] | None = None,
     score_range: tuple[float, float] | None = None,
+    label_threshold: float | None = None,
 ) -> tuple[list[Feedback], DataReport]:
     """Load unpaired feedback (prompt, completion and a label or a score) as `Feedback`.
 
@@ -85,10 +93,21 @@ def load_feedback(
     scores are mapped to [0, 1] from `score_range = (lo, hi)`, which score data requires (an
     error on its first record, raised even with `on_bad_record="skip"`) and label data ignores.
     A malformed `score_range` (not two finite numbers with lo < hi) is an error either way.
+
+    With `label_threshold = T` (in (0, 1]) score data becomes label data: a mapped score `>= T`
+    is desirable (target 1.0), a lower one undesirable (0.0), and the items' kind is "label".
+    Label data ignores it.
     """
     if score_range is not None:
         score_range = _check_score_range(score_range)
-    build = functools.partial(_build_feedback, score_range=score_range)
+    if label_threshold is not None and not 0.0 < label_threshold <= 1.0:
+        raise ValueError(
+            "label_threshold (data.pref.label_threshold) must be in (0, 1], a mapped score; "
+            f"got {label_threshold!r}"
+        )
+    build = functools.partial(
+        _build_feedback, score_range=score_range, label_threshold=label_threshold
+    )
     return _load(source, tokenizer, "unpaired", build, max_length, on_bad_record, split, columns)
 
 
@@ -102,6 +121,28 @@ def detect_kind(
     (or with both) is a `DataError` at that record. An in-memory source should be a list (an
     iterator would be consumed by the peek).
     """
+    return _peek(source, split, columns, detect_pref_kind)  # type: ignore[return-value]
+
+
+def detect_feedback_kind(
+    source: SourceLike, split: str = "train", columns: dict[str, str] | None = None
+) -> Literal["label", "score"]:
+    """Whether an unpaired feedback source holds labels or scores, by its first valid record's
+    keys (records are passed over as in `detect_kind`)."""
+
+    def kind(record: dict[str, Any]) -> str:
+        return detect_format(record, "unpaired").name
+
+    return _peek(source, split, columns, kind)  # type: ignore[return-value]
+
+
+def _peek(
+    source: SourceLike,
+    split: str,
+    columns: dict[str, str] | None,
+    decide: Callable[[dict[str, Any]], str],
+) -> str:
+    """`decide(first readable record)`; a `RecordError` is located at that record."""
     src = open_source(source, split)
     first_error: DataError | None = None
     for raw in src.records:
@@ -110,7 +151,7 @@ def detect_kind(
             continue
         record = _rename(raw.value, columns) if columns else raw.value
         try:
-            return detect_pref_kind(record)  # type: ignore[return-value]
+            return decide(record)
         except RecordError as err:
             raise err.located(src.name, raw.number, src.unit) from None
     if first_error is not None:
@@ -155,10 +196,14 @@ def _build_feedback(
     max_length: int,
     *,
     score_range: tuple[float, float] | None,
+    label_threshold: float | None = None,
 ) -> Feedback:
     example, target = validate_feedback(record, fmt, score_range)
     seq = tokenize_example(example, encoder, max_length)
-    return Feedback(seq, target, seq.target_mask.index(1), fmt.name)  # type: ignore[arg-type]
+    kind = fmt.name
+    if kind == "score" and label_threshold is not None:
+        target, kind = (1.0 if target >= label_threshold else 0.0), "label"
+    return Feedback(seq, target, seq.target_mask.index(1), kind)  # type: ignore[arg-type]
 
 
 def _load(
@@ -170,6 +215,7 @@ def _load(
     on_bad_record: str,
     split: str,
     columns: dict[str, str] | None = None,
+    format: str = "auto",
 ) -> tuple[list, DataReport]:
     if on_bad_record not in ("error", "skip"):
         raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
@@ -188,7 +234,7 @@ def _load(
             if columns:
                 raw.value = _rename(raw.value, columns)
             if fmt is None:
-                fmt = detect_format(raw.value, kind)
+                fmt = detect_format(raw.value, kind, format)
             item = build(raw.value, fmt, encoder, max_length)
         except RecordError as err:
             located = err.located(src.name, raw.number, src.unit)
@@ -202,6 +248,8 @@ def _load(
         items.append(item)
         if _truncated(item):
             report.truncated += 1
+        for name in unused_fields(raw.value, fmt):
+            report.unused_columns[name] = report.unused_columns.get(name, 0) + 1
     report.n_kept = len(items)
     if not items:
         if report.n_records == 0:
@@ -209,7 +257,7 @@ def _load(
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(report.skipped.items()))
         detail = f"all {report.n_records} records were skipped ({reasons})"
         raise DataError(src.name, None, None, detail, reason="empty")
-    if report.skipped or report.truncated:
+    if report.skipped or report.truncated or report.unused_columns:
         log.info(report.summary())
     return items, report
 

@@ -6,9 +6,19 @@ SFT
 - prompt/completion, plain: `{"prompt": str, "completion": str}`
 - prompt/completion, conversational: `{"prompt": [messages], "completion": [messages]}`
 - messages: `{"messages": [messages]}`; every assistant turn is a target
+- alpaca (only when asked for, `format="alpaca"`): `{"instruction": str, "input": str (optional),
+  "output": str}`. The record becomes a conversation of one user and one assistant message: the
+  user message is `instruction`, or `instruction + "\n\n" + input` when `input` is present and
+  not whitespace-only; the assistant message (the target) is `output`. It is tokenized through
+  the chat template like conversational prompt/completion data.
 
 Preference pairs
 - explicit prompt, plain or conversational: `{"prompt", "chosen", "rejected"}`
+- prompt repeated in the conversations (HuggingFaceH4/ultrafeedback_binarized): `prompt` a string
+  and `chosen`/`rejected` full conversations that start with it. As TRL's `maybe_extract_prompt`,
+  the prompt is the conversations' longest common prefix of messages, the rest the responses;
+  the string `prompt` must be the content of a user message of that prefix (compared without
+  surrounding whitespace), else the record is refused ("prompt_mismatch").
 - implicit prompt: `{"chosen", "rejected"}`, both full conversations (or full texts) sharing a
   prompt. For message lists the prompt is their longest common prefix of messages. For plain
   strings it is their longest common prefix cut back to its last whitespace character, so no
@@ -28,6 +38,9 @@ A message is `{"role", "content"}` with a string content and a role among `ROLES
 passed to the chat template. Every later record must have the first record's shape: the same
 fields, strings where it had strings and message lists where it had lists. Fields whose value is
 None count as absent (Parquet and `datasets` fill missing columns with None).
+
+Fields a format does not read (e.g. UltraFeedback's `prompt_id`, `messages`, `score_chosen`)
+are ignored; the loader counts them (`unused_fields`, `DataReport.unused_columns`).
 
 Each check raises `RecordError` naming the field and a `reason` key.
 """
@@ -49,10 +62,18 @@ FEEDBACK_FIELDS = ("label", "score")
 @dataclass(frozen=True)
 class Format:
     kind: str  # "sft", "preference" or "unpaired"
-    name: str  # "prompt_completion", "messages", "explicit", "implicit", "label" or "score"
+    # "prompt_completion", "messages", "alpaca", "explicit", "repeated", "implicit", "label" or
+    # "score"
+    name: str
     conversational: bool
     fields: tuple[str, ...]  # required
     forbidden: tuple[str, ...]  # fields of the other formats of the same kind
+    optional: tuple[str, ...] = ()  # read when present
+
+    @property
+    def used(self) -> tuple[str, ...]:
+        """Every field the format reads; the others are unused."""
+        return self.fields + self.optional
 
     def describe(self) -> str:
         style = "conversational" if self.conversational else "plain"
@@ -60,6 +81,10 @@ class Format:
             return f"{style} {self.name} feedback"
         if self.name == "messages":
             return "messages"
+        if self.name == "alpaca":
+            return "alpaca (instruction, input, output)"
+        if self.name == "repeated":
+            return "conversational preference with the prompt repeated in chosen/rejected"
         if self.name == "prompt_completion":
             return f"{style} prompt/completion"
         return f"{style} {self.name}-prompt preference"
@@ -88,8 +113,21 @@ class ChatExample:
 Example = TextExample | ChatExample
 
 
-def detect_format(record: dict[str, Any], kind: str) -> Format:
-    """The format of a dataset, from its first record's keys (and whether values are lists)."""
+FORMATS = ("auto", "alpaca")  # what `format=` may ask for; "auto" detects from the keys
+
+
+def detect_format(record: dict[str, Any], kind: str, requested: str = "auto") -> Format:
+    """The format of a dataset, from its first record's keys (and whether values are lists).
+
+    `requested="alpaca"` (SFT only) takes the alpaca format without looking at the keys.
+    """
+    if requested not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {requested!r}")
+    if requested == "alpaca":
+        if kind != "sft":
+            raise ValueError("format 'alpaca' is an SFT format (instruction, input, output)")
+        # other columns (even prompt/completion/messages) are unused, not errors: asked for
+        return Format(kind, "alpaca", True, ("instruction", "output"), (), ("input",))
     present = _present(record)
     if kind == "sft":
         if "messages" in present:
@@ -100,13 +138,17 @@ def detect_format(record: dict[str, Any], kind: str) -> Format:
             fields = ("prompt", "completion")
             return Format(kind, "prompt_completion", conversational, fields, ("messages",))
         expected = "'prompt' and 'completion', or 'messages'"
+        if {"instruction", "output"} <= present:
+            expected += " (these look like Alpaca records: set format: alpaca)"
     elif kind == "preference":
         if present & {"chosen", "rejected"}:
             if "prompt" in present:
+                fields = ("prompt", "chosen", "rejected")
                 conversational = isinstance(record["prompt"], list)
-                return Format(
-                    kind, "explicit", conversational, ("prompt", "chosen", "rejected"), ()
-                )
+                response = record["chosen" if "chosen" in present else "rejected"]
+                if not conversational and isinstance(response, list):
+                    return Format(kind, "repeated", True, fields, ())
+                return Format(kind, "explicit", conversational, fields, ())
             first = record["chosen" if "chosen" in present else "rejected"]
             conversational = isinstance(first, list)
             return Format(kind, "implicit", conversational, ("chosen", "rejected"), ("prompt",))
@@ -155,7 +197,35 @@ def validate_sft(record: dict[str, Any], fmt: Format) -> Example:
     if fmt.name == "messages":
         messages = _messages(record, "messages")
         return _chat(messages, 0, "messages", "messages")
+    if fmt.name == "alpaca":
+        return _alpaca(record)
     return _prompt_completion(record, fmt)
+
+
+def alpaca_prompt(instruction: str, input_text: str | None) -> str:
+    """The user message of an alpaca record: `instruction`, followed by `"\n\n" + input_text`
+    when `input_text` (the record's `input`) is not None and not whitespace-only."""
+    if input_text is None or not input_text.strip():
+        return instruction
+    return instruction + "\n\n" + input_text
+
+
+def _alpaca(record: dict[str, Any]) -> ChatExample:
+    instruction = _string(record, "instruction")
+    if not instruction.strip():
+        raise RecordError("instruction", "empty_prompt", "empty or whitespace-only instruction")
+    extra = _string(record, "input") if record.get("input") is not None else None
+    output = _non_empty(_string(record, "output"), "output")
+    messages = [
+        {"role": "user", "content": alpaca_prompt(instruction, extra)},
+        {"role": "assistant", "content": output},
+    ]
+    return _chat(messages, 1, "instruction", "output", 1)
+
+
+def unused_fields(record: dict[str, Any], fmt: Format) -> list[str]:
+    """The fields of `record` (value not None) that `fmt` does not read, sorted."""
+    return sorted(_present(record) - set(fmt.used))
 
 
 def validate_feedback(
@@ -240,6 +310,20 @@ def validate_preference(record: dict[str, Any], fmt: Format) -> tuple[Example, E
             prompt = _messages(record, "prompt")
         else:
             prompt = _string(record, "prompt")
+    elif fmt.name == "repeated":
+        prompt_field = "chosen"
+        text = _string(record, "prompt")
+        n = _common_prefix_length(chosen, rejected)
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+        if not prompt:
+            detail = "'chosen' and 'rejected' share no message, so they hold no common prompt"
+            raise RecordError("chosen", "no_common_prompt", detail)
+        if not any(m["role"] == "user" and m["content"].strip() == text.strip() for m in prompt):
+            detail = (
+                "not the content of a user message shared by 'chosen' and 'rejected' (the "
+                "prompt is taken from the conversations, and must agree with this field)"
+            )
+            raise RecordError("prompt", "prompt_mismatch", detail)
     elif fmt.conversational:
         prompt_field = "chosen"
         n = _common_prefix_length(chosen, rejected)

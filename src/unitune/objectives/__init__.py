@@ -4,7 +4,7 @@ from unitune.objectives.ift import ift, ift_forward
 from unitune.objectives.preference import dpo, ipo, minor_dpo, orpo, simpo, una_pair
 from unitune.objectives.registry import REGISTRY, Objective, register
 from unitune.objectives.sft import minor_sft, sft, uft
-from unitune.objectives.types import FeedbackLogps, PairLogps, SeqLogps, TokenLogps
+from unitune.objectives.types import FeedbackLogps, PairLogps, SeqLogps, TokenLogps, desirable
 from unitune.objectives.unpaired import kto, una_binary, una_score
 
 # fmt: off
@@ -29,10 +29,10 @@ register(orpo, name="orpo", data="pairs", needs_ref=False, source="ORPO, arXiv 2
          summary="NLL(y_w) + lam * -logsigmoid(log_odds(y_w) - log_odds(y_l))")
 register(una_pair, name="una_pair", data="pairs", needs_ref=True, source="UNA, arXiv 2408.15339",
          summary="-logsigmoid(beta * (r(y_w) - r(y_l))) (= dpo)")
-register(kto, name="kto", data="unpaired", needs_ref=True, needs_kl=True,
+register(kto, name="kto", data="unpaired", needs_ref=True, needs_kl=True, needs_labels=True,
          source="KTO, arXiv 2402.01306",
          summary="desirable 1 - sigma(beta*(r - z)), undesirable 1 - sigma(beta*(z - r))")
-register(una_binary, name="una_binary", data="unpaired", needs_ref=True,
+register(una_binary, name="una_binary", data="unpaired", needs_ref=True, needs_labels=True,
          source="UNA, arXiv 2408.15339",
          summary="(sigma(beta * r) - label)^2, or BCE of sigma(beta * r) against the label")
 register(una_score, name="una_score", data="unpaired", needs_ref=True,
@@ -50,5 +50,6 @@ __all__ = [
     "PairLogps",
     "SeqLogps",
     "TokenLogps",
+    "desirable",
     "register",
 ]

@@ -36,6 +36,9 @@ class Objective:
     forward: Callable | None = None
     summary: str = ""  # one-line formula for `unitune objectives`
     needs_kl: bool = False  # unpaired: needs mismatched pairs for a KL estimate (KTO)
+    # unpaired: trains on binary labels (desirable / undesirable), so score data is refused unless
+    # `data.pref.label_threshold` turns it into labels at load time
+    needs_labels: bool = False
 
     def loss(self, logps, params: BaseModel | None = None) -> Tensor:
         p = params if params is not None else self.params()
@@ -59,6 +62,7 @@ def register(
     summary: str = "",
     forward: Callable | None = None,
     needs_kl: bool = False,
+    needs_labels: bool = False,
 ) -> Callable[..., Tensor]:
     """Register `fn` under `name`; its keyword-only arguments become validated config keys."""
     hints = typing.get_type_hints(fn)
@@ -71,6 +75,6 @@ def register(
     )
     kind: Kind = "sft" if data == "demonstrations" else "pref"
     REGISTRY[name] = Objective(
-        name, kind, fn, params, needs_ref, source, data, forward, summary, needs_kl
+        name, kind, fn, params, needs_ref, source, data, forward, summary, needs_kl, needs_labels
     )
     return fn

@@ -61,3 +61,10 @@ class TokenLogps:
     @property
     def n_tokens(self) -> Tensor:
         return self.mask.sum(dim=1)
+
+
+def desirable(target: Tensor) -> Tensor:
+    """Which unpaired items count as desirable: `target >= 0.5` on the [0, 1] targets (labels are
+    exactly 1.0 / 0.0; scores are mapped to [0, 1] by `score_range`). The one rule, for the
+    objectives and the metrics alike."""
+    return target >= 0.5

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from unitune.objectives.types import FeedbackLogps
+from unitune.objectives.types import FeedbackLogps, desirable
 
 
 def kto(
@@ -26,8 +26,8 @@ def kto(
 
     `z = max(0, mean_j r(x_i, y_j))` over the mismatched (prompt, completion) pairs in `fb.kl`,
     detached: the batch estimate of KL(pi_theta || pi_ref). Per example
-    desirable (`target == 1`): `lambda_D * (1 - sigma(beta * (r - z)))`,
-    undesirable (`target == 0`): `lambda_U * (1 - sigma(beta * (z - r)))`;
+    desirable (`types.desirable(target)`, i.e. label 1): `lambda_D * (1 - sigma(beta * (r - z)))`,
+    undesirable (label 0): `lambda_U * (1 - sigma(beta * (z - r)))`;
     the loss is the mean over all examples of the batch (TRL concatenates the weighted desirable
     and undesirable losses and takes their mean). TRL additionally averages `z` across processes;
     here it is the local batch's estimate.
@@ -39,9 +39,8 @@ def kto(
         )
     z = fb.kl.ratio.mean().clamp(min=0).detach()
     r = fb.seq.ratio
-    desirable = fb.target > 0.5
     losses = torch.where(
-        desirable,
+        desirable(fb.target),
         desirable_weight * (1 - torch.sigmoid(beta * (r - z))),
         undesirable_weight * (1 - torch.sigmoid(beta * (z - r))),
     )
