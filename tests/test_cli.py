@@ -52,3 +52,36 @@ def test_missing_config_file(tmp_path):
 def test_objectives_lists_the_registry():
     res = runner.invoke(app, ["objectives"])
     assert res.exit_code == 0 and "dpo" in res.output and "sft" in res.output
+
+
+def test_demo_uses_the_precision_it_is_given(tmp_path, monkeypatch):
+    from unitune.demo import default_precision
+
+    precision = "no" if default_precision() == "bf16" else "bf16"  # not what it would pick
+    monkeypatch.setenv("UNITUNE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    args = ["demo", "--model", "builtin:tiny", "--steps", "2", "--schedules", "mix",
+            "--precision", precision, "--no-progress", "-o", str(out)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    cfg = yaml.safe_load((out / "mix" / "config.yaml").read_text())
+    assert cfg["train"]["mixed_precision"] == precision
+
+
+def test_demo_refuses_an_unknown_precision(tmp_path):
+    result = runner.invoke(app, ["demo", "--precision", "fp8", "-o", str(tmp_path)])
+    assert result.exit_code == 2 and "--precision 'fp8'" in result.output
+
+
+def test_objectives_fit_an_80_column_terminal():
+    from unitune.objectives import REGISTRY
+
+    res = runner.invoke(app, ["objectives"], env={"COLUMNS": "80"})
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    text = " ".join(res.output.split())  # a formula may wrap onto the next line, between words
+    for o in REGISTRY.values():
+        assert any(line.startswith(f"{o.name}  (") for line in lines), o.name
+        assert " ".join(o.summary.split()) in text, o.name
+        assert o.source in text, o.name

@@ -31,6 +31,22 @@ def test_delta_l1_full_weights_is_the_l1_norm_of_the_delta_and_its_gradient_the_
     assert float(model.model.norm.weight.grad[1]) == -1.0
 
 
+def test_delta_l1_follows_a_model_moved_or_cast_after_it_was_built():
+    """The trainer moves the model to its accelerator; a move (here a cast, which runs on CPU)
+    after DeltaL1 was built must not mix devices or dtypes: the start is the start as trained."""
+    model, _ = _load_tiny(torch.float32)
+    with torch.no_grad():
+        model.model.norm.weight.normal_()  # values bf16 cannot hold exactly
+    l1 = DeltaL1(model)
+    model.to(torch.bfloat16)
+    value = l1()
+    assert value.dtype == torch.bfloat16 and value.item() == 0.0
+    assert all(p0.dtype == p.dtype == torch.bfloat16 for p, p0 in l1.full)
+    with torch.no_grad():
+        model.model.norm.weight[0] += 0.5
+    assert l1().item() == pytest.approx(0.5, rel=1e-2)
+
+
 def test_delta_l1_lora_is_the_l1_norm_of_the_lora_products():
     from unitune.models import _add_lora
 

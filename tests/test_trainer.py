@@ -137,8 +137,10 @@ def test_calibrate_is_cached(tiny_config, capsys):
     cfg = parse_config(tiny_config("maxright", max_steps=2))
     cfg.schedule.calibration_steps = 2
     star = calibrate(cfg, Console(force_terminal=False))
-    assert all(math.isfinite(v) for v in star)
-    assert star[1] <= math.log(2) + 1e-6  # best f_pref of a pref-only run is at most its start
+    assert all(math.isfinite(v) for v in (star.f_sft, star.f_pref, star.loss_sft, star.loss_pref))
+    assert star.f_pref <= math.log(2) + 1e-6  # best f_pref of a pref-only run is at most its start
+    # sft, and dpo at eval.beta: the objectives' own losses are the metrics
+    assert (star.loss_sft, star.loss_pref) == (star.f_sft, star.f_pref)
     console = Console(record=True)
     assert calibrate(cfg, console) == star
     assert "calibration cache" in console.export_text()
@@ -150,3 +152,11 @@ def test_lora_run_saves_an_adapter(tiny_config):
     cfg = parse_config(raw)
     train(cfg, progress=False)
     assert (Path(cfg.output_dir) / "model" / "adapter_config.json").exists()
+
+
+def test_runs_with_different_precisions_in_one_process(tiny_config):
+    """Accelerate's process-wide state must not pin the first run's precision (sweeps, demo)."""
+    for precision in ("no", "bf16", "no"):
+        raw = tiny_config("mix", max_steps=1, eval_every=1, mixed_precision=precision)
+        raw["output_dir"] += f"-{precision}"
+        assert math.isfinite(train(parse_config(raw), progress=False)["final"]["f_sft"])

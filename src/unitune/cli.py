@@ -74,11 +74,21 @@ def calibrate(
     set_: list[str] = typer.Option(None, "--set", help="override: key.path=value (repeatable)"),
 ) -> None:
     """Estimate the ideal point (f_sft*, f_pref*) by short single-objective runs (cached)."""
+    from unitune.data import DataError
+    from unitune.models import ModelLoadError
     from unitune.trainer import calibrate as run_calibrate
 
     cfg = _load(config, set_)
-    f_sft, f_pref = run_calibrate(cfg, console, progress=True)
-    console.print(f"f_sft* = {f_sft:.4f}   f_pref* = {f_pref:.4f}")
+    _check_model(cfg.model)
+    try:
+        star = run_calibrate(cfg, console, progress=True)
+    except (DataError, ModelLoadError) as e:
+        _fail(str(e))
+    console.print(
+        f"f_sft* = {star.f_sft:.4f}   f_pref* = {star.f_pref:.4f}   "
+        f"(objectives' own losses: {cfg.own_loss_key('sft')}* = {star.loss_sft:.4f}   "
+        f"{cfg.own_loss_key('pref')}* = {star.loss_pref:.4f})"
+    )
 
 
 @app.command()
@@ -108,12 +118,20 @@ def demo(
     ),
     sft: str = typer.Option("sft", help="SFT-family objective"),
     pref: str = typer.Option("dpo", help="preference-family objective"),
+    precision: str = typer.Option(
+        "auto", help="auto (bf16 where the hardware has fast bf16, else no), no, bf16 or fp16"
+    ),
     no_progress: bool = typer.Option(False, "--no-progress"),
 ) -> None:
     """Compare the joint schedules and parallel (PAFT) on the embedded model and the demo data."""
+    from unitune.config import ModelConfig
     from unitune.demo import run_demo
 
+    if precision not in ("auto", "no", "bf16", "fp16"):
+        _fail(f"--precision {precision!r}: expected auto, no, bf16 or fp16")
+    _check_model(ModelConfig(name=model), label="--model")
     run_demo(
+        precision=None if precision == "auto" else precision,
         model=model,
         out_dir=out,
         schedules=tuple(schedules.split(",")),

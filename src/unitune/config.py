@@ -98,7 +98,7 @@ MergeMethod = Literal["task_arithmetic", "ties", "dare_linear", "dare_ties"]
 
 
 class MergeOptions(Strict):
-    """How the deltas `d_i = theta_i - theta_base` combine (METHODS.md, "Merging").
+    """How the deltas `d_i = theta_i - theta_base` combine (docs/methods.md, "Merging").
 
     - `task_arithmetic`: `theta_base + sum_i w_i * d_i`.
     - `ties`: keep each delta's top `density` fraction by magnitude, elect each entry's sign by
@@ -146,8 +146,12 @@ class ScheduleConfig(Strict):
     lam: float = Field(0.5, ge=0.0, le=1.0)  # weight / probability of the preference objective
     k: int = Field(10, gt=0)  # MAXRIGHT: recompute both gaps every k steps
     ideal: Literal["zero", "config", "calibrate"] = "zero"  # where f_sft*, f_pref* come from
-    f_sft_star: float | None = None
+    f_sft_star: float | None = None  # optima of the metrics f_sft, f_pref (ideal distance)
     f_pref_star: float | None = None
+    # optima of the objectives' own losses (MAXRIGHT's gaps); default: f_sft*, f_pref*, which
+    # only an objective whose own loss is the metric may use (Config.own_loss_is_metric)
+    loss_sft_star: float | None = None
+    loss_pref_star: float | None = None
     calibration_steps: int = Field(50, gt=0)
     # parallel (PAFT): L1 penalty on the SFT branch's delta from the base, and the merge
     l1: float = Field(0.0, ge=0.0)
@@ -182,6 +186,12 @@ class TrainConfig(Strict):
     save_model: bool = True
 
 
+class EvalConfig(Strict):
+    """How held-out figures are measured, the same whatever the objectives (docs/methods.md)."""
+
+    beta: float = Field(0.1, gt=0.0)  # f_pref, reward margin: DPO (or unpaired logistic) at beta
+
+
 class Config(Strict):
     name: str | None = None
     model: ModelConfig = ModelConfig()
@@ -189,6 +199,7 @@ class Config(Strict):
     objectives: ObjectivesConfig = ObjectivesConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
     output_dir: str = "runs/run"
     cache_dir: str | None = None  # default: $UNITUNE_CACHE or ~/.cache/unitune
 
@@ -200,7 +211,29 @@ class Config(Strict):
             raise ValueError(f"schedule {self.schedule.name!r} needs data.sft")
         if needs_pref and self.data.pref is None:
             raise ValueError(f"schedule {self.schedule.name!r} needs data.pref")
+        sc = self.schedule
+        if sc.name == "maxright" and sc.ideal == "config":
+            for slot in ("sft", "pref"):
+                obj = getattr(self.objectives, slot).name
+                if getattr(sc, f"loss_{slot}_star") is None and not self.own_loss_is_metric(slot):
+                    raise ValueError(
+                        f"schedule.loss_{slot}_star: maxright steps on {obj}'s own loss, which is "
+                        f"not f_{slot}; give that loss's optimum (or use ideal: calibrate)"
+                    )
         return self
+
+    def own_loss_is_metric(self, slot: str) -> bool:
+        """Whether the objective of `slot` trains on exactly the held-out metric `f_<slot>`:
+        `sft` for f_sft; for f_pref, `dpo` / `una_pair` at `beta == eval.beta` on pairs."""
+        obj = getattr(self.objectives, slot)
+        if slot == "sft":
+            return obj.name == "sft"
+        return obj.name in ("dpo", "una_pair") and obj.params().beta == self.eval.beta
+
+    def own_loss_key(self, slot: str) -> str:
+        """The eval key holding the held-out value of `slot`'s own objective."""
+        obj = getattr(self.objectives, slot).name
+        return f"f_{slot}" if self.own_loss_is_metric(slot) else f"loss_{obj}"
 
 
 class ConfigError(ValueError):

@@ -144,7 +144,16 @@ def run_demo(
 
     console = console or Console()
     cfgs = [
-        demo_config(s, model=model, out_dir=out_dir, lam=lam, steps=steps, sft=sft, pref=pref)
+        demo_config(
+            s,
+            model=model,
+            out_dir=out_dir,
+            lam=lam,
+            steps=steps,
+            sft=sft,
+            pref=pref,
+            precision=precision,
+        )  # fmt: skip
         for s in schedules
     ]
     star = calibrate(cfgs[0], console, progress=progress)

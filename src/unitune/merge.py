@@ -1,6 +1,6 @@
 """`unitune merge`: a base and N fine-tuned models (or LoRA adapters) into one HF model directory.
 
-The methods are those of METHODS.md, "Merging", on the deltas `d_i = theta_i - theta_base`:
+The methods are those of docs/methods.md, "Merging", on the deltas `d_i = theta_i - theta_base`:
 task arithmetic, TIES and DARE (see `combine`). The merge streams: tensors are read one at a time
 from the safetensors files of the base and of each model, merged, and written straight into the
 output's safetensors files, whose headers are known up front from the base's metadata. Peak memory

@@ -21,14 +21,17 @@ from rich.console import Console
 from rich.table import Table
 
 from unitune.config import Config, MergeConfig, ModelConfig
+from unitune.metrics import Ideal
 
 
 class DeltaL1:
     """`sum |theta - theta_base|` over the trained weights, for PAFT's L1 penalty.
 
     Full fine-tuning: against a copy of the starting values of the trainable parameters, taken at
-    construction (one extra copy of those weights). LoRA: the delta of each adapted weight is the
-    LoRA product `scaling * B @ A` itself, so no copy is kept.
+    construction (one extra copy of those weights; build it once the model is on its device and
+    in its dtype). A parameter moved or cast later has its copy moved or cast with it on the next
+    call, so `p - p0` never mixes devices and the start is the start as trained. LoRA: the delta
+    of each adapted weight is the LoRA product `scaling * B @ A` itself, so no copy is kept.
     """
 
     def __init__(self, model: Any):
@@ -46,6 +49,9 @@ class DeltaL1:
                 self.full.append((p, p.detach().clone()))  # e.g. modules_to_save, full weights
 
     def __call__(self) -> torch.Tensor:
+        for i, (p, p0) in enumerate(self.full):
+            if p0.device != p.device or p0.dtype != p.dtype:
+                self.full[i] = (p, p0.to(device=p.device, dtype=p.dtype))
         terms = [(p - p0).abs().sum() for p, p0 in self.full]
         terms += [abs(s) * (b @ a).abs().sum() for a, b, s in self.lora]
         return torch.stack(terms).sum()
@@ -56,7 +62,7 @@ def train_parallel(
     *,
     console: Console | None = None,
     progress: bool = True,
-    ideal: tuple[float, float] | None = None,
+    ideal: Ideal | None = None,
 ) -> dict:
     """Run both branches, merge, evaluate; returns the summary written to summary.json."""
     from unitune.merge import merge
@@ -142,9 +148,7 @@ def merge_base(cfg: Config, cast_dir: Path) -> Path:
     return save_model(model, tokenizer, cast_dir)
 
 
-def evaluate_model(
-    cfg: Config, path: Path, star: tuple[float, float], console: Console
-) -> dict[str, float]:
+def evaluate_model(cfg: Config, path: Path, star: Ideal, console: Console) -> dict[str, float]:
     """Held-out metrics of the model saved at `path`, against the base's reference log-probs
     (as every run's metrics are), on the data and objectives of `cfg`."""
     from unitune.models import load_model
@@ -155,7 +159,7 @@ def evaluate_model(
     ev.schedule = cfg.schedule.model_copy(update={"name": "mix", "l1": 0.0})
     run = Run(ev, console, progress=False)
     run.setup()
-    run.f_sft_star, run.f_pref_star = star
+    run.ideal = star
     model, _ = load_model(ModelConfig(name=str(path), dtype=cfg.model.dtype))
     run.policy.model = model.to(run.device)
     return run.evaluate()

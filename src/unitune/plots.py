@@ -23,8 +23,9 @@ from matplotlib.figure import Figure
 
 __all__ = ["RunTrajectory", "load_run", "pareto_front", "plot_runs"]
 
-X_LABEL = "held-out SFT loss f_sft (token-mean NLL)"
-Y_LABEL = "held-out preference loss f_pref (DPO)"
+# axis labels: what the runs' summaries say f_sft and f_pref measure (`metrics.measures`), or these
+X_LABEL = "f_sft: held-out SFT loss"
+Y_LABEL = "f_pref: held-out preference loss"
 DEFAULT_TITLE = "SFT vs preference: trajectories on held-out data"
 
 # Okabe-Ito colours (colour-blind safe); shape and dash carry the identity in grayscale.
@@ -281,12 +282,22 @@ def _draw(fig: Figure, runs: list[RunTrajectory], title: str | None) -> None:
             fontweight="bold",
         )  # fmt: skip
 
-    ax.set_xlabel(X_LABEL)
-    ax.set_ylabel(Y_LABEL)
+    ax.set_xlabel(axis_label(runs, "f_sft", X_LABEL))
+    ax.set_ylabel(axis_label(runs, "f_pref", Y_LABEL))
     ax.set_title(title if title is not None else DEFAULT_TITLE, fontsize=11)
     ax.grid(True, color="0.88", linewidth=0.6)
     ax.margins(0.08)
     ax.legend(loc="best", fontsize=8, framealpha=0.9, handlelength=3.2)
+
+
+def axis_label(runs: list[RunTrajectory], key: str, default: str) -> str:
+    """`key: what it measures`, from the runs' summaries; runs that measure `key` differently
+    (another `eval.beta`, pairs against unpaired data) are not comparable in one plot."""
+    found = {r.summary["measures"][key]: r for r in runs if key in r.summary.get("measures", {})}
+    if len(found) > 1:
+        lines = "; ".join(f"{r.run_dir}: {m}" for m, r in found.items())
+        raise ValueError(f"runs measure {key} differently, one plot cannot compare them: {lines}")
+    return f"{key}: {next(iter(found))}" if found else default
 
 
 def plot_runs(run_dirs: list[Path], out_stem: Path, *, title: str | None = None) -> list[Path]:

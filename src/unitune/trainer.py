@@ -13,10 +13,12 @@ import os
 import time
 from collections import Counter
 from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -34,8 +36,9 @@ from unitune.batches import (
     load_data,
 )
 from unitune.config import Config, dump_config
-from unitune.data import Sequence, collate, length_batches
+from unitune.data import Sequence, collate, data_fingerprint, format_unused, length_batches
 from unitune.logprobs import sequence_logps
+from unitune.metrics import Ideal
 from unitune.models import (
     cache_root,
     load_model,
@@ -45,6 +48,7 @@ from unitune.models import (
     trainable_parameters,
 )
 from unitune.objectives import REGISTRY, FeedbackLogps, PairLogps, SeqLogps
+from unitune.objectives.types import desirable
 from unitune.parallel import DeltaL1, train_parallel
 from unitune.refcache import compute_logps, reference_logps
 from unitune.schedules import Sequential, build_schedule
@@ -86,6 +90,10 @@ class Run:
     def setup(self) -> None:
         cfg = self.cfg
         set_seed(cfg.train.seed)
+        # Accelerate keeps one process-wide state and refuses a second Accelerator with another
+        # precision; a later run in the same process (a sweep, the demo, a notebook) may differ.
+        # The distributed part (PartialState) is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=False)
         self.device = self.acc.device
         self.model, self.tokenizer = load_model(cfg.model)
@@ -104,7 +112,7 @@ class Run:
             for slot, obj in (("sft", self.sft_obj), ("pref", self.pref_obj))
             if slot in self.data
         }
-        self.beta = float(getattr(self.objectives.get("pref", (0, 0))[1], "beta", 0.1))
+        self.beta = cfg.eval.beta  # f_pref and the reward margin, whatever the objective
         if "pref" in self.data and self.pref_obj.needs_kl:
             # fixed partitions, so that each batch's mismatched pairs are known and cached
             split = self.data["pref"]
@@ -116,9 +124,10 @@ class Run:
                 "train": KLPairs.build(split.train, self.partition),
                 "eval": KLPairs.build(split.eval, self._eval_batches(split.eval)),
             }
-        # PAFT's L1 penalty on the SFT objective's delta from the starting weights
-        self.l1 = DeltaL1(self.model) if cfg.schedule.l1 > 0 else None
         self.policy = PolicyLogps(self.model, cfg.train.logprob_chunk_size).to(self.device)
+        # PAFT's L1 penalty on the SFT objective's delta from the starting weights, copied once
+        # the model is on its device
+        self.l1 = DeltaL1(self.model) if cfg.schedule.l1 > 0 else None
         self.refs: dict[str, torch.Tensor] = {}
         self.extras: dict[str, dict[str, float]] = {}  # per-slot figures of the last step
         self.compute_references(initial=True)
@@ -241,17 +250,16 @@ class Run:
                         SeqLogps(logp[:m], n[:m], ref[:m]), SeqLogps(logp[m:], n[m:], ref[m:])
                     )
                     out |= metrics.pref_metrics(pair, self.beta)
-                for slot in self.data:
-                    obj = self.objectives[slot][0]
-                    if obj.name not in ("sft", "dpo"):  # those are f_sft, f_pref already
-                        out[f"loss_{obj.name}"] = self._own_loss(slot)
                 if "pref" in self.data and self.data["pref"].kind == "unpaired":
                     out |= self._feedback_metrics(bs)
+                for slot in self.data:
+                    if not self.cfg.own_loss_is_metric(slot):  # else it is f_sft / f_pref
+                        out[self.cfg.own_loss_key(slot)] = self._own_loss(slot)
         finally:
             self.policy.train()
         if "f_sft" in out and "f_pref" in out:
             out["ideal_distance"] = metrics.ideal_distance(
-                out["f_sft"], out["f_pref"], self.f_sft_star, self.f_pref_star
+                out["f_sft"], out["f_pref"], self.ideal.f_sft, self.ideal.f_pref
             )
         return out
 
@@ -269,20 +277,13 @@ class Run:
         return total / len(split.eval)
 
     def _feedback_metrics(self, bs: int) -> dict[str, float]:
-        """Unpaired feedback: `f_pref` is the objective's own held-out loss; reward accuracy is
-        how often the sign of `r` agrees with the label (target >= 0.5)."""
+        """Unpaired feedback: the logistic `f_pref`, reward accuracy and margin at `eval.beta`
+        (`metrics.feedback_metrics`), and KTO's KL estimate."""
         obj, params, split = self.objectives["pref"]
         items = split.eval
-        logp, _ = self._all_logps(flatten(items), bs)
-        r = logp - self.refs["pref_eval"]
-        target = torch.tensor([f.target for f in items])
-        good = target >= 0.5
-        out = {
-            "f_pref": self._own_loss("pref"),
-            "reward_acc": float(((r > 0) == good).float().mean()),
-        }
-        if good.any() and (~good).any():
-            out["reward_margin"] = float(self.beta * (r[good].mean() - r[~good].mean()))
+        logp, n = self._all_logps(flatten(items), bs)
+        good = desirable(torch.tensor([f.target for f in items]))
+        out = metrics.feedback_metrics(SeqLogps(logp, n, self.refs["pref_eval"]), good, self.beta)
         if obj.needs_kl:
             ratios = [self.kl_logps("eval", idx).ratio for idx in self._eval_batches(items)]
             out["kl"] = float(torch.cat(ratios).mean().clamp(min=0))
@@ -302,7 +303,7 @@ def train(
     *,
     console: Console | None = None,
     progress: bool = True,
-    ideal: tuple[float, float] | None = None,
+    ideal: Ideal | None = None,
 ) -> dict:
     """Run one training job described by `cfg`; returns the summary written to summary.json."""
     if cfg.schedule.name == "parallel":  # two runs and a merge, not a per-step schedule
@@ -311,7 +312,7 @@ def train(
     con = run.console
     t_start = time.time()
     run.setup()
-    run.f_sft_star, run.f_pref_star = ideal if ideal is not None else resolve_ideal(cfg, con)
+    run.ideal = ideal if ideal is not None else resolve_ideal(cfg, con)
 
     tc, sc = cfg.train, cfg.schedule
     params = trainable_parameters(run.model)
@@ -335,8 +336,8 @@ def train(
         total_steps=tc.max_steps,
         seed=tc.seed,
         k=sc.k,
-        f_sft_star=run.f_sft_star,
-        f_pref_star=run.f_pref_star,
+        f_sft_star=run.ideal.loss_sft,  # MAXRIGHT's gaps are in the objectives' own losses
+        f_pref_star=run.ideal.loss_pref,
         probe=lambda: run.probe(current),
     )
 
@@ -422,7 +423,7 @@ def train(
     wall = time.time() - t_start
     summary = run_summary(
         cfg,
-        (run.f_sft_star, run.f_pref_star),
+        run.ideal,
         last_eval,
         wall_s=wall,
         train_s=time.time() - t_train,
@@ -443,7 +444,7 @@ def train(
 
 def run_summary(
     cfg: Config,
-    star: tuple[float, float],
+    star: Ideal,
     final: dict,
     *,
     wall_s: float,
@@ -462,8 +463,11 @@ def run_summary(
         "seed": cfg.train.seed,
         "sft_objective": cfg.objectives.sft.name,
         "pref_objective": cfg.objectives.pref.name,
-        "f_sft_star": star[0],
-        "f_pref_star": star[1],
+        "f_sft_star": star.f_sft,
+        "f_pref_star": star.f_pref,
+        "loss_sft_star": star.loss_sft,
+        "loss_pref_star": star.loss_pref,
+        "measures": metrics.measures(data.get("pref", {}).get("kind"), cfg.eval.beta),
         "final": {k: v for k, v in final.items() if k != "type"},
         **extra,
         "wall_s": round(wall_s, 2),
@@ -492,7 +496,7 @@ def _live(plan: dict, losses: dict, ev: dict, tok_s: float) -> str:
 
 
 def _report_dict(split: Split) -> dict:
-    out = {"train": len(split.train), "eval": len(split.eval)}
+    out = {"kind": split.kind, "train": len(split.train), "eval": len(split.eval)}
     for name, rep in (("train_report", split.report), ("eval_report", split.eval_report)):
         if rep is not None:
             out[name] = {
@@ -500,6 +504,7 @@ def _report_dict(split: Split) -> dict:
                 "kept": rep.n_kept,
                 "skipped": rep.skipped,
                 "truncated": rep.truncated,
+                "unused_columns": dict(rep.unused_columns),
             }
     return out
 
@@ -514,6 +519,8 @@ def report_data(run: Run) -> None:
                 msg += f", skipped {sum(rep.skipped.values())} ({dict(rep.skipped)})"
             if rep.truncated:
                 msg += f", truncated {rep.truncated} to max_length={run.cfg.data.max_length}"
+            if rep.unused_columns:
+                msg += f", unused columns: {format_unused(rep.unused_columns)}"
             run.console.log(msg)
         run.console.log(f"{kind}: {len(split.train)} train / {len(split.eval)} eval")
 
@@ -525,31 +532,57 @@ def atomic_write(path: Path, text: str) -> None:
 
 
 # ------------------------------------------------------------------------ the ideal point
-def resolve_ideal(cfg: Config, console: Console) -> tuple[float, float]:
-    """`(f_sft*, f_pref*)` from the config, from a (cached) calibration, or 0."""
+CALIBRATION_VERSION = "2"  # 2: own-loss optima, keyed by model and data fingerprints
+
+
+def resolve_ideal(cfg: Config, console: Console) -> Ideal:
+    """The ideal point from the config, from a (cached) calibration, or 0."""
     sc = cfg.schedule
     if sc.ideal == "config":
-        return float(sc.f_sft_star), float(sc.f_pref_star)
+        f_sft, f_pref = float(sc.f_sft_star), float(sc.f_pref_star)
+        return Ideal(
+            f_sft,
+            f_pref,
+            sc.loss_sft_star if sc.loss_sft_star is not None else f_sft,
+            sc.loss_pref_star if sc.loss_pref_star is not None else f_pref,
+        )
     if sc.ideal == "calibrate":
         return calibrate(cfg, console)
-    return 0.0, 0.0
+    return Ideal()
 
 
-def calibrate(cfg: Config, console: Console | None = None, progress: bool = False):
-    """Short single-objective runs (SFT only, preference only); the best held-out loss of each is
-    the ideal point. Cached by everything that affects it."""
+def input_fingerprint(cfg: Config, console: Console) -> str:
+    """sha256 of the starting model's weights and of every tokenized dataset (the reference
+    cache's fingerprints): a data file or a local model edited in place changes it."""
+    model, tokenizer = load_model(cfg.model)
+    parts = [model_fingerprint(model), cfg.model.dtype]
+    data = load_data(cfg, tokenizer)
+    for kind, split in sorted(data.items()):
+        parts += [kind, *(data_fingerprint(flatten(items)) for items in (split.train, split.eval))]
+    console.log("calibration key: fingerprints of the model and the data")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def calibrate(cfg: Config, console: Console | None = None, progress: bool = False) -> Ideal:
+    """Short single-objective runs (SFT only, preference only). The best held-out value of each
+    metric is `f*`, the best held-out value of each objective's own loss is `loss*` (MAXRIGHT's
+    gaps compare like with like). Cached by the settings and the model's and data's fingerprints.
+    """
     console = console or Console()
     relevant = cfg.model_copy(update={"name": None, "output_dir": "", "schedule": None})
     key = hashlib.sha256(
-        (dump_config(relevant) + f"|{cfg.schedule.calibration_steps}").encode()
+        (
+            f"v{CALIBRATION_VERSION}|{dump_config(relevant)}|{cfg.schedule.calibration_steps}|"
+            f"{input_fingerprint(cfg, console)}"
+        ).encode()
     ).hexdigest()[:24]
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else cache_root()
     path = cache_dir / "calibration" / f"{key}.json"
     if path.exists():
-        star = json.loads(path.read_text())
+        star = Ideal(**json.loads(path.read_text()))
         console.log(f"ideal point from calibration cache: {star}")
-        return star["f_sft_star"], star["f_pref_star"]
-    best = {}
+        return star
+    best: dict[str, float] = {}
     for kind in ("sft", "pref"):
         sub = cfg.model_copy(deep=True)
         sub.name = f"calibrate-{kind}"
@@ -561,11 +594,13 @@ def calibrate(cfg: Config, console: Console | None = None, progress: bool = Fals
         )
         sub.output_dir = str(path.parent / f"{key}-{kind}")
         console.log(f"calibrating f_{kind}*: {kind} alone for {sub.train.max_steps} steps")
-        train(sub, console=console, progress=progress, ideal=(0.0, 0.0))
+        train(sub, console=console, progress=progress, ideal=Ideal())
         evals = [json.loads(line) for line in (Path(sub.output_dir) / "metrics.jsonl").open()]
-        best[kind] = min(e[f"f_{kind}"] for e in evals if e["type"] == "eval")
-    star = {"f_sft_star": best["sft"], "f_pref_star": best["pref"]}
+        evals = [e for e in evals if e["type"] == "eval"]
+        best[f"f_{kind}"] = min(e[f"f_{kind}"] for e in evals)
+        best[f"loss_{kind}"] = min(e[cfg.own_loss_key(kind)] for e in evals)
+    star = Ideal(**best)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, json.dumps(star))
+    atomic_write(path, json.dumps(asdict(star)))
     console.log(f"ideal point: {star}")
-    return star["f_sft_star"], star["f_pref_star"]
+    return star
