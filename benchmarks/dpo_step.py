@@ -45,7 +45,7 @@ def worker_unitune(args) -> dict:
     pairs = pairs[: args.batch_size * (args.steps + args.warmup)]
     policy = PolicyLogps(model, chunk_size=1024)
     t = time.perf_counter()
-    ref, _ = reference_logps(
+    ref, _, _ = reference_logps(
         policy,
         flatten(pairs),
         model_fp=model_fingerprint(model),

@@ -103,7 +103,11 @@ def tiny_config(tiny_data, tmp_path):
                 },
                 "max_length": 64,
             },
-            "schedule": {"name": schedule, "lam": 0.5, "k": 2},
+            "schedule": {
+                "name": schedule,
+                "lam": 0.5,
+                **({"k": 2} if schedule == "maxright" else {}),
+            },
             "train": {
                 "max_steps": 4,
                 "batch_size": 4,

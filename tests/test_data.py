@@ -695,7 +695,7 @@ def test_string_prompt_must_match_the_conversations(tok):
 
 def test_ultrafeedback_trains(tiny_config, tmp_path):
     from unitune.config import parse_config
-    from unitune.trainer import train
+    from unitune.jobs import train
 
     rows = ultrafeedback_rows() * 4
     raw = tiny_config("pref", max_steps=2, eval_every=2)

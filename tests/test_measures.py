@@ -10,11 +10,12 @@ import torch
 from conftest import ANIMALS, write_jsonl
 from rich.console import Console
 
+from unitune.calibration import calibrate
 from unitune.config import ConfigError, parse_config
+from unitune.jobs import train
 from unitune.metrics import feedback_metrics
 from unitune.objectives import SeqLogps
 from unitune.plots import plot_runs
-from unitune.trainer import calibrate, train
 
 
 def evals_of(cfg) -> list[dict]:

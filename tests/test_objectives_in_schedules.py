@@ -8,8 +8,9 @@ import pytest
 from conftest import ANIMALS, write_jsonl
 
 from unitune.config import parse_config
+from unitune.jobs import train
 from unitune.objectives import REGISTRY
-from unitune.trainer import Run, train
+from unitune.session import Run
 
 SFT_FAMILY = [n for n, o in REGISTRY.items() if o.data == "demonstrations" and n != "sft"]
 PAIR_FAMILY = [n for n, o in REGISTRY.items() if o.data == "pairs" and n != "dpo"]
@@ -117,7 +118,7 @@ def test_pair_objective_refuses_unpaired_data(tiny_config, feedback_files):
 
 @pytest.mark.parametrize("name", ["simpo", "orpo"])
 def test_reference_free_objectives_compute_no_training_reference(tiny_config, monkeypatch, name):
-    import unitune.trainer as trainer
+    import unitune.session as trainer
 
     computed = []
     original = trainer.reference_logps
@@ -131,7 +132,7 @@ def test_reference_free_objectives_compute_no_training_reference(tiny_config, mo
     raw["objectives"] = {"pref": {"name": name}}
     r = Run(parse_config(raw), progress=False)
     r.setup()
-    assert "pref_train" not in r.refs and "sft_train" not in r.refs
+    assert ("pref", "train", "main") not in r.refs and ("sft", "train", "main") not in r.refs
     # only the held-out sets, for the metrics against the starting model (3 + 2*3 sequences)
     assert sorted(computed) == [3, 6]
 

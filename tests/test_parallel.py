@@ -9,10 +9,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from unitune.config import ConfigError, LoraConfig, parse_config
+from unitune.delta_l1 import DeltaL1
+from unitune.jobs import train
 from unitune.models import _load_tiny
-from unitune.parallel import DeltaL1
 from unitune.plots import load_run, plot_runs
-from unitune.trainer import train
 
 
 def test_delta_l1_full_weights_is_the_l1_norm_of_the_delta_and_its_gradient_the_sign():

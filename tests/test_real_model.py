@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from unitune.config import parse_config
-from unitune.trainer import train
+from unitune.jobs import train
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ from unitune.config import ModelConfig
 from unitune.data import Sequence
 from unitune.models import load_model, model_fingerprint
 from unitune.refcache import reference_logps
-from unitune.trainer import PolicyLogps
+from unitune.session import PolicyLogps
 
 
 def seqs(offset=0):
@@ -14,7 +14,7 @@ def seqs(offset=0):
     ]
 
 
-def run(policy, items, tmp_path, fp=None):
+def run(policy, items, tmp_path, fp=None, **kw):
     return reference_logps(
         policy,
         items,
@@ -23,15 +23,17 @@ def run(policy, items, tmp_path, fp=None):
         pad_id=0,
         batch_size=2,
         device=torch.device("cpu"),
+        **kw,
     )
 
 
 def test_miss_then_hit_with_identical_values(tmp_path):
     model, _ = load_model(ModelConfig(name="builtin:tiny"))
     policy = PolicyLogps(model, chunk_size=4)
-    first, hit1 = run(policy, seqs(), tmp_path)
-    second, hit2 = run(policy, seqs(), tmp_path)
-    assert (hit1, hit2) == (False, True)
+    first, hit1, key1 = run(policy, seqs(), tmp_path)
+    second, hit2, key2 = run(policy, seqs(), tmp_path)
+    assert (hit1, hit2) == (False, True) and key1 == key2
+    assert (tmp_path / "refs" / f"{key1}.safetensors").exists()  # the entry a checkpoint names
     assert torch.equal(first, second)
     assert len(list((tmp_path / "refs").glob("*.safetensors"))) == 1
     # the values are the model's log-probs, in input order
@@ -51,6 +53,16 @@ def test_other_data_or_model_misses(tmp_path):
         next(model.parameters()).add_(0.01)
     assert run(policy, seqs(), tmp_path)[1] is False  # other weights
     assert len(list((tmp_path / "refs").glob("*.safetensors"))) == 3
+
+
+def test_only_cached_computes_nothing(tmp_path):
+    model, _ = load_model(ModelConfig(name="builtin:tiny"))
+    policy = PolicyLogps(model, chunk_size=4)
+    logps, hit, key = run(policy, seqs(), tmp_path, only_cached=True)
+    assert (logps, hit) == (None, False) and not (tmp_path / "refs").exists()
+    run(policy, seqs(), tmp_path)
+    logps, hit, _ = run(policy, seqs(), tmp_path, only_cached=True)
+    assert hit and logps is not None
 
 
 def test_no_temp_files_left_behind(tmp_path):

@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from unitune.config import parse_config
-from unitune.trainer import Run, train
+from unitune.jobs import train
+from unitune.session import Run
 
 SCHEDULES = ["sft", "pref", "sequential", "mix", "alright", "maxright"]
 
@@ -91,10 +92,11 @@ def test_sequential_resets_the_reference_at_the_switch(tiny_config, monkeypatch)
     calls = []
     original = Run.compute_references
 
-    def spy(self, *, initial):
-        before = self.refs.get("pref_train")
-        original(self, initial=initial)
-        calls.append((initial, before, self.refs["pref_train"].clone()))
+    def spy(self, *, initial, **kw):
+        before = self.refs.get("pref", "train")
+        fp = original(self, initial=initial, **kw)
+        calls.append((initial, before, self.refs[("pref", "train", "main")].clone()))
+        return fp
 
     monkeypatch.setattr(Run, "compute_references", spy)
     cfg = parse_config(tiny_config("sequential", max_steps=4))
@@ -132,7 +134,7 @@ def test_ideal_from_config_and_distance(tiny_config):
 def test_calibrate_is_cached(tiny_config, capsys):
     from rich.console import Console
 
-    from unitune.trainer import calibrate
+    from unitune.calibration import calibrate
 
     cfg = parse_config(tiny_config("maxright", max_steps=2))
     cfg.schedule.calibration_steps = 2

@@ -148,23 +148,47 @@ def item_length(item: Sequence | Pair | Feedback) -> int:
     return len(item.input_ids)
 
 
-def batch_stream(
-    items: list, batch_size: int, seed: int, partition: list[list[int]] | None = None
-) -> Iterator[list[int]]:
+class BatchStream:
     """Endless stream of index batches grouped by length, reshuffled every epoch.
 
+    Epoch `e`'s order is a pure function of `seed + e`, so the stream's whole state is
+    `(epoch, position)`: `state_dict()` / `load_state_dict()` resume it at the very next batch.
     With a fixed `partition` (unpaired data: KTO's mismatched pairs are built per batch and their
     reference log-probs cached), the same batches come back every epoch in a new order.
     """
-    lengths = [item_length(it) for it in items]
-    epoch = 0
-    while True:
-        if partition is None:
-            yield from length_batches(lengths, batch_size, seed=seed + epoch, shuffle=True)
-        else:
-            g = torch.Generator().manual_seed(seed + epoch)
-            yield from (partition[i] for i in torch.randperm(len(partition), generator=g))
-        epoch += 1
+
+    def __init__(
+        self, items: list, batch_size: int, seed: int, partition: list[list[int]] | None = None
+    ):
+        self.lengths = [item_length(it) for it in items]
+        self.batch_size, self.seed, self.partition = batch_size, seed, partition
+        self.epoch, self.position = 0, 0
+        self._order = self._epoch_order()
+
+    def _epoch_order(self) -> list[list[int]]:
+        seed = self.seed + self.epoch
+        if self.partition is None:
+            return length_batches(self.lengths, self.batch_size, seed=seed, shuffle=True)
+        g = torch.Generator().manual_seed(seed)
+        return [self.partition[i] for i in torch.randperm(len(self.partition), generator=g)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return self
+
+    def __next__(self) -> list[int]:
+        if self.position == len(self._order):
+            self.epoch, self.position = self.epoch + 1, 0
+            self._order = self._epoch_order()
+        batch = self._order[self.position]
+        self.position += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._epoch_order()
 
 
 def collate_items(items: list, idx: list[int], pad_id: int, device) -> dict[str, torch.Tensor]:

@@ -49,18 +49,41 @@ def train(
     config: Path = typer.Argument(..., help="YAML config"),
     set_: list[str] = typer.Option(None, "--set", help="override: key.path=value (repeatable)"),
     no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar"),
+    resume: bool = typer.Option(
+        False, "--resume", help="continue from the newest valid checkpoint of output_dir"
+    ),
+    resume_from: Path = typer.Option(
+        None, "--resume-from", help="continue from this checkpoint directory"
+    ),
 ) -> None:
     """Train with the config's objectives and schedule."""
+    from unitune.checkpoint import CheckpointError
     from unitune.data import DataError
+    from unitune.interrupts import Interrupted
+    from unitune.jobs import train as run_train
     from unitune.models import ModelLoadError
-    from unitune.trainer import train as run_train
+    from unitune.trainer import NonFiniteError, ResumeError
 
     cfg = _load(config, set_)
     _check_model(cfg.model)
+    again = str(resume_from) if resume_from is not None else resume
     try:
-        summary = run_train(cfg, console=console, progress=not no_progress)
-    except (DataError, ModelLoadError) as e:
+        summary = run_train(cfg, console=console, progress=not no_progress, resume=again)
+    except (DataError, ModelLoadError, ResumeError, CheckpointError, NonFiniteError) as e:
         _fail(str(e))
+    except Interrupted as e:
+        where = f"checkpoint {e.checkpoint.path}" if e.checkpoint else "no checkpoint written"
+        how = (
+            f"resume with: unitune train {config} --resume"
+            if e.checkpoint
+            else "set train.save_every to checkpoint"
+        )
+        console.print(
+            f"[bold yellow]stopped:[/] {e}; {where}; {how}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(128 + e.signum) from None
     f = summary["final"]
     console.print(
         f"done: {cfg.output_dir}  "
@@ -74,9 +97,9 @@ def calibrate(
     set_: list[str] = typer.Option(None, "--set", help="override: key.path=value (repeatable)"),
 ) -> None:
     """Estimate the ideal point (f_sft*, f_pref*) by short single-objective runs (cached)."""
+    from unitune.calibration import calibrate as run_calibrate
     from unitune.data import DataError
     from unitune.models import ModelLoadError
-    from unitune.trainer import calibrate as run_calibrate
 
     cfg = _load(config, set_)
     _check_model(cfg.model)

@@ -141,10 +141,14 @@ class ParallelMerge(MergeOptions):
     weights: tuple[float, float] = (1.0, 1.0)  # (sft branch, preference branch)
 
 
-class ScheduleConfig(Strict):
-    name: Literal["sft", "pref", "sequential", "mix", "alright", "maxright", "parallel"] = "alright"
+class ScheduleConfig(BaseModel):
+    """The `schedule:` section. Keys other than these are the options of the named schedule,
+    validated from its constructor's signature (`schedules.register_schedule`), e.g. MAXRIGHT's
+    `k` (recompute both gaps every k steps, default 10)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    name: str = "alright"  # a registered schedule (unitune.schedules.SCHEDULES) or "parallel"
     lam: float = Field(0.5, ge=0.0, le=1.0)  # weight / probability of the preference objective
-    k: int = Field(10, gt=0)  # MAXRIGHT: recompute both gaps every k steps
     ideal: Literal["zero", "config", "calibrate"] = "zero"  # where f_sft*, f_pref* come from
     f_sft_star: float | None = None  # optima of the metrics f_sft, f_pref (ideal distance)
     f_pref_star: float | None = None
@@ -162,11 +166,37 @@ class ScheduleConfig(Strict):
 
     @model_validator(mode="after")
     def _ideal(self) -> ScheduleConfig:
+        from unitune.schedules import SCHEDULES
+
+        known = [*SCHEDULES, "parallel"]
+        if self.name not in known:
+            raise ValueError(f"unknown schedule {self.name!r}; known: {', '.join(known)}")
+        options = self.options()
+        fields = SCHEDULES[self.name].options.model_fields if self.name in SCHEDULES else {}
+        unknown = sorted(set(options) - set(fields))
+        if unknown:
+            offered = ", ".join(fields) or "none"
+            raise ValueError(
+                f"{', '.join(unknown)}: not an option of schedule {self.name!r} (its options: "
+                f"{offered})"
+            )
+        if self.name in SCHEDULES:
+            SCHEDULES[self.name].options(**options)  # raises on a bad value
         if self.ideal == "config" and (self.f_sft_star is None or self.f_pref_star is None):
             raise ValueError("ideal: config needs both f_sft_star and f_pref_star")
         if self.l1 > 0 and self.name not in ("parallel", "sft"):
             raise ValueError("l1 (PAFT's penalty on the SFT delta) needs schedule parallel or sft")
         return self
+
+    def options(self) -> dict[str, Any]:
+        """The named schedule's own options (the section's extra keys)."""
+        return dict(self.model_extra or {})
+
+    def for_schedule(self, name: str, **update: Any) -> ScheduleConfig:
+        """This section for schedule `name`: the common keys kept (and `update`d), the options
+        of this schedule dropped."""
+        common = self.model_dump(exclude=set(self.options()))
+        return ScheduleConfig.model_validate({**common, "name": name, **update})
 
 
 class TrainConfig(Strict):
@@ -184,6 +214,9 @@ class TrainConfig(Strict):
     logprob_chunk_size: int = Field(1024, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     save_model: bool = True
+    save_every: int | None = Field(None, gt=0)  # checkpoint every N steps (and on SIGTERM/SIGINT)
+    keep_last: int = Field(2, gt=0)  # checkpoints kept (the newest ones)
+    on_nonfinite: Literal["error", "skip"] = "error"  # a NaN/inf loss or gradient norm
 
 
 class EvalConfig(Strict):

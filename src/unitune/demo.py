@@ -73,7 +73,7 @@ def demo_config(
             "schedule": {
                 "name": schedule,
                 "lam": lam,
-                "k": 10,
+                **({"k": 10} if schedule == "maxright" else {}),
                 "ideal": "calibrate",
                 "calibration_steps": max(steps // 2, 1),
                 **({"l1": DEMO_L1, "merge": DEMO_MERGE} if schedule == "parallel" else {}),
@@ -140,7 +140,8 @@ def run_demo(
     console: Console | None = None,
     progress: bool = True,
 ) -> list[dict]:
-    from unitune.trainer import calibrate, train
+    from unitune.calibration import calibrate
+    from unitune.jobs import train as jobs_train
 
     console = console or Console()
     cfgs = [
@@ -157,7 +158,7 @@ def run_demo(
         for s in schedules
     ]
     star = calibrate(cfgs[0], console, progress=progress)
-    summaries = [train(c, console=console, progress=progress, ideal=star) for c in cfgs]
+    summaries = [jobs_train(c, console=console, progress=progress, ideal=star) for c in cfgs]
     console.print(comparison_table(summaries))
     files = plot_runs(
         [Path(c.output_dir) for c in cfgs],

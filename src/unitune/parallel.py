@@ -14,7 +14,6 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from rich.console import Console
@@ -24,49 +23,20 @@ from unitune.config import Config, MergeConfig, ModelConfig
 from unitune.metrics import Ideal
 
 
-class DeltaL1:
-    """`sum |theta - theta_base|` over the trained weights, for PAFT's L1 penalty.
-
-    Full fine-tuning: against a copy of the starting values of the trainable parameters, taken at
-    construction (one extra copy of those weights; build it once the model is on its device and
-    in its dtype). A parameter moved or cast later has its copy moved or cast with it on the next
-    call, so `p - p0` never mixes devices and the start is the start as trained. LoRA: the delta
-    of each adapted weight is the LoRA product `scaling * B @ A` itself, so no copy is kept.
-    """
-
-    def __init__(self, model: Any):
-        self.lora: list[tuple[torch.Tensor, torch.Tensor, float]] = []
-        self.full: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
-        lora_params: set[int] = set()
-        for module in model.modules():
-            if hasattr(module, "lora_A") and hasattr(module, "scaling"):
-                for name, a in module.lora_A.items():
-                    b = module.lora_B[name]
-                    self.lora.append((a.weight, b.weight, float(module.scaling[name])))
-                    lora_params |= {id(a.weight), id(b.weight)}
-        for p in model.parameters():
-            if p.requires_grad and id(p) not in lora_params:
-                self.full.append((p, p.detach().clone()))  # e.g. modules_to_save, full weights
-
-    def __call__(self) -> torch.Tensor:
-        for i, (p, p0) in enumerate(self.full):
-            if p0.device != p.device or p0.dtype != p.dtype:
-                self.full[i] = (p, p0.to(device=p.device, dtype=p.dtype))
-        terms = [(p - p0).abs().sum() for p, p0 in self.full]
-        terms += [abs(s) * (b @ a).abs().sum() for a, b, s in self.lora]
-        return torch.stack(terms).sum()
-
-
 def train_parallel(
     cfg: Config,
     *,
     console: Console | None = None,
     progress: bool = True,
     ideal: Ideal | None = None,
+    resume: bool | str | Path = False,
 ) -> dict:
     """Run both branches, merge, evaluate; returns the summary written to summary.json."""
+    from unitune import checkpoint
+    from unitune.calibration import resolve_ideal
     from unitune.merge import merge
-    from unitune.trainer import atomic_write, resolve_ideal, run_summary, train
+    from unitune.rundir import atomic_write, run_summary
+    from unitune.trainer import train
 
     console = console or Console()
     t_start = time.time()
@@ -78,11 +48,17 @@ def train_parallel(
     for kind in ("sft", "pref"):
         sub = cfg.model_copy(deep=True)
         sub.name = f"{name}: {kind} branch"
-        sub.schedule = sc.model_copy(update={"name": kind, "l1": sc.l1 if kind == "sft" else 0.0})
+        sub.schedule = sc.for_schedule(kind, l1=sc.l1 if kind == "sft" else 0.0)
         sub.train = cfg.train.model_copy(update={"save_model": True})
         sub.output_dir = str(out / kind)
+        done = out / kind / "summary.json"
+        if resume and done.exists() and (out / kind / "model").exists():
+            console.log(f"parallel: {kind} branch already finished ({done})")
+            branches[kind] = json.loads(done.read_text())
+            continue
+        again = bool(resume) and checkpoint.list_checkpoints(out / kind) != []
         console.log(f"parallel: {kind} branch from the base for {cfg.train.max_steps} steps")
-        branches[kind] = train(sub, console=console, progress=progress, ideal=star)
+        branches[kind] = train(sub, star, console=console, progress=progress, resume=again)
 
     base_dir = merge_base(cfg, out / "base")
     models = [out / kind / "model" for kind in ("sft", "pref")]
@@ -152,11 +128,11 @@ def evaluate_model(cfg: Config, path: Path, star: Ideal, console: Console) -> di
     """Held-out metrics of the model saved at `path`, against the base's reference log-probs
     (as every run's metrics are), on the data and objectives of `cfg`."""
     from unitune.models import load_model
-    from unitune.trainer import Run
+    from unitune.session import Run
 
     ev = cfg.model_copy(deep=True)
     ev.model = cfg.model.model_copy(update={"lora": None})  # the base, for its reference
-    ev.schedule = cfg.schedule.model_copy(update={"name": "mix", "l1": 0.0})
+    ev.schedule = cfg.schedule.for_schedule("mix", l1=0.0)
     run = Run(ev, console, progress=False)
     run.setup()
     run.ideal = star

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,6 +21,29 @@ from torch import nn
 from unitune.data import Sequence, collate, data_fingerprint, length_batches
 
 CACHE_VERSION = "1"
+
+RefKey = tuple[str, str, str]  # (slot, split, input): ("pref", "train", "main" | "kl")
+
+
+@dataclass
+class RefStore:
+    """A run's reference log-probs, one tensor per `(slot, split, input)`, with the cache entry
+    each came from (named in checkpoints, so that a resumed run can find or recompute them)."""
+
+    logps: dict[RefKey, torch.Tensor] = field(default_factory=dict)
+    entries: dict[RefKey, str] = field(default_factory=dict)
+
+    def get(self, slot: str, split: str, input: str = "main") -> torch.Tensor | None:
+        return self.logps.get((slot, split, input))
+
+    def __getitem__(self, key: RefKey) -> torch.Tensor:
+        return self.logps[key]
+
+    def __contains__(self, key: RefKey) -> bool:
+        return key in self.logps
+
+    def put(self, key: RefKey, logps: torch.Tensor, entry: str) -> None:
+        self.logps[key], self.entries[key] = logps, entry
 
 
 def cache_key(model_fp: str, data_fp: str, chunk_size: int = 0) -> str:
@@ -34,11 +59,15 @@ def compute_logps(
     pad_id: int,
     batch_size: int,
     device: torch.device,
+    poll: Callable[[], None] | None = None,
 ) -> torch.Tensor:
-    """Summed response log-prob of every sequence, in input order ([N], fp32, on CPU)."""
+    """Summed response log-prob of every sequence, in input order ([N], fp32, on CPU). `poll` is
+    called before every batch (it raises to stop the pass, e.g. on SIGTERM)."""
     out = torch.empty(len(seqs), dtype=torch.float32)
     order = length_batches([len(s.input_ids) for s in seqs], batch_size, seed=0, shuffle=False)
     for idx in order:
+        if poll is not None:
+            poll()
         batch = {k: v.to(device) for k, v in collate([seqs[i] for i in idx], pad_id).items()}
         logp, _ = logp_fn(**batch)
         out[torch.tensor(idx)] = logp.float().cpu()
@@ -54,8 +83,11 @@ def reference_logps(
     pad_id: int,
     batch_size: int,
     device: torch.device,
-) -> tuple[torch.Tensor, bool]:
-    """Cached reference log-probs of `seqs` under the model `logp_fn` wraps; `(logps, hit)`.
+    only_cached: bool = False,
+    poll: Callable[[], None] | None = None,
+) -> tuple[torch.Tensor | None, bool, str]:
+    """Cached reference log-probs of `seqs` under the model `logp_fn` wraps; `(logps, hit, key)`
+    with `key` the cache entry. With `only_cached`, a missing entry gives `(None, False, key)`.
 
     The caller puts the model in reference mode (LoRA adapters disabled) before calling.
     """
@@ -64,15 +96,19 @@ def reference_logps(
     if path.exists():
         logps = load_file(str(path))["logp"]
         if logps.shape[0] == len(seqs):
-            return logps, True
+            return logps, True, key
+    if only_cached:
+        return None, False, key
     was_training = logp_fn.training
     logp_fn.eval()
     try:
-        logps = compute_logps(logp_fn, seqs, pad_id=pad_id, batch_size=batch_size, device=device)
+        logps = compute_logps(
+            logp_fn, seqs, pad_id=pad_id, batch_size=batch_size, device=device, poll=poll
+        )
     finally:
         logp_fn.train(was_training)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     save_file({"logp": logps}, str(tmp), metadata={"model": model_fp, "n": str(len(seqs))})
     os.replace(tmp, path)
-    return logps, False
+    return logps, False, key

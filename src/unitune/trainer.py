@@ -1,482 +1,357 @@
-"""The training loop: one explicit loop on Accelerate for every schedule.
+"""The training loop: one explicit loop on Accelerate for every schedule, over one `TrainState`.
 
-Read top to bottom: load model and data → reference log-probs (cached) → ideal point → optimizer →
-for each step: draw one SFT and one preference batch, ask the schedule which objectives run,
-compute them, step, and every `eval_every` steps evaluate both objectives on held-out data.
+Read `train()` top to bottom: set up the run (model, data, reference log-probs: `session.Run`),
+the optimizer and the state, resume from a checkpoint if asked, then for each step: reset the
+reference if the schedule says so → plan → losses → backward → optimizer step → log → eval →
+checkpoint. Everything that changes during a run lives in `TrainState` and is saved whole in
+every checkpoint (`checkpoint.py`), so a resumed run continues bit for bit.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
+import math
+import random
+import shutil
 import time
-from collections import Counter
-from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from torch import nn
 from transformers import get_scheduler
 
-from unitune import metrics
-from unitune.batches import (
-    KLPairs,
-    Split,
-    batch_stream,
-    collate_items,
-    flatten,
-    item_length,
-    load_data,
-)
+from unitune import checkpoint
+from unitune.batches import BatchStream
 from unitune.config import Config, dump_config
-from unitune.data import Sequence, collate, data_fingerprint, format_unused, length_batches
-from unitune.logprobs import sequence_logps
+from unitune.interrupts import Interrupted, Interrupts
 from unitune.metrics import Ideal
-from unitune.models import (
-    cache_root,
-    load_model,
-    model_fingerprint,
-    reference_mode,
-    save_model,
-    trainable_parameters,
-)
-from unitune.objectives import REGISTRY, FeedbackLogps, PairLogps, SeqLogps
-from unitune.objectives.types import desirable
-from unitune.parallel import DeltaL1, train_parallel
-from unitune.refcache import compute_logps, reference_logps
-from unitune.schedules import Sequential, build_schedule
+from unitune.models import save_model, trainable_parameters
+from unitune.rundir import MetricsLog, atomic_write, report_dict, run_summary
+from unitune.schedules import Schedule, build_schedule
+from unitune.session import Run
+
+# config keys a resumed run may change: they do not change what was already trained
+RESUMABLE_CHANGES = (
+    "name", "output_dir", "cache_dir", "train.max_steps", "train.eval_every",
+    "train.save_every", "train.keep_last", "train.on_nonfinite", "train.save_model",
+)  # fmt: skip
 
 
-class PolicyLogps(nn.Module):
-    """Wraps a causal LM so that its forward returns per-sequence response log-probs.
-
-    Accelerate prepares this wrapper (DDP/FSDP hooks then see every forward), and the LM head is
-    applied only at response positions, in chunks (see `logprobs.py`).
-    """
-
-    def __init__(self, model: nn.Module, chunk_size: int):
-        super().__init__()
-        self.model, self.chunk_size = model, chunk_size
-
-    def forward(self, input_ids, attention_mask, target_mask, objective_forward=None, **params):
-        """Summed log-probs per row; or, for an objective with its own model pass (IFT), that
-        pass's output (`objective_forward(model, ..., chunk_size=, **params)`)."""
-        if objective_forward is not None:
-            return objective_forward(
-                self.model, input_ids, attention_mask, target_mask,
-                chunk_size=self.chunk_size, **params,
-            )  # fmt: skip
-        return sequence_logps(
-            self.model, input_ids, attention_mask, target_mask, chunk_size=self.chunk_size
-        )
+class NonFiniteError(RuntimeError):
+    """A NaN or inf loss or gradient norm (`train.on_nonfinite: error`)."""
 
 
-class Run:
-    """State of one training run; `train()` below drives it."""
+class ResumeError(ValueError):
+    """A checkpoint that cannot be resumed with this config."""
 
-    def __init__(self, cfg: Config, console: Console | None = None, progress: bool = True):
-        self.cfg, self.console, self.show_progress = cfg, console or Console(), progress
-        self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else cache_root()
-        self.out = Path(cfg.output_dir)
 
-    # ---------------------------------------------------------------- set-up
-    def setup(self) -> None:
-        cfg = self.cfg
-        set_seed(cfg.train.seed)
-        # Accelerate keeps one process-wide state and refuses a second Accelerator with another
-        # precision; a later run in the same process (a sweep, the demo, a notebook) may differ.
-        # The distributed part (PartialState) is kept.
-        AcceleratorState._reset_state(reset_partial_state=False)
-        self.acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=False)
-        self.device = self.acc.device
-        self.model, self.tokenizer = load_model(cfg.model)
-        self.pad_id = self.tokenizer.pad_token_id
-        if self.pad_id is None:
-            self.pad_id = self.tokenizer.eos_token_id
-        self.data = load_data(cfg, self.tokenizer)
-        report_data(self)
-        self.sft_obj = REGISTRY[cfg.objectives.sft.name]
-        self.pref_obj = REGISTRY[cfg.objectives.pref.name]
-        for kind, obj in (("sft", self.sft_obj), ("pref", self.pref_obj)):
-            if obj.kind != kind:
-                raise ValueError(f"objectives.{kind}: {obj.name!r} is a {obj.kind} objective")
-        self.objectives = {
-            slot: (obj, getattr(cfg.objectives, slot).params(), self.data[slot])
-            for slot, obj in (("sft", self.sft_obj), ("pref", self.pref_obj))
-            if slot in self.data
+@dataclass
+class TrainState:
+    """Everything that changes during a run. `state_dict()` is JSON; the optimizer, the LR
+    scheduler and the RNGs are saved beside it (`checkpoint.save_checkpoint`)."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    schedule: Schedule
+    streams: dict[str, BatchStream]
+    step: int = 0  # optimizer steps done
+    steps: dict[str, int] = field(default_factory=lambda: {"sft": 0, "pref": 0})
+    tokens: int = 0
+    skipped: list[int] = field(default_factory=list)  # steps skipped for a non-finite value
+    reference_fp: str | None = None  # sequential: the switched reference's fingerprint
+    reference_step: int | None = None  # ... and the step whose checkpoint holds that model
+    last_eval: dict[str, Any] = field(default_factory=dict)
+    metrics_lines: int = 0
+    train_s: float = 0.0  # training time of earlier sessions of this run
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "steps": dict(self.steps),
+            "tokens": self.tokens,
+            "skipped": list(self.skipped),
+            "reference_fp": self.reference_fp,
+            "reference_step": self.reference_step,
+            "last_eval": self.last_eval,
+            "metrics_lines": self.metrics_lines,
+            "train_s": self.train_s,
+            "schedule": self.schedule.state_dict(),
+            "streams": {k: s.state_dict() for k, s in self.streams.items()},
+            "python_rng": _python_rng(),
         }
-        self.beta = cfg.eval.beta  # f_pref and the reward margin, whatever the objective
-        if "pref" in self.data and self.pref_obj.needs_kl:
-            # fixed partitions, so that each batch's mismatched pairs are known and cached
-            split = self.data["pref"]
-            lengths = [item_length(f) for f in split.train]
-            self.partition = length_batches(
-                lengths, cfg.train.batch_size, seed=cfg.train.seed, shuffle=True
-            )
-            self.kl = {
-                "train": KLPairs.build(split.train, self.partition),
-                "eval": KLPairs.build(split.eval, self._eval_batches(split.eval)),
-            }
-        self.policy = PolicyLogps(self.model, cfg.train.logprob_chunk_size).to(self.device)
-        # PAFT's L1 penalty on the SFT objective's delta from the starting weights, copied once
-        # the model is on its device
-        self.l1 = DeltaL1(self.model) if cfg.schedule.l1 > 0 else None
-        self.refs: dict[str, torch.Tensor] = {}
-        self.extras: dict[str, dict[str, float]] = {}  # per-slot figures of the last step
-        self.compute_references(initial=True)
 
-    def compute_references(self, *, initial: bool) -> None:
-        """Reference log-probs for the training sets whose objective needs them; on the initial
-        call also for the eval sets (the metrics' fixed starting reference).
-
-        Initially the reference is the starting model (LoRA: adapters disabled). Later calls
-        (sequential's preference stage) take the current model, adapters included, as reference.
-        """
-        # the precision is part of the key: bf16 log-probs differ from fp32 ones
-        fp = f"{model_fingerprint(self.model, adapters=not initial)}|{self.acc.mixed_precision}"
-        wanted = []
-        if "sft" in self.data and self.sft_obj.needs_ref:
-            wanted.append(("sft_train", self.data["sft"].train))
-        if "pref" in self.data and self.pref_obj.needs_ref:
-            wanted.append(("pref_train", self.data["pref"].train))
-        if "pref" in self.data and self.pref_obj.needs_kl:
-            wanted.append(("pref_train_kl", self.kl["train"].seqs))
-        if initial:
-            wanted += [(f"{k}_eval", s.eval) for k, s in self.data.items()]
-            if "pref" in self.data and self.pref_obj.needs_kl:
-                wanted.append(("pref_eval_kl", self.kl["eval"].seqs))
-        ref_ctx = reference_mode(self.model) if initial else nullcontext()
-        with ref_ctx, self.acc.autocast():
-            for name, items in wanted:
-                self.refs[name], hit = reference_logps(
-                    self.policy,
-                    flatten(items),
-                    model_fp=fp,
-                    cache_dir=self.cache_dir,
-                    pad_id=self.pad_id,
-                    batch_size=self.cfg.train.eval_batch_size,
-                    device=self.device,
-                )
-                self.console.log(
-                    f"reference log-probs {name}: {'cache hit' if hit else 'computed'}"
-                    f" ({len(items)} items)"
-                )
-
-    # ------------------------------------------------------------ objectives
-    def objective_input(self, slot: str, stage: str, idx: list[int]):
-        """The log-probs the objective of `slot` consumes, on items `idx` of `stage` (train/eval):
-        `SeqLogps`, `PairLogps`, `FeedbackLogps`, or its own forward's output (IFT)."""
-        obj, params, split = self.objectives[slot]
-        items = split.train if stage == "train" else split.eval
-        batch = collate_items(items, idx, self.pad_id, self.device)
-        if obj.forward is not None:
-            return self.policy(**batch, objective_forward=obj.forward, **params.model_dump())
-        logp, n = self.policy(**batch)  # pairs: one forward over chosen and rejected together
-        ref = self.refs.get(f"{slot}_{stage}")
-
-        def seq(rows: slice, ref_idx: list[int]) -> SeqLogps:
-            r = ref[ref_idx].to(logp.device) if ref is not None else None
-            return SeqLogps(logp[rows], n[rows], r)
-
-        b = len(idx)
-        if split.kind == "pairs":
-            m = len(items)
-            return PairLogps(seq(slice(0, b), idx), seq(slice(b, 2 * b), [i + m for i in idx]))
-        if split.kind == "demonstrations":
-            return seq(slice(0, b), idx)
-        target = torch.tensor([items[i].target for i in idx], device=logp.device)
-        kl = self.kl_logps(stage, idx) if obj.needs_kl else None
-        return FeedbackLogps(seq(slice(0, b), idx), target, kl)
-
-    @torch.no_grad()
-    def kl_logps(self, stage: str, idx: list[int]) -> SeqLogps:
-        """KTO's mismatched pairs of this batch: policy log-probs (no grad, as TRL) and cached
-        reference log-probs."""
-        pairs = self.kl[stage]
-        start = pairs.offset[tuple(idx)]
-        rows = slice(start, start + len(idx))
-        batch = {k: v.to(self.device) for k, v in collate(pairs.seqs[rows], self.pad_id).items()}
-        logp, n = self.policy(**batch)
-        return SeqLogps(logp, n, self.refs[f"pref_{stage}_kl"][rows].to(logp.device))
-
-    def loss(self, slot: str, idx: list[int]) -> tuple[torch.Tensor, int]:
-        """The training objective of `slot` on the batch `idx`; returns (loss, tokens processed)."""
-        obj, params, split = self.objectives[slot]
-        lp = self.objective_input(slot, "train", idx)
-        n_tok = sum(len(s.input_ids) for s in flatten([split.train[i] for i in idx]))
-        if isinstance(lp, FeedbackLogps) and lp.kl is not None:  # KTO's batch KL estimate z
-            self.extras[slot] = {"kl": float(lp.kl.ratio.mean().clamp(min=0))}
-        loss = obj.loss(lp, params)
-        if slot == "sft" and self.l1 is not None:
-            norm = self.l1()
-            self.extras[slot] = {"l1_norm": norm.item()}
-            loss = loss + self.cfg.schedule.l1 * norm
-        return loss, n_tok
-
-    @torch.no_grad()
-    def probe(self, batches: dict[str, list[int]]) -> dict[str, float]:
-        """No-grad losses of both objectives on the current batches (MAXRIGHT's refresh)."""
-        self.policy.eval()
-        try:
-            return {kind: float(self.loss(kind, idx)[0]) for kind, idx in batches.items()}
-        finally:
-            self.policy.train()
-
-    # ------------------------------------------------------------------ eval
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Held-out metrics (`metrics.py`) and each objective's own held-out loss."""
-        self.policy.eval()
-        out: dict[str, float] = {}
-        bs = self.cfg.train.eval_batch_size
-        try:
-            with self.acc.autocast():  # the training precision, as for the reference log-probs
-                if "sft" in self.data:
-                    seqs = self.data["sft"].eval
-                    logp, n = self._all_logps(seqs, bs)
-                    out |= metrics.sft_metrics(SeqLogps(logp, n, self.refs["sft_eval"]))
-                if "pref" in self.data and self.data["pref"].kind == "pairs":
-                    pairs = self.data["pref"].eval
-                    logp, n = self._all_logps(flatten(pairs), bs)
-                    ref, m = self.refs["pref_eval"], len(pairs)
-                    pair = PairLogps(
-                        SeqLogps(logp[:m], n[:m], ref[:m]), SeqLogps(logp[m:], n[m:], ref[m:])
-                    )
-                    out |= metrics.pref_metrics(pair, self.beta)
-                if "pref" in self.data and self.data["pref"].kind == "unpaired":
-                    out |= self._feedback_metrics(bs)
-                for slot in self.data:
-                    if not self.cfg.own_loss_is_metric(slot):  # else it is f_sft / f_pref
-                        out[self.cfg.own_loss_key(slot)] = self._own_loss(slot)
-        finally:
-            self.policy.train()
-        if "f_sft" in out and "f_pref" in out:
-            out["ideal_distance"] = metrics.ideal_distance(
-                out["f_sft"], out["f_pref"], self.ideal.f_sft, self.ideal.f_pref
-            )
-        return out
-
-    def _eval_batches(self, items: list) -> list[list[int]]:
-        lengths = [item_length(it) for it in items]
-        return length_batches(lengths, self.cfg.train.eval_batch_size, seed=0, shuffle=False)
-
-    def _own_loss(self, slot: str) -> float:
-        """The objective's own loss on held-out data: batch losses weighted by batch size."""
-        obj, params, split = self.objectives[slot]
-        total = 0.0
-        for idx in self._eval_batches(split.eval):
-            lp = self.objective_input(slot, "eval", idx)
-            total += float(obj.loss(lp, params)) * len(idx)
-        return total / len(split.eval)
-
-    def _feedback_metrics(self, bs: int) -> dict[str, float]:
-        """Unpaired feedback: the logistic `f_pref`, reward accuracy and margin at `eval.beta`
-        (`metrics.feedback_metrics`), and KTO's KL estimate."""
-        obj, params, split = self.objectives["pref"]
-        items = split.eval
-        logp, n = self._all_logps(flatten(items), bs)
-        good = desirable(torch.tensor([f.target for f in items]))
-        out = metrics.feedback_metrics(SeqLogps(logp, n, self.refs["pref_eval"]), good, self.beta)
-        if obj.needs_kl:
-            ratios = [self.kl_logps("eval", idx).ratio for idx in self._eval_batches(items)]
-            out["kl"] = float(torch.cat(ratios).mean().clamp(min=0))
-        return out
-
-    def _all_logps(self, seqs: list[Sequence], bs: int) -> tuple[torch.Tensor, torch.Tensor]:
-        logp = compute_logps(
-            self.policy, seqs, pad_id=self.pad_id, batch_size=bs, device=self.device
-        )
-        n = torch.tensor([sum(s.target_mask) for s in seqs])
-        return logp, n
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("step", "tokens", "reference_fp", "reference_step", "metrics_lines"):
+            setattr(self, key, state[key])
+        self.steps, self.skipped = dict(state["steps"]), list(state["skipped"])
+        self.last_eval, self.train_s = dict(state["last_eval"]), float(state["train_s"])
+        self.schedule.load_state_dict(state["schedule"])
+        for k, s in self.streams.items():
+            s.load_state_dict(state["streams"][k])
+        version, internal, gauss = state["python_rng"]
+        random.setstate((version, tuple(internal), gauss))
 
 
-# ---------------------------------------------------------------------------------- the loop
 def train(
     cfg: Config,
+    ideal: Ideal,
     *,
     console: Console | None = None,
     progress: bool = True,
-    ideal: Ideal | None = None,
+    resume: bool | str | Path = False,
 ) -> dict:
-    """Run one training job described by `cfg`; returns the summary written to summary.json."""
-    if cfg.schedule.name == "parallel":  # two runs and a merge, not a per-step schedule
-        return train_parallel(cfg, console=console, progress=progress, ideal=ideal)
+    """Run one single-schedule training job; returns the summary written to summary.json.
+
+    `resume`: True for the newest valid checkpoint of `cfg.output_dir`, or a checkpoint path.
+    Raises `Interrupted` after checkpointing on SIGTERM / SIGINT, `NonFiniteError` on a NaN/inf
+    (unless `train.on_nonfinite: skip`), `ResumeError`, `checkpoint.CheckpointError`.
+    """
+    t_start, tc = time.time(), cfg.train
     run = Run(cfg, console, progress)
-    con = run.console
-    t_start = time.time()
-    run.setup()
-    run.ideal = ideal if ideal is not None else resolve_ideal(cfg, con)
-
-    tc, sc = cfg.train, cfg.schedule
-    params = trainable_parameters(run.model)
-    optimizer = adamw(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    lr_sched = get_scheduler(tc.lr_schedule, optimizer, tc.warmup_steps, tc.max_steps)
-    run.policy, optimizer, lr_sched = run.acc.prepare(run.policy, optimizer, lr_sched)
-
-    streams = {
-        k: batch_stream(
-            s.train,
-            tc.batch_size,
-            tc.seed + i,
-            getattr(run, "partition", None) if k == "pref" else None,
-        )
-        for i, (k, s) in enumerate(sorted(run.data.items()))
-    }
-    current: dict[str, list[int]] = {}
-    schedule = build_schedule(
-        sc.name,
-        lam=sc.lam,
-        total_steps=tc.max_steps,
-        seed=tc.seed,
-        k=sc.k,
-        f_sft_star=run.ideal.loss_sft,  # MAXRIGHT's gaps are in the objectives' own losses
-        f_pref_star=run.ideal.loss_pref,
-        probe=lambda: run.probe(current),
-    )
-
-    run.out.mkdir(parents=True, exist_ok=True)
-    (run.out / "config.yaml").write_text(dump_config(cfg))
-    log = (run.out / "metrics.jsonl").open("w")
-    steps = Counter()
-
-    def write(record: dict) -> None:
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-
-    def eval_record(step: int) -> dict:
-        rec = {
-            "type": "eval",
-            "step": step,
-            **run.evaluate(),
-            "steps_sft": steps["sft"],
-            "steps_pref": steps["pref"],
-            "elapsed_s": round(time.time() - t_train, 2),
-        }
-        write(rec)
-        return rec
-
-    t_train = time.time()
-    last_eval = eval_record(0)
-    bar = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[info]}"),
-        console=con,
-        disable=not progress,
-    )
-    task = bar.add_task(f"{cfg.name or sc.name}", total=tc.max_steps, info="")
-    tokens, t_tok = 0, time.time()
-    with bar:
-        for step in range(tc.max_steps):
-            if isinstance(schedule, Sequential) and step == schedule.switch_step and step > 0:
-                con.log(f"sequential: preference stage from step {step}; reference = current model")
-                run.compute_references(initial=False)
-            plan = None
-            step_losses: dict[str, float] = {}
-            for _ in range(tc.grad_accum):
-                for kind, stream in streams.items():
-                    current[kind] = next(stream)
-                if plan is None:
-                    plan = schedule.plan(step)  # MAXRIGHT probes the first micro-batches
-                total = 0.0
-                for kind, weight in plan.items():
-                    loss, n_tok = run.loss(kind, current[kind])
-                    total = total + weight * loss
-                    tokens += n_tok
-                    step_losses[kind] = step_losses.get(kind, 0.0) + loss.item() / tc.grad_accum
-                run.acc.backward(total / tc.grad_accum)
-            if tc.max_grad_norm is not None:
-                run.acc.clip_grad_norm_(run.policy.parameters(), tc.max_grad_norm)
-            optimizer.step()
-            lr_sched.step()
-            optimizer.zero_grad(set_to_none=True)
-            schedule.observe(step_losses)
-            for kind in plan:
-                steps[kind] += 1
-            tok_s = tokens / max(time.time() - t_tok, 1e-9)
-            for kind, v in step_losses.items():
-                write(
-                    {
-                        "type": "train",
-                        "step": step + 1,
-                        "objective": kind,
-                        "loss": v,
-                        "lr": lr_sched.get_last_lr()[0],
-                        "tokens_per_s": round(tok_s, 1),
-                        **run.extras.pop(kind, {}),
-                    }
-                )
-            if (step + 1) % tc.eval_every == 0 or step + 1 == tc.max_steps:
-                last_eval = eval_record(step + 1)
-            bar.update(task, advance=1, info=_live(plan, step_losses, last_eval, tok_s))
-    log.close()
-
-    wall = time.time() - t_start
+    con, out = run.console, run.out
+    with Interrupts() as stop:
+        run.poll = stop.check
+        run.setup()
+        run.ideal = ideal
+        state = new_state(run, ideal)
+        ckpt = find_checkpoint(out, resume, con) if resume else None
+        if ckpt is not None:
+            restore(run, state, ckpt, con)
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(dump_config(cfg))
+        log = MetricsLog(out / "metrics.jsonl", keep=state.metrics_lines)
+        t_session = time.time()
+        bar, task = progress_bar(con, progress, cfg.name or cfg.schedule.name, tc.max_steps)
+        try:
+            with bar:
+                bar.update(task, completed=state.step)
+                if not state.last_eval or (  # the start, or an eval a signal cut short
+                    eval_due(cfg, state) and state.last_eval["step"] < state.step
+                ):
+                    evaluate(run, state, log, t_session)
+                while state.step < tc.max_steps:
+                    if state.schedule.resets_reference(state.step):
+                        switch_reference(run, state, log, t_session)
+                    plan, losses, tok_s = train_step(run, state, log)
+                    if eval_due(cfg, state):
+                        evaluate(run, state, log, t_session)
+                    if stop.requested or (tc.save_every and state.step % tc.save_every == 0):
+                        save(run, state, log, t_session)
+                    if stop.requested:
+                        raise Interrupted(stop.requested, checkpoint=_latest(out))
+                    bar.update(task, advance=1, info=_live(losses, state.last_eval, tok_s))
+        except Interrupted as e:
+            if e.checkpoint is None and state.step > 0 and tc.save_every:
+                e.checkpoint = save(run, state, log, t_session)  # stopped during an eval
+            raise
+        finally:
+            log.close()
     summary = run_summary(
         cfg,
-        run.ideal,
-        last_eval,
-        wall_s=wall,
-        train_s=time.time() - t_train,
-        steps={"sft": steps["sft"], "pref": steps["pref"]},
-        data={k: _report_dict(s) for k, s in run.data.items()},
+        ideal,
+        state.last_eval,
+        wall_s=time.time() - t_start,
+        train_s=state.train_s + time.time() - t_session,
+        steps=dict(state.steps),
+        data={k: report_dict(s) for k, s in run.data.items()},
+        skipped_nonfinite=state.skipped,
     )
     if tc.save_model and run.acc.is_main_process:
         merge = bool(cfg.model.lora and cfg.model.lora.merge_on_save)
-        save_model(
-            run.acc.unwrap_model(run.policy).model,
-            run.tokenizer,
-            run.out / "model",
-            merge_lora=merge,
-        )
-    atomic_write(run.out / "summary.json", json.dumps(summary, indent=2))
+        save_model(run.acc.unwrap_model(run.policy).model, run.tokenizer, out / "model",
+                   merge_lora=merge)  # fmt: skip
+    atomic_write(out / "summary.json", _json(summary))
     return summary
 
 
-def run_summary(
-    cfg: Config,
-    star: Ideal,
-    final: dict,
-    *,
-    wall_s: float,
-    train_s: float,
-    steps: dict[str, int],
-    data: dict,
-    **extra,
-) -> dict:
-    """A run's summary.json (docs/ARCHITECTURE.md, "Run directory"); `extra` keys go after
-    `final`."""
-    sc = cfg.schedule
-    return {
-        "name": cfg.name or sc.name,
-        "schedule": sc.name,
-        "lam": sc.lam,
-        "seed": cfg.train.seed,
-        "sft_objective": cfg.objectives.sft.name,
-        "pref_objective": cfg.objectives.pref.name,
-        "f_sft_star": star.f_sft,
-        "f_pref_star": star.f_pref,
-        "loss_sft_star": star.loss_sft,
-        "loss_pref_star": star.loss_pref,
-        "measures": metrics.measures(data.get("pref", {}).get("kind"), cfg.eval.beta),
-        "final": {k: v for k, v in final.items() if k != "type"},
-        **extra,
-        "wall_s": round(wall_s, 2),
-        "train_s": round(train_s, 2),
-        "steps": steps,
-        "data": data,
-    }
+# ------------------------------------------------------------------------------- the step
+def train_step(run: Run, state: TrainState, log: MetricsLog) -> tuple[dict, dict, float]:
+    """One optimizer step: `grad_accum` micro-batches of every stream, the schedule's plan on the
+    first, backward, clip, step; the train lines logged. Returns (plan, losses, tokens/s)."""
+    tc, t0 = run.cfg.train, time.time()
+    current: dict[str, list[int]] = {}
+    plan: dict[str, float] | None = None
+    losses: dict[str, float] = {}
+    tokens = 0
+    for _ in range(tc.grad_accum):
+        for kind, stream in state.streams.items():
+            current[kind] = next(stream)
+        if plan is None:  # MAXRIGHT probes the first micro-batches
+            plan = state.schedule.plan(state.step, lambda: run.probe(current))
+        total = 0.0
+        for kind, weight in plan.items():
+            loss, n_tok = run.loss(kind, current[kind])
+            total = total + weight * loss
+            tokens += n_tok
+            losses[kind] = losses.get(kind, 0.0) + loss.item() / tc.grad_accum
+        run.acc.backward(total / tc.grad_accum)
+    limit = tc.max_grad_norm if tc.max_grad_norm is not None else math.inf
+    grad_norm = float(run.acc.clip_grad_norm_(run.policy.parameters(), limit))
+    bad = [k for k, v in losses.items() if not math.isfinite(v)]
+    if bad or not math.isfinite(grad_norm):
+        nonfinite(run, state, bad, grad_norm, current)
+    else:
+        state.optimizer.step()
+        state.scheduler.step()
+        state.schedule.observe(losses)
+        for kind in plan:
+            state.steps[kind] += 1
+    state.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    state.tokens += tokens
+    tok_s = tokens / max(time.time() - t0, 1e-9)
+    for kind, v in losses.items():
+        log.write({"type": "train", "step": state.step, "objective": kind, "loss": v,
+                   "lr": state.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                   "tokens_per_s": round(tok_s, 1), **run.extras.pop(kind, {})})  # fmt: skip
+    return plan, losses, tok_s
 
 
+def nonfinite(run: Run, state: TrainState, bad: list[str], grad_norm: float, batches) -> None:
+    """A NaN / inf loss or gradient norm: stop, naming the step, the objective, the batch's
+    items and the last good checkpoint; or, with `on_nonfinite: skip`, skip the update."""
+    what = ", ".join(f"{k} loss" for k in bad) or f"gradient norm ({grad_norm})"
+    slots = bad or list(batches)
+    items = "; ".join(f"data.{k}.train items {batches[k]}" for k in slots)
+    if run.cfg.train.on_nonfinite == "skip":
+        state.skipped.append(state.step + 1)
+        run.console.log(f"step {state.step + 1}: non-finite {what}; skipped ({items})")
+        return
+    last = _latest(run.out)
+    raise NonFiniteError(
+        f"step {state.step + 1}: non-finite {what} on {items} (0-based, after validation); "
+        f"last good checkpoint: {last.path if last else 'none (set train.save_every)'}; "
+        "set train.on_nonfinite: skip to skip such steps"
+    )
+
+
+def eval_due(cfg: Config, state: TrainState) -> bool:
+    return state.step % cfg.train.eval_every == 0 or state.step == cfg.train.max_steps
+
+
+def evaluate(run: Run, state: TrainState, log: MetricsLog, t_session: float) -> None:
+    rec = {"type": "eval", "step": state.step, **run.evaluate(), "steps_sft": state.steps["sft"],
+           "steps_pref": state.steps["pref"],
+           "elapsed_s": round(state.train_s + time.time() - t_session, 2)}  # fmt: skip
+    log.write(rec)
+    state.last_eval = rec
+
+
+def switch_reference(run: Run, state: TrainState, log: MetricsLog, t_session: float) -> None:
+    """The schedule's reference reset (sequential's preference stage): the current model becomes
+    the training reference. With checkpoints on, the model at this point is checkpointed and
+    kept, so that a resumed run can recompute these reference log-probs if the cache is gone."""
+    run.console.log(f"{state.schedule.name}: step {state.step}: reference = the current model")
+    state.reference_fp = run.compute_references(initial=False)
+    state.reference_step = state.step
+    if run.cfg.train.save_every:
+        save(run, state, log, t_session)
+
+
+# ------------------------------------------------------------------------- set-up, resume
+def new_state(run: Run, ideal: Ideal) -> TrainState:
+    tc, sc = run.cfg.train, run.cfg.schedule
+    optimizer = adamw(trainable_parameters(run.model), lr=tc.lr, weight_decay=tc.weight_decay)
+    lr_sched = get_scheduler(tc.lr_schedule, optimizer, tc.warmup_steps, tc.max_steps)
+    run.policy, optimizer, lr_sched = run.acc.prepare(run.policy, optimizer, lr_sched)
+    streams = {
+        k: BatchStream(s.train, tc.batch_size, tc.seed + i,
+                       getattr(run, "partition", None) if k == "pref" else None)
+        for i, (k, s) in enumerate(sorted(run.data.items()))
+    }  # fmt: skip
+    schedule = build_schedule(
+        sc.name, sc.options(), lam=sc.lam, total_steps=tc.max_steps, seed=tc.seed,
+        loss_sft_star=ideal.loss_sft, loss_pref_star=ideal.loss_pref,
+    )  # fmt: skip
+    return TrainState(optimizer, lr_sched, schedule, streams)
+
+
+def find_checkpoint(out: Path, resume: bool | str | Path, con: Console) -> checkpoint.Checkpoint:
+    if resume is True:
+        ckpt = checkpoint.latest_checkpoint(out, log=con.log)
+        if ckpt is None:
+            raise ResumeError(f"--resume: no valid checkpoint in {out / 'checkpoints'}")
+        return ckpt
+    path = Path(resume)
+    manifest = checkpoint.verify(path)
+    return checkpoint.Checkpoint(path, int(manifest["step"]), manifest)
+
+
+def restore(run: Run, state: TrainState, ckpt: checkpoint.Checkpoint, con: Console) -> None:
+    """Load model, optimizer, scheduler, RNGs and `TrainState` from `ckpt`, after checking that
+    the config differs from the checkpoint's only where that cannot change the run."""
+    t0 = time.time()
+    saved = json.loads((ckpt.path / "state.json").read_text())
+    changed = config_changes(saved["config"], run.cfg.model_dump(mode="json"))
+    if changed:
+        raise ResumeError(
+            f"--resume {ckpt.path}: the config differs from the checkpoint's in "
+            f"{'; '.join(changed)}; only {', '.join(RESUMABLE_CHANGES)} may change"
+        )
+    model = run.acc.unwrap_model(run.policy).model
+    if saved["state"]["reference_fp"] is not None:
+        # the switched reference (sequential): from the cache, or recomputed from its checkpoint
+        if run.compute_references(initial=False, model_fp=saved["state"]["reference_fp"]) is None:
+            pinned = _checkpoint_at(run.out, saved["state"]["reference_step"])
+            con.log(f"reference log-probs not in the cache: recomputing from {pinned.path}")
+            checkpoint.load_checkpoint(pinned, model=model, optimizer=state.optimizer,
+                                       scheduler=state.scheduler)  # fmt: skip
+            run.compute_references(initial=False)
+    saved_state, tensors = checkpoint.load_checkpoint(
+        ckpt, model=model, optimizer=state.optimizer, scheduler=state.scheduler
+    )
+    state.load_state_dict(saved_state["state"])
+    for later in checkpoint.list_checkpoints(run.out):  # a future this resume replaces
+        if _step_of(later) > ckpt.step:
+            shutil.rmtree(later)
+    torch.set_rng_state(tensors["torch_rng"])
+    if torch.cuda.is_available() and "cuda_rng" in tensors:
+        torch.cuda.set_rng_state(tensors["cuda_rng"])
+    con.log(f"resumed from {ckpt.path} at step {state.step} ({time.time() - t0:.2f} s)")
+
+
+def config_changes(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """`key (old -> new)` for every leaf that differs, except `RESUMABLE_CHANGES`."""
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        path = f"{prefix}{key}"
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, path + ".")
+        elif a != b and path not in RESUMABLE_CHANGES:
+            out.append(f"{path} ({a!r} -> {b!r})")
+    return out
+
+
+def save(run: Run, state: TrainState, log: MetricsLog, t_session: float) -> checkpoint.Checkpoint:
+    """A checkpoint of this step (main process), `keep_last` kept, the switch point pinned."""
+    tc, t0 = run.cfg.train, time.time()
+    state.metrics_lines = log.lines
+    snapshot = state.state_dict()
+    snapshot["train_s"] += time.time() - t_session
+    tensors = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda_rng"] = torch.cuda.get_rng_state()
+    path = checkpoint.save_checkpoint(
+        run.out, state.step,
+        model=run.acc.unwrap_model(run.policy).model, optimizer=state.optimizer,
+        scheduler=state.scheduler,
+        state={"config": run.cfg.model_dump(mode="json"), "state": snapshot},
+        tensors=tensors, keep_last=tc.keep_last,
+        keep={state.reference_step} if state.reference_step is not None else set(),
+    )  # fmt: skip
+    size = sum(f.stat().st_size for f in path.iterdir()) / 1e6
+    run.console.log(
+        f"checkpoint step {state.step}: {path} ({size:.1f} MB, {time.time() - t0:.2f} s)"
+    )
+    return checkpoint.Checkpoint(path, state.step, {})
+
+
+# -------------------------------------------------------------------------------- helpers
 def adamw(params: list, **kw) -> torch.optim.Optimizer:
     """AdamW, fused where the device supports it (on CPU a 135M-param step: 0.6 s -> 0.09 s)."""
     try:
@@ -485,7 +360,16 @@ def adamw(params: list, **kw) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, **kw)
 
 
-def _live(plan: dict, losses: dict, ev: dict, tok_s: float) -> str:
+def progress_bar(con: Console, enabled: bool, name: str, total: int):
+    bar = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=con,
+        disable=not enabled,
+    )  # fmt: skip
+    return bar, bar.add_task(name, total=total, info="")
+
+
+def _live(losses: dict, ev: dict, tok_s: float) -> str:
     parts = [f"{k}={v:.3f}" for k, v in losses.items()]
     parts += [
         f"f_sft={ev['f_sft']:.3f}" if "f_sft" in ev else "",
@@ -495,112 +379,26 @@ def _live(plan: dict, losses: dict, ev: dict, tok_s: float) -> str:
     return " ".join(p for p in parts if p)
 
 
-def _report_dict(split: Split) -> dict:
-    out = {"kind": split.kind, "train": len(split.train), "eval": len(split.eval)}
-    for name, rep in (("train_report", split.report), ("eval_report", split.eval_report)):
-        if rep is not None:
-            out[name] = {
-                "records": rep.n_records,
-                "kept": rep.n_kept,
-                "skipped": rep.skipped,
-                "truncated": rep.truncated,
-                "unused_columns": dict(rep.unused_columns),
-            }
-    return out
+def _latest(out: Path) -> checkpoint.Checkpoint | None:
+    return checkpoint.latest_checkpoint(out, log=lambda msg: None)
 
 
-def report_data(run: Run) -> None:
-    for kind, split in run.data.items():
-        for rep in (split.report, split.eval_report):
-            if rep is None:
-                continue
-            msg = f"{kind}: {rep.source}: {rep.n_kept}/{rep.n_records} records"
-            if rep.skipped:
-                msg += f", skipped {sum(rep.skipped.values())} ({dict(rep.skipped)})"
-            if rep.truncated:
-                msg += f", truncated {rep.truncated} to max_length={run.cfg.data.max_length}"
-            if rep.unused_columns:
-                msg += f", unused columns: {format_unused(rep.unused_columns)}"
-            run.console.log(msg)
-        run.console.log(f"{kind}: {len(split.train)} train / {len(split.eval)} eval")
+def _checkpoint_at(out: Path, step: int) -> checkpoint.Checkpoint:
+    for path in checkpoint.list_checkpoints(out):
+        manifest = checkpoint.verify(path)
+        if int(manifest["step"]) == step:
+            return checkpoint.Checkpoint(path, step, manifest)
+    raise ResumeError(f"{out}: the checkpoint of step {step} (the reference's model) is missing")
 
 
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step-"))
 
 
-# ------------------------------------------------------------------------ the ideal point
-CALIBRATION_VERSION = "2"  # 2: own-loss optima, keyed by model and data fingerprints
+def _python_rng() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
 
 
-def resolve_ideal(cfg: Config, console: Console) -> Ideal:
-    """The ideal point from the config, from a (cached) calibration, or 0."""
-    sc = cfg.schedule
-    if sc.ideal == "config":
-        f_sft, f_pref = float(sc.f_sft_star), float(sc.f_pref_star)
-        return Ideal(
-            f_sft,
-            f_pref,
-            sc.loss_sft_star if sc.loss_sft_star is not None else f_sft,
-            sc.loss_pref_star if sc.loss_pref_star is not None else f_pref,
-        )
-    if sc.ideal == "calibrate":
-        return calibrate(cfg, console)
-    return Ideal()
-
-
-def input_fingerprint(cfg: Config, console: Console) -> str:
-    """sha256 of the starting model's weights and of every tokenized dataset (the reference
-    cache's fingerprints): a data file or a local model edited in place changes it."""
-    model, tokenizer = load_model(cfg.model)
-    parts = [model_fingerprint(model), cfg.model.dtype]
-    data = load_data(cfg, tokenizer)
-    for kind, split in sorted(data.items()):
-        parts += [kind, *(data_fingerprint(flatten(items)) for items in (split.train, split.eval))]
-    console.log("calibration key: fingerprints of the model and the data")
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()
-
-
-def calibrate(cfg: Config, console: Console | None = None, progress: bool = False) -> Ideal:
-    """Short single-objective runs (SFT only, preference only). The best held-out value of each
-    metric is `f*`, the best held-out value of each objective's own loss is `loss*` (MAXRIGHT's
-    gaps compare like with like). Cached by the settings and the model's and data's fingerprints.
-    """
-    console = console or Console()
-    relevant = cfg.model_copy(update={"name": None, "output_dir": "", "schedule": None})
-    key = hashlib.sha256(
-        (
-            f"v{CALIBRATION_VERSION}|{dump_config(relevant)}|{cfg.schedule.calibration_steps}|"
-            f"{input_fingerprint(cfg, console)}"
-        ).encode()
-    ).hexdigest()[:24]
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else cache_root()
-    path = cache_dir / "calibration" / f"{key}.json"
-    if path.exists():
-        star = Ideal(**json.loads(path.read_text()))
-        console.log(f"ideal point from calibration cache: {star}")
-        return star
-    best: dict[str, float] = {}
-    for kind in ("sft", "pref"):
-        sub = cfg.model_copy(deep=True)
-        sub.name = f"calibrate-{kind}"
-        # each objective alone, as it is: no PAFT penalty on the SFT one
-        sub.schedule = sub.schedule.model_copy(update={"name": kind, "ideal": "zero", "l1": 0.0})
-        steps = cfg.schedule.calibration_steps  # only the best value is needed: 3 evaluations
-        sub.train = sub.train.model_copy(
-            update={"max_steps": steps, "eval_every": max(steps // 2, 1), "save_model": False}
-        )
-        sub.output_dir = str(path.parent / f"{key}-{kind}")
-        console.log(f"calibrating f_{kind}*: {kind} alone for {sub.train.max_steps} steps")
-        train(sub, console=console, progress=progress, ideal=Ideal())
-        evals = [json.loads(line) for line in (Path(sub.output_dir) / "metrics.jsonl").open()]
-        evals = [e for e in evals if e["type"] == "eval"]
-        best[f"f_{kind}"] = min(e[f"f_{kind}"] for e in evals)
-        best[f"loss_{kind}"] = min(e[cfg.own_loss_key(kind)] for e in evals)
-    star = Ideal(**best)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, json.dumps(asdict(star)))
-    console.log(f"ideal point: {star}")
-    return star
+def _json(obj: Any) -> str:
+    return json.dumps(obj, indent=2)

@@ -1,0 +1,295 @@
+"""One run's model, data and reference log-probs, and what the objectives consume from them.
+
+`Run.setup()` loads the model (Accelerate's device and precision), validates and tokenizes the
+data, and computes (or loads from the cache) the reference log-probs into a typed `RefStore`.
+`Run.loss(slot, batch)` is a training objective on one batch, `Run.evaluate()` the held-out
+metrics (`metrics.py`). The loop that drives it is `trainer.py`.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+from rich.console import Console
+from torch import nn
+
+from unitune import metrics
+from unitune.batches import KLPairs, collate_items, flatten, item_length, load_data
+from unitune.config import Config
+from unitune.data import Sequence, collate, length_batches
+from unitune.delta_l1 import DeltaL1
+from unitune.logprobs import sequence_logps
+from unitune.metrics import Ideal
+from unitune.models import cache_root, load_model, model_fingerprint, reference_mode
+from unitune.objectives import REGISTRY, FeedbackLogps, PairLogps, SeqLogps
+from unitune.objectives.types import desirable
+from unitune.refcache import RefStore, compute_logps, reference_logps
+from unitune.rundir import report_data
+
+
+class PolicyLogps(nn.Module):
+    """Wraps a causal LM so that its forward returns per-sequence response log-probs.
+
+    Accelerate prepares this wrapper (DDP/FSDP hooks then see every forward), and the LM head is
+    applied only at response positions, in chunks (see `logprobs.py`).
+    """
+
+    def __init__(self, model: nn.Module, chunk_size: int):
+        super().__init__()
+        self.model, self.chunk_size = model, chunk_size
+
+    def forward(self, input_ids, attention_mask, target_mask, objective_forward=None, **params):
+        """Summed log-probs per row; or, for an objective with its own model pass (IFT), that
+        pass's output (`objective_forward(model, ..., chunk_size=, **params)`)."""
+        if objective_forward is not None:
+            return objective_forward(
+                self.model, input_ids, attention_mask, target_mask,
+                chunk_size=self.chunk_size, **params,
+            )  # fmt: skip
+        return sequence_logps(
+            self.model, input_ids, attention_mask, target_mask, chunk_size=self.chunk_size
+        )
+
+
+class Run:
+    """A run's model, data, references and objectives; `trainer.train()` drives it."""
+
+    def __init__(self, cfg: Config, console: Console | None = None, progress: bool = True):
+        self.cfg, self.console, self.show_progress = cfg, console or Console(), progress
+        self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else cache_root()
+        self.out = Path(cfg.output_dir)
+        self.ideal = Ideal()  # for the ideal distance; the trainer sets the run's
+        self.poll = None  # called between batches of long passes; raises to stop (SIGTERM)
+
+    # ---------------------------------------------------------------- set-up
+    def setup(self) -> None:
+        cfg = self.cfg
+        set_seed(cfg.train.seed)
+        # Accelerate keeps one process-wide state and refuses a second Accelerator with another
+        # precision; a later run in the same process (a sweep, the demo, a notebook) may differ.
+        # The distributed part (PartialState) is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
+        self.acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=False)
+        self.device = self.acc.device
+        self.model, self.tokenizer = load_model(cfg.model)
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id
+        self.data = load_data(cfg, self.tokenizer)
+        report_data(self.data, self.console, cfg.data.max_length)
+        self.sft_obj = REGISTRY[cfg.objectives.sft.name]
+        self.pref_obj = REGISTRY[cfg.objectives.pref.name]
+        for kind, obj in (("sft", self.sft_obj), ("pref", self.pref_obj)):
+            if obj.kind != kind:
+                raise ValueError(f"objectives.{kind}: {obj.name!r} is a {obj.kind} objective")
+        self.objectives = {
+            slot: (obj, getattr(cfg.objectives, slot).params(), self.data[slot])
+            for slot, obj in (("sft", self.sft_obj), ("pref", self.pref_obj))
+            if slot in self.data
+        }
+        self.beta = cfg.eval.beta  # f_pref and the reward margin, whatever the objective
+        if "pref" in self.data and self.pref_obj.needs_kl:
+            # fixed partitions, so that each batch's mismatched pairs are known and cached
+            split = self.data["pref"]
+            lengths = [item_length(f) for f in split.train]
+            self.partition = length_batches(
+                lengths, cfg.train.batch_size, seed=cfg.train.seed, shuffle=True
+            )
+            self.kl = {
+                "train": KLPairs.build(split.train, self.partition),
+                "eval": KLPairs.build(split.eval, self._eval_batches(split.eval)),
+            }
+        self.policy = PolicyLogps(self.model, cfg.train.logprob_chunk_size).to(self.device)
+        # PAFT's L1 penalty on the SFT objective's delta from the starting weights, copied once
+        # the model is on its device
+        self.l1 = DeltaL1(self.model) if cfg.schedule.l1 > 0 else None
+        self.refs = RefStore()
+        self.extras: dict[str, dict[str, float]] = {}  # per-slot figures of the last step
+        self.compute_references(initial=True)
+
+    def compute_references(self, *, initial: bool, model_fp: str | None = None) -> str | None:
+        """Reference log-probs into `self.refs`: for the training sets whose objective needs them;
+        on the initial call also for the eval sets (the metrics' fixed starting reference).
+        Returns the reference's fingerprint.
+
+        Initially the reference is the starting model (LoRA: adapters disabled). Later calls
+        (sequential's preference stage) take the current model, adapters included. Given a
+        `model_fp` (a resumed run's switched reference), entries are only looked up in the cache:
+        None is returned when one is missing, and nothing is computed.
+        """
+        # the precision is part of the key: bf16 log-probs differ from fp32 ones
+        fp = model_fp or (
+            f"{model_fingerprint(self.model, adapters=not initial)}|{self.acc.mixed_precision}"
+        )
+        wanted = []
+        if "sft" in self.data and self.sft_obj.needs_ref:
+            wanted.append((("sft", "train", "main"), self.data["sft"].train))
+        if "pref" in self.data and self.pref_obj.needs_ref:
+            wanted.append((("pref", "train", "main"), self.data["pref"].train))
+        if "pref" in self.data and self.pref_obj.needs_kl:
+            wanted.append((("pref", "train", "kl"), self.kl["train"].seqs))
+        if initial:
+            wanted += [((k, "eval", "main"), s.eval) for k, s in self.data.items()]
+            if "pref" in self.data and self.pref_obj.needs_kl:
+                wanted.append((("pref", "eval", "kl"), self.kl["eval"].seqs))
+        ref_ctx = reference_mode(self.model) if initial else nullcontext()
+        with ref_ctx, self.acc.autocast():
+            for key, items in wanted:
+                logps, hit, entry = reference_logps(
+                    self.policy,
+                    flatten(items),
+                    model_fp=fp,
+                    cache_dir=self.cache_dir,
+                    pad_id=self.pad_id,
+                    batch_size=self.cfg.train.eval_batch_size,
+                    device=self.device,
+                    only_cached=model_fp is not None,
+                    poll=self.poll,
+                )
+                if logps is None:
+                    return None
+                self.refs.put(key, logps, entry)
+                self.console.log(
+                    f"reference log-probs {'/'.join(key)}: {'cache hit' if hit else 'computed'}"
+                    f" ({len(items)} items)"
+                )
+        return fp
+
+    # ------------------------------------------------------------ objectives
+    def objective_input(self, slot: str, stage: str, idx: list[int]):
+        """The log-probs the objective of `slot` consumes, on items `idx` of `stage` (train/eval):
+        `SeqLogps`, `PairLogps`, `FeedbackLogps`, or its own forward's output (IFT)."""
+        obj, params, split = self.objectives[slot]
+        items = split.train if stage == "train" else split.eval
+        batch = collate_items(items, idx, self.pad_id, self.device)
+        if obj.forward is not None:
+            return self.policy(**batch, objective_forward=obj.forward, **params.model_dump())
+        logp, n = self.policy(**batch)  # pairs: one forward over chosen and rejected together
+        ref = self.refs.get(slot, stage)
+
+        def seq(rows: slice, ref_idx: list[int]) -> SeqLogps:
+            r = ref[ref_idx].to(logp.device) if ref is not None else None
+            return SeqLogps(logp[rows], n[rows], r)
+
+        b = len(idx)
+        if split.kind == "pairs":
+            m = len(items)
+            return PairLogps(seq(slice(0, b), idx), seq(slice(b, 2 * b), [i + m for i in idx]))
+        if split.kind == "demonstrations":
+            return seq(slice(0, b), idx)
+        target = torch.tensor([items[i].target for i in idx], device=logp.device)
+        kl = self.kl_logps(stage, idx) if obj.needs_kl else None
+        return FeedbackLogps(seq(slice(0, b), idx), target, kl)
+
+    @torch.no_grad()
+    def kl_logps(self, stage: str, idx: list[int]) -> SeqLogps:
+        """KTO's mismatched pairs of this batch: policy log-probs (no grad, as TRL) and cached
+        reference log-probs."""
+        pairs = self.kl[stage]
+        start = pairs.offset[tuple(idx)]
+        rows = slice(start, start + len(idx))
+        batch = {k: v.to(self.device) for k, v in collate(pairs.seqs[rows], self.pad_id).items()}
+        logp, n = self.policy(**batch)
+        return SeqLogps(logp, n, self.refs[("pref", stage, "kl")][rows].to(logp.device))
+
+    def loss(self, slot: str, idx: list[int]) -> tuple[torch.Tensor, int]:
+        """The training objective of `slot` on the batch `idx`; returns (loss, tokens processed)."""
+        obj, params, split = self.objectives[slot]
+        lp = self.objective_input(slot, "train", idx)
+        n_tok = sum(len(s.input_ids) for s in flatten([split.train[i] for i in idx]))
+        if isinstance(lp, FeedbackLogps) and lp.kl is not None:  # KTO's batch KL estimate z
+            self.extras[slot] = {"kl": float(lp.kl.ratio.mean().clamp(min=0))}
+        loss = obj.loss(lp, params)
+        if slot == "sft" and self.l1 is not None:
+            norm = self.l1()
+            self.extras[slot] = {"l1_norm": norm.item()}
+            loss = loss + self.cfg.schedule.l1 * norm
+        return loss, n_tok
+
+    @torch.no_grad()
+    def probe(self, batches: dict[str, list[int]]) -> dict[str, float]:
+        """No-grad losses of both objectives on the current batches (MAXRIGHT's refresh)."""
+        self.policy.eval()
+        try:
+            return {kind: float(self.loss(kind, idx)[0]) for kind, idx in batches.items()}
+        finally:
+            self.policy.train()
+
+    # ------------------------------------------------------------------ eval
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out metrics (`metrics.py`) and each objective's own held-out loss."""
+        self.policy.eval()
+        out: dict[str, float] = {}
+        bs = self.cfg.train.eval_batch_size
+        try:
+            with self.acc.autocast():  # the training precision, as for the reference log-probs
+                if "sft" in self.data:
+                    seqs = self.data["sft"].eval
+                    logp, n = self._all_logps(seqs, bs)
+                    out |= metrics.sft_metrics(
+                        SeqLogps(logp, n, self.refs[("sft", "eval", "main")])
+                    )
+                if "pref" in self.data and self.data["pref"].kind == "pairs":
+                    pairs = self.data["pref"].eval
+                    logp, n = self._all_logps(flatten(pairs), bs)
+                    ref, m = self.refs[("pref", "eval", "main")], len(pairs)
+                    pair = PairLogps(
+                        SeqLogps(logp[:m], n[:m], ref[:m]), SeqLogps(logp[m:], n[m:], ref[m:])
+                    )
+                    out |= metrics.pref_metrics(pair, self.beta)
+                if "pref" in self.data and self.data["pref"].kind == "unpaired":
+                    out |= self._feedback_metrics(bs)
+                for slot in self.data:
+                    if not self.cfg.own_loss_is_metric(slot):  # else it is f_sft / f_pref
+                        out[self.cfg.own_loss_key(slot)] = self._own_loss(slot)
+        finally:
+            self.policy.train()
+        if "f_sft" in out and "f_pref" in out:
+            out["ideal_distance"] = metrics.ideal_distance(
+                out["f_sft"], out["f_pref"], self.ideal.f_sft, self.ideal.f_pref
+            )
+        return out
+
+    def _eval_batches(self, items: list) -> list[list[int]]:
+        lengths = [item_length(it) for it in items]
+        return length_batches(lengths, self.cfg.train.eval_batch_size, seed=0, shuffle=False)
+
+    def _own_loss(self, slot: str) -> float:
+        """The objective's own loss on held-out data: batch losses weighted by batch size."""
+        obj, params, split = self.objectives[slot]
+        total = 0.0
+        for idx in self._eval_batches(split.eval):
+            if self.poll is not None:
+                self.poll()
+            lp = self.objective_input(slot, "eval", idx)
+            total += float(obj.loss(lp, params)) * len(idx)
+        return total / len(split.eval)
+
+    def _feedback_metrics(self, bs: int) -> dict[str, float]:
+        """Unpaired feedback: the logistic `f_pref`, reward accuracy and margin at `eval.beta`
+        (`metrics.feedback_metrics`), and KTO's KL estimate."""
+        obj, params, split = self.objectives["pref"]
+        items = split.eval
+        logp, n = self._all_logps(flatten(items), bs)
+        good = desirable(torch.tensor([f.target for f in items]))
+        out = metrics.feedback_metrics(
+            SeqLogps(logp, n, self.refs[("pref", "eval", "main")]), good, self.beta
+        )
+        if obj.needs_kl:
+            ratios = [self.kl_logps("eval", idx).ratio for idx in self._eval_batches(items)]
+            out["kl"] = float(torch.cat(ratios).mean().clamp(min=0))
+        return out
+
+    def _all_logps(self, seqs: list[Sequence], bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        logp = compute_logps(
+            self.policy, seqs, pad_id=self.pad_id, batch_size=bs, device=self.device,
+            poll=self.poll,
+        )  # fmt: skip
+        n = torch.tensor([sum(s.target_mask) for s in seqs])
+        return logp, n

@@ -1,0 +1,118 @@
+"""Exact resume: a run resumed from any checkpoint continues bit for bit like the uninterrupted run
+(torchtitan's checkpoint test, OpenRLHF's resume matrix), for every schedule."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ANIMALS, write_jsonl
+from safetensors.torch import load_file
+
+from unitune import checkpoint
+from unitune.config import parse_config
+from unitune.jobs import train
+from unitune.trainer import ResumeError
+
+TIMING = ("elapsed_s", "tokens_per_s")
+T = 8  # steps; batch 4 of 24 items: an epoch is 6 batches
+
+
+@pytest.fixture
+def label_files(tmp_path):
+    def rows(animals):
+        return [
+            {"prompt": f"Describe a {a}.", "completion": f" A {a} is {('dull', 'great')[i % 2]}.",
+             "label": bool(i % 2)}
+            for i, a in enumerate(animals)
+        ]  # fmt: skip
+
+    return (
+        write_jsonl(tmp_path / "fb_train.jsonl", rows(ANIMALS * 2)),
+        write_jsonl(tmp_path / "fb_eval.jsonl", rows(["hen", "ram", "gnu", "doe"])),
+    )
+
+
+def config(tiny_config, label_files, schedule: str, grad_accum: int) -> dict:
+    name = "alright" if schedule == "kto" else schedule
+    raw = tiny_config(name, max_steps=T, eval_every=2, grad_accum=grad_accum, save_every=1,
+                      keep_last=T)  # fmt: skip
+    if schedule == "kto":
+        raw["data"]["pref"] = {"train": str(label_files[0]), "eval": str(label_files[1])}
+        raw["objectives"] = {"pref": {"name": "kto"}}
+    raw["output_dir"] += f"-{schedule}-{grad_accum}"
+    return raw
+
+
+def records(run_dir: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").open()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "model" / "model.safetensors")
+
+
+def interruptions(grad_accum: int) -> dict[str, int]:
+    """Steps to resume from: early, mid-epoch and exactly at an epoch's end."""
+    return {"early": 1, "mid_epoch": 5 if grad_accum == 1 else 4, "epoch_end": 6 // grad_accum}
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+@pytest.mark.parametrize("schedule", ["sft", "pref", "sequential", "mix", "alright", "maxright",
+                                      "kto"])  # fmt: skip
+def test_resume_is_bitwise_identical(tiny_config, label_files, tmp_path, schedule, grad_accum):
+    raw = config(tiny_config, label_files, schedule, grad_accum)
+    full = Path(raw["output_dir"])
+    whole = train(parse_config(raw), progress=False)
+    want_records, want_weights = records(full), weights(full)
+    for where, step in interruptions(grad_accum).items():
+        # the run as a crash after `step` leaves it: later checkpoints, log lines and model gone
+        cut = tmp_path / f"cut-{where}"
+        shutil.copytree(full, cut, ignore=shutil.ignore_patterns("model", "summary.json"))
+        for ckpt in checkpoint.list_checkpoints(cut):
+            if int(ckpt.name.split("-")[1]) > step:
+                shutil.rmtree(ckpt)
+        resumed = train(parse_config({**raw, "output_dir": str(cut)}), progress=False,
+                        resume=True)  # fmt: skip
+        assert records(cut) == want_records, where
+        got = weights(cut)
+        assert got.keys() == want_weights.keys()
+        assert all(torch.equal(got[k], want_weights[k]) for k in got), where
+        assert resumed["steps"] == whole["steps"] and resumed["final"]["step"] == T
+        shutil.rmtree(cut)
+    shutil.rmtree(full)
+
+
+def test_sequential_resume_after_the_switch_recomputes_a_cleared_reference(
+    tiny_config, label_files, tmp_path
+):
+    """The preference stage's reference (the model at the switch) is not in the checkpoint: with
+    the cache cleared it is recomputed from the checkpoint pinned at the switch."""
+    raw = config(tiny_config, label_files, "sequential", 1)
+    raw["train"]["keep_last"] = 3  # the newest three, plus the pinned switch point
+    full = Path(raw["output_dir"])
+    train(parse_config(raw), progress=False)
+    steps = [int(p.name.split("-")[1]) for p in checkpoint.list_checkpoints(full)]
+    assert steps == [4, 6, 7, 8]  # the switch (lam 0.5 of 8 steps) is kept
+    want = records(full)
+    shutil.rmtree(Path(raw["cache_dir"]) / "refs")
+    (full / "summary.json").unlink()
+    for step in (7, 8):  # back to step 6, in the preference stage
+        shutil.rmtree(full / "checkpoints" / f"step-{step:08d}")
+    resumed = train(parse_config(raw), progress=False, resume=True)
+    assert records(full) == want and resumed["final"]["step"] == T
+
+
+def test_resume_refuses_a_changed_config_by_key(tiny_config, label_files):
+    raw = config(tiny_config, label_files, "alright", 1)
+    raw["train"]["max_steps"] = 2
+    train(parse_config(raw), progress=False)
+    changed = {**raw, "train": {**raw["train"], "lr": 1e-2, "max_steps": 4},
+               "schedule": {**raw["schedule"], "lam": 0.25}}  # fmt: skip
+    with pytest.raises(ResumeError, match=r"schedule\.lam \(0\.5 -> 0\.25\); train\.lr"):
+        train(parse_config(changed), progress=False, resume=True)
+    # max_steps may change: the run goes on to the new end
+    longer = {**raw, "train": {**raw["train"], "max_steps": 4}}
+    assert train(parse_config(longer), progress=False, resume=True)["final"]["step"] == 4
