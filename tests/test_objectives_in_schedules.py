@@ -148,3 +148,33 @@ def test_kto_held_out_kl_is_zero_at_the_start_across_eval_batches(tiny_config, f
     assert evals[0]["kl"] == pytest.approx(0.0, abs=1e-6)
     # r = 0 and z = 0 on every eval batch: each KTO term is 1 - sigmoid(0)
     assert evals[0]["loss_kto"] == pytest.approx(0.5, abs=1e-6)
+
+
+def test_a_new_objective_with_an_auxiliary_input_needs_no_trainer_change(
+    tiny_config, feedback_files
+):
+    """An objective declares the auxiliary inputs it consumes; the data layer builds them, the
+    session scores them and fills the bundle's field: one function and one register line."""
+    import torch.nn.functional as F
+
+    from unitune.objectives import REGISTRY, register
+
+    def kl_hinge(fb, *, beta: float = 0.1):
+        z = fb.kl.ratio.mean().clamp(min=0).detach()
+        return F.softplus(-beta * (fb.seq.ratio - z)).mean()
+
+    register(kl_hinge, name="kl_hinge", data="unpaired", needs_ref=True, inputs=("kl",),
+             source="test")  # fmt: skip
+    try:
+        raw = tiny_config("pref", max_steps=2, eval_every=2)
+        raw["data"]["sft"] = None
+        train_file, eval_file = feedback_files["label"]
+        raw["data"]["pref"] = {"train": str(train_file), "eval": str(eval_file)}
+        raw["objectives"] = {"pref": {"name": "kl_hinge"}}
+        summary, evals = run(raw)
+        trains = [json.loads(x) for x in (Path(raw["output_dir"]) / "metrics.jsonl").open()]
+        assert all("kl" in r for r in trains if r["type"] == "train")
+        assert evals[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # pi_theta = pi_ref at the start
+        assert math.isfinite(evals[-1]["loss_kl_hinge"])
+    finally:
+        del REGISTRY["kl_hinge"]

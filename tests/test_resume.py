@@ -116,3 +116,15 @@ def test_resume_refuses_a_changed_config_by_key(tiny_config, label_files):
     # max_steps may change: the run goes on to the new end
     longer = {**raw, "train": {**raw["train"], "max_steps": 4}}
     assert train(parse_config(longer), progress=False, resume=True)["final"]["step"] == 4
+
+
+def test_resume_refuses_reference_log_probs_of_changed_data(tiny_config, label_files, tiny_data):
+    raw = config(tiny_config, label_files, "mix", 1)
+    raw["train"]["max_steps"] = 2
+    train(parse_config(raw), progress=False)
+    rows = [json.loads(x) for x in tiny_data["pref_eval"].open()]
+    rows[0]["chosen"][0]["content"] += " Edited."
+    write_jsonl(tiny_data["pref_eval"], rows)  # edited in place after the checkpoint
+    longer = {**raw, "train": {**raw["train"], "max_steps": 4}}
+    with pytest.raises(ResumeError, match="reference log-probs of pref/eval/main"):
+        train(parse_config(longer), progress=False, resume=True)

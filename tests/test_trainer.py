@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from unitune.config import parse_config
+from unitune.config import ConfigError, parse_config
 from unitune.jobs import train
 from unitune.session import Run
 
@@ -162,3 +162,30 @@ def test_runs_with_different_precisions_in_one_process(tiny_config):
         raw = tiny_config("mix", max_steps=1, eval_every=1, mixed_precision=precision)
         raw["output_dir"] += f"-{precision}"
         assert math.isfinite(train(parse_config(raw), progress=False)["final"]["f_sft"])
+
+
+def test_a_new_schedule_is_one_class_and_one_registry_line(tiny_config):
+    """No trainer or config edit: the class's options come from its signature and its state goes
+    through checkpoints like the built-in ones."""
+    from unitune.schedules import SCHEDULES, Stateless, register_schedule
+
+    @register_schedule
+    class EveryOther(Stateless):
+        name = "every_other"
+
+        def __init__(self, *, lam: float, period: int = 2):
+            self.period = period
+
+        def plan(self, step, probe):
+            return {"pref": 1.0} if step % self.period == self.period - 1 else {"sft": 1.0}
+
+    try:
+        raw = tiny_config("every_other", max_steps=6)
+        raw["schedule"]["period"] = 3
+        summary = train(parse_config(raw), progress=False)
+        assert summary["steps"] == {"sft": 4, "pref": 2}
+        raw["schedule"]["periodd"] = 3
+        with pytest.raises(ConfigError, match="periodd: not an option of schedule 'every_other'"):
+            parse_config(raw)
+    finally:
+        del SCHEDULES["every_other"]

@@ -199,7 +199,8 @@ def collate_items(items: list, idx: list[int], pad_id: int, device) -> dict[str,
 @dataclass
 class KLPairs:
     """KTO's mismatched (prompt_i, completion_{i+1}) sequences of every batch of a fixed
-    partition, flattened in batch order; `offset[batch]` is where a batch's pairs start."""
+    partition, flattened in batch order; `offset[batch]` is where a batch's pairs start.
+    The batch's figure is the KL estimate `z = max(0, mean r)` (TRL's KTO)."""
 
     seqs: list[Sequence]
     offset: dict[tuple[int, ...], int]
@@ -212,3 +213,18 @@ class KLPairs:
             offset[tuple(batch)] = len(seqs)
             seqs += mismatched(items, batch)
         return cls(seqs, offset)
+
+    def rows(self, batch: list[int]) -> slice:
+        start = self.offset[tuple(batch)]
+        return slice(start, start + len(batch))
+
+    @staticmethod
+    def figure(ratio: torch.Tensor) -> float:
+        return float(ratio.mean().clamp(min=0))
+
+
+# Auxiliary inputs an objective can declare (`register(..., inputs=(name,))`), served here: built
+# per split over a fixed partition of its batches (`build(items, batches)`), with `seqs` (scored
+# under no grad by the policy, and by the reference, cached), `rows(batch)` (a batch's slice of
+# `seqs`) and `figure(ratio)` (one number logged per batch and reported on held-out data).
+AUX_INPUTS: dict[str, type] = {"kl": KLPairs}

@@ -8,8 +8,10 @@ metrics (`metrics.py`). The loop that drives it is `trainer.py`.
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -19,7 +21,7 @@ from rich.console import Console
 from torch import nn
 
 from unitune import metrics
-from unitune.batches import KLPairs, collate_items, flatten, item_length, load_data
+from unitune.batches import AUX_INPUTS, collate_items, flatten, item_length, load_data
 from unitune.config import Config
 from unitune.data import Sequence, collate, length_batches
 from unitune.delta_l1 import DeltaL1
@@ -93,17 +95,21 @@ class Run:
             if slot in self.data
         }
         self.beta = cfg.eval.beta  # f_pref and the reward margin, whatever the objective
-        if "pref" in self.data and self.pref_obj.needs_kl:
-            # fixed partitions, so that each batch's mismatched pairs are known and cached
-            split = self.data["pref"]
-            lengths = [item_length(f) for f in split.train]
-            self.partition = length_batches(
+        # auxiliary inputs (KTO's mismatched pairs): over fixed partitions of the batches, so
+        # that each batch's extra sequences are known and their reference log-probs cached
+        self.partitions: dict[str, list[list[int]]] = {}
+        self.aux: dict[tuple[str, str, str], Any] = {}
+        for slot, (obj, _, split) in self.objectives.items():
+            if not obj.inputs:
+                continue
+            lengths = [item_length(it) for it in split.train]
+            self.partitions[slot] = length_batches(
                 lengths, cfg.train.batch_size, seed=cfg.train.seed, shuffle=True
             )
-            self.kl = {
-                "train": KLPairs.build(split.train, self.partition),
-                "eval": KLPairs.build(split.eval, self._eval_batches(split.eval)),
-            }
+            for name in obj.inputs:
+                build = AUX_INPUTS[name].build
+                self.aux[(slot, "train", name)] = build(split.train, self.partitions[slot])
+                self.aux[(slot, "eval", name)] = build(split.eval, self._eval_batches(split.eval))
         self.policy = PolicyLogps(self.model, cfg.train.logprob_chunk_size).to(self.device)
         # PAFT's L1 penalty on the SFT objective's delta from the starting weights, copied once
         # the model is on its device
@@ -131,12 +137,10 @@ class Run:
             wanted.append((("sft", "train", "main"), self.data["sft"].train))
         if "pref" in self.data and self.pref_obj.needs_ref:
             wanted.append((("pref", "train", "main"), self.data["pref"].train))
-        if "pref" in self.data and self.pref_obj.needs_kl:
-            wanted.append((("pref", "train", "kl"), self.kl["train"].seqs))
+        splits = ("train", "eval") if initial else ("train",)
+        wanted += [(key, aux.seqs) for key, aux in self.aux.items() if key[1] in splits]
         if initial:
             wanted += [((k, "eval", "main"), s.eval) for k, s in self.data.items()]
-            if "pref" in self.data and self.pref_obj.needs_kl:
-                wanted.append((("pref", "eval", "kl"), self.kl["eval"].seqs))
         ref_ctx = reference_mode(self.model) if initial else nullcontext()
         with ref_ctx, self.acc.autocast():
             for key, items in wanted:
@@ -179,35 +183,38 @@ class Run:
         b = len(idx)
         if split.kind == "pairs":
             m = len(items)
-            return PairLogps(seq(slice(0, b), idx), seq(slice(b, 2 * b), [i + m for i in idx]))
-        if split.kind == "demonstrations":
-            return seq(slice(0, b), idx)
-        target = torch.tensor([items[i].target for i in idx], device=logp.device)
-        kl = self.kl_logps(stage, idx) if obj.needs_kl else None
-        return FeedbackLogps(seq(slice(0, b), idx), target, kl)
+            lp = PairLogps(seq(slice(0, b), idx), seq(slice(b, 2 * b), [i + m for i in idx]))
+        elif split.kind == "demonstrations":
+            lp = seq(slice(0, b), idx)
+        else:
+            target = torch.tensor([items[i].target for i in idx], device=logp.device)
+            lp = FeedbackLogps(seq(slice(0, b), idx), target)
+        aux = {name: self.aux_logps((slot, stage, name), idx) for name in obj.inputs}
+        return dataclasses.replace(lp, **aux) if aux else lp
 
     @torch.no_grad()
-    def kl_logps(self, stage: str, idx: list[int]) -> SeqLogps:
-        """KTO's mismatched pairs of this batch: policy log-probs (no grad, as TRL) and cached
-        reference log-probs."""
-        pairs = self.kl[stage]
-        start = pairs.offset[tuple(idx)]
-        rows = slice(start, start + len(idx))
-        batch = {k: v.to(self.device) for k, v in collate(pairs.seqs[rows], self.pad_id).items()}
+    def aux_logps(self, key: tuple[str, str, str], idx: list[int]) -> SeqLogps:
+        """An auxiliary input's sequences of batch `idx` (`batches.AUX_INPUTS`): policy log-probs
+        (no grad, as TRL's KL pairs) and cached reference log-probs."""
+        aux = self.aux[key]
+        rows = aux.rows(idx)
+        batch = {k: v.to(self.device) for k, v in collate(aux.seqs[rows], self.pad_id).items()}
         logp, n = self.policy(**batch)
-        return SeqLogps(logp, n, self.refs[("pref", stage, "kl")][rows].to(logp.device))
+        return SeqLogps(logp, n, self.refs[key][rows].to(logp.device))
 
     def loss(self, slot: str, idx: list[int]) -> tuple[torch.Tensor, int]:
         """The training objective of `slot` on the batch `idx`; returns (loss, tokens processed)."""
         obj, params, split = self.objectives[slot]
         lp = self.objective_input(slot, "train", idx)
         n_tok = sum(len(s.input_ids) for s in flatten([split.train[i] for i in idx]))
-        if isinstance(lp, FeedbackLogps) and lp.kl is not None:  # KTO's batch KL estimate z
-            self.extras[slot] = {"kl": float(lp.kl.ratio.mean().clamp(min=0))}
+        # each auxiliary input's figure of this batch (KTO: the KL estimate z)
+        self.extras[slot] = {
+            name: AUX_INPUTS[name].figure(getattr(lp, name).ratio) for name in obj.inputs
+        }
         loss = obj.loss(lp, params)
         if slot == "sft" and self.l1 is not None:
             norm = self.l1()
-            self.extras[slot] = {"l1_norm": norm.item()}
+            self.extras[slot]["l1_norm"] = norm.item()
             loss = loss + self.cfg.schedule.l1 * norm
         return loss, n_tok
 
@@ -281,9 +288,10 @@ class Run:
         out = metrics.feedback_metrics(
             SeqLogps(logp, n, self.refs[("pref", "eval", "main")]), good, self.beta
         )
-        if obj.needs_kl:
-            ratios = [self.kl_logps("eval", idx).ratio for idx in self._eval_batches(items)]
-            out["kl"] = float(torch.cat(ratios).mean().clamp(min=0))
+        for name in obj.inputs:  # each auxiliary input's figure over the held-out set
+            key = ("pref", "eval", name)
+            ratios = [self.aux_logps(key, idx).ratio for idx in self._eval_batches(items)]
+            out[name] = AUX_INPUTS[name].figure(torch.cat(ratios))
         return out
 
     def _all_logps(self, seqs: list[Sequence], bs: int) -> tuple[torch.Tensor, torch.Tensor]:

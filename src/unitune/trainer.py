@@ -260,7 +260,7 @@ def new_state(run: Run, ideal: Ideal) -> TrainState:
     run.policy, optimizer, lr_sched = run.acc.prepare(run.policy, optimizer, lr_sched)
     streams = {
         k: BatchStream(s.train, tc.batch_size, tc.seed + i,
-                       getattr(run, "partition", None) if k == "pref" else None)
+                       run.partitions.get(k))
         for i, (k, s) in enumerate(sorted(run.data.items()))
     }  # fmt: skip
     schedule = build_schedule(
@@ -301,6 +301,14 @@ def restore(run: Run, state: TrainState, ckpt: checkpoint.Checkpoint, con: Conso
             checkpoint.load_checkpoint(pinned, model=model, optimizer=state.optimizer,
                                        scheduler=state.scheduler)  # fmt: skip
             run.compute_references(initial=False)
+    # reference log-probs come from the cache or were recomputed (by `setup`, or from the switch's
+    # checkpoint above): they must be the very entries the checkpoint was trained with
+    differ = [k for k, v in saved["references"].items() if _entries(run).get(k) != v]
+    if differ:
+        raise ResumeError(
+            f"--resume {ckpt.path}: the reference log-probs of {', '.join(differ)} are not the "
+            "ones this run was trained with (the model or the data changed)"
+        )
     saved_state, tensors = checkpoint.load_checkpoint(
         ckpt, model=model, optimizer=state.optimizer, scheduler=state.scheduler
     )
@@ -340,7 +348,8 @@ def save(run: Run, state: TrainState, log: MetricsLog, t_session: float) -> chec
         run.out, state.step,
         model=run.acc.unwrap_model(run.policy).model, optimizer=state.optimizer,
         scheduler=state.scheduler,
-        state={"config": run.cfg.model_dump(mode="json"), "state": snapshot},
+        state={"config": run.cfg.model_dump(mode="json"), "state": snapshot,
+               "references": _entries(run)},
         tensors=tensors, keep_last=tc.keep_last,
         keep={state.reference_step} if state.reference_step is not None else set(),
     )  # fmt: skip
@@ -381,6 +390,11 @@ def _live(losses: dict, ev: dict, tok_s: float) -> str:
 
 def _latest(out: Path) -> checkpoint.Checkpoint | None:
     return checkpoint.latest_checkpoint(out, log=lambda msg: None)
+
+
+def _entries(run: Run) -> dict[str, str]:
+    """The reference cache entries in use, by `slot/split/input` (named in every checkpoint)."""
+    return {"/".join(key): entry for key, entry in run.refs.entries.items()}
 
 
 def _checkpoint_at(out: Path, step: int) -> checkpoint.Checkpoint:

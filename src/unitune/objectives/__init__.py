@@ -29,7 +29,7 @@ register(orpo, name="orpo", data="pairs", needs_ref=False, source="ORPO, arXiv 2
          summary="NLL(y_w) + lam * -logsigmoid(log_odds(y_w) - log_odds(y_l))")
 register(una_pair, name="una_pair", data="pairs", needs_ref=True, source="UNA, arXiv 2408.15339",
          summary="-logsigmoid(beta * (r(y_w) - r(y_l))) (= dpo)")
-register(kto, name="kto", data="unpaired", needs_ref=True, needs_kl=True, needs_labels=True,
+register(kto, name="kto", data="unpaired", needs_ref=True, inputs=("kl",), needs_labels=True,
          source="KTO, arXiv 2402.01306",
          summary="desirable 1 - sigma(beta*(r - z)), undesirable 1 - sigma(beta*(z - r))")
 register(una_binary, name="una_binary", data="unpaired", needs_ref=True, needs_labels=True,

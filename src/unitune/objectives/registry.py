@@ -9,6 +9,7 @@ mistyped keys are config errors.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import typing
 from collections.abc import Callable
@@ -17,6 +18,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, create_model
 from torch import Tensor
+
+from unitune.objectives.types import FeedbackLogps, PairLogps, SeqLogps
 
 Kind = Literal["sft", "pref"]
 Data = Literal["demonstrations", "pairs", "unpaired"]
@@ -35,7 +38,9 @@ class Objective:
     # forward(model, input_ids, attention_mask, target_mask, *, chunk_size, **params) -> TokenLogps
     forward: Callable | None = None
     summary: str = ""  # one-line formula for `unitune objectives`
-    needs_kl: bool = False  # unpaired: needs mismatched pairs for a KL estimate (KTO)
+    # auxiliary inputs the objective consumes, by name (`batches.AUX_INPUTS`); each fills the
+    # field of that name of its log-prob bundle, e.g. "kl": KTO's mismatched pairs
+    inputs: tuple[str, ...] = ()
     # unpaired: trains on binary labels (desirable / undesirable), so score data is refused unless
     # `data.pref.label_threshold` turns it into labels at load time
     needs_labels: bool = False
@@ -61,7 +66,7 @@ def register(
     source: str,
     summary: str = "",
     forward: Callable | None = None,
-    needs_kl: bool = False,
+    inputs: tuple[str, ...] = (),
     needs_labels: bool = False,
 ) -> Callable[..., Tensor]:
     """Register `fn` under `name`; its keyword-only arguments become validated config keys."""
@@ -74,7 +79,11 @@ def register(
         f"{name}_params", __config__=ConfigDict(extra="forbid", strict=False), **fields
     )
     kind: Kind = "sft" if data == "demonstrations" else "pref"
+    bundle = {"demonstrations": SeqLogps, "pairs": PairLogps, "unpaired": FeedbackLogps}[data]
+    unknown = [i for i in inputs if i not in {f.name for f in dataclasses.fields(bundle)}]
+    if unknown:  # an auxiliary input fills the bundle's field of its name
+        raise ValueError(f"{name}: {bundle.__name__} has no field for inputs {unknown}")
     REGISTRY[name] = Objective(
-        name, kind, fn, params, needs_ref, source, data, forward, summary, needs_kl, needs_labels
+        name, kind, fn, params, needs_ref, source, data, forward, summary, inputs, needs_labels
     )
     return fn
