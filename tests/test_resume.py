@@ -128,3 +128,26 @@ def test_resume_refuses_reference_log_probs_of_changed_data(tiny_config, label_f
     longer = {**raw, "train": {**raw["train"], "max_steps": 4}}
     with pytest.raises(ResumeError, match="reference log-probs of pref/eval/main"):
         train(parse_config(longer), progress=False, resume=True)
+
+
+def test_parallel_resumes_branch_by_branch(tiny_config, label_files):
+    """A finished branch is kept; the interrupted one resumes; the merge is the same."""
+    raw = config(tiny_config, label_files, "sft", 1)
+    raw["schedule"] = {"name": "parallel", "l1": 1e-4, "merge": {"method": "task_arithmetic"}}
+    raw["train"] |= {"max_steps": 4, "keep_last": 4}
+    out = Path(raw["output_dir"])
+    whole = train(parse_config(raw), progress=False)
+    # as if killed in the preference branch after its step 2
+    (out / "pref" / "summary.json").unlink()
+    shutil.rmtree(out / "pref" / "model")
+    for step in (3, 4):
+        shutil.rmtree(out / "pref" / "checkpoints" / f"step-{step:08d}")
+    (out / "summary.json").unlink()
+    resumed = train(parse_config(raw), progress=False, resume=True)
+    assert resumed["final"] == {**whole["final"], "elapsed_s": resumed["final"]["elapsed_s"]}
+    for kind in ("sft", "pref"):
+        drop = set(TIMING)
+        got, want = resumed["branches"][kind], whole["branches"][kind]
+        assert {k: v for k, v in got.items() if k not in drop} == {
+            k: v for k, v in want.items() if k not in drop
+        }
