@@ -66,7 +66,7 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
 def test_sigterm_checkpoints_and_the_resumed_run_matches_the_uninterrupted_one(
     tiny_config, tmp_path
 ):
-    raw = tiny_config("alright", max_steps=40, eval_every=10, save_every=100)
+    raw = tiny_config("alright", max_steps=12, eval_every=4, save_every=100)
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(raw))
     out = Path(raw["output_dir"])
@@ -78,7 +78,7 @@ def test_sigterm_checkpoints_and_the_resumed_run_matches_the_uninterrupted_one(
     assert "resume with: unitune train" in output and "--resume" in output
     (ckpt,) = checkpoint.list_checkpoints(out)  # written on the signal, not by save_every
     stopped_at = checkpoint.verify(ckpt)["step"]
-    assert 3 <= stopped_at < 40
+    assert 3 <= stopped_at < 12
     proc = child(["train", str(path), "--no-progress", "--resume"], tmp_path)
     output = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, output
