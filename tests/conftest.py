@@ -36,6 +36,22 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+TIMING = ("elapsed_s", "tokens_per_s")  # wall-clock fields: the only ones a rerun may change
+
+
+def run_records(run_dir: Path) -> list[dict]:
+    """A run directory's metrics.jsonl lines without their wall-clock fields."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").open()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def final_weights(run_dir: Path) -> dict:
+    """The tensors of a run directory's saved full model."""
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "model" / "model.safetensors")
+
+
 def msg(role: str, content: str) -> dict:
     return {"role": role, "content": content}
 

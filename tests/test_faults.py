@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from conftest import final_weights, run_records
 from typer.testing import CliRunner
 
 from unitune import checkpoint
@@ -23,21 +23,10 @@ from unitune.jobs import train
 from unitune.session import Run
 from unitune.trainer import NonFiniteError
 
-TIMING = ("elapsed_s", "tokens_per_s")
-
-
-def records(run_dir: Path) -> list[dict]:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").open()]
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
-
-
-def weights(run_dir: Path) -> dict:
-    return load_file(run_dir / "model" / "model.safetensors")
-
 
 def same_run(a: Path, b: Path) -> None:
-    assert records(a) == records(b)
-    wa, wb = weights(a), weights(b)
+    assert run_records(a) == run_records(b)
+    wa, wb = final_weights(a), final_weights(b)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -155,7 +144,7 @@ def test_nonfinite_skip_skips_the_update_and_reports_it(tiny_config, monkeypatch
     nan_at(monkeypatch, 2)
     summary = train(parse_config(raw), progress=False)
     assert summary["skipped_nonfinite"] == [2] and summary["steps"]["sft"] == 3
-    assert all(torch.isfinite(t).all() for t in weights(Path(raw["output_dir"])).values())
+    assert all(torch.isfinite(t).all() for t in final_weights(Path(raw["output_dir"])).values())
 
 
 def test_nonfinite_through_the_cli_is_one_line(tiny_config, tmp_path, monkeypatch):

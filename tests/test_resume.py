@@ -7,15 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ANIMALS, write_jsonl
-from safetensors.torch import load_file
+from conftest import ANIMALS, TIMING, final_weights, run_records, write_jsonl
 
 from unitune import checkpoint
 from unitune.config import parse_config
 from unitune.jobs import train
 from unitune.trainer import ResumeError
 
-TIMING = ("elapsed_s", "tokens_per_s")
 T = 8  # steps; batch 4 of 24 items: an epoch is 6 batches
 
 
@@ -45,15 +43,6 @@ def config(tiny_config, label_files, schedule: str, grad_accum: int) -> dict:
     return raw
 
 
-def records(run_dir: Path) -> list[dict]:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").open()]
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
-
-
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(run_dir / "model" / "model.safetensors")
-
-
 def interruptions(grad_accum: int) -> dict[str, int]:
     """Steps to resume from: early, mid-epoch and exactly at an epoch's end."""
     return {"early": 1, "mid_epoch": 5 if grad_accum == 1 else 4, "epoch_end": 6 // grad_accum}
@@ -66,7 +55,7 @@ def test_resume_is_bitwise_identical(tiny_config, label_files, tmp_path, schedul
     raw = config(tiny_config, label_files, schedule, grad_accum)
     full = Path(raw["output_dir"])
     whole = train(parse_config(raw), progress=False)
-    want_records, want_weights = records(full), weights(full)
+    want_records, want_weights = run_records(full), final_weights(full)
     for where, step in interruptions(grad_accum).items():
         # the run as a crash after `step` leaves it: later checkpoints, log lines and model gone
         cut = tmp_path / f"cut-{where}"
@@ -76,8 +65,8 @@ def test_resume_is_bitwise_identical(tiny_config, label_files, tmp_path, schedul
                 shutil.rmtree(ckpt)
         resumed = train(parse_config({**raw, "output_dir": str(cut)}), progress=False,
                         resume=True)  # fmt: skip
-        assert records(cut) == want_records, where
-        got = weights(cut)
+        assert run_records(cut) == want_records, where
+        got = final_weights(cut)
         assert got.keys() == want_weights.keys()
         assert all(torch.equal(got[k], want_weights[k]) for k in got), where
         assert resumed["steps"] == whole["steps"] and resumed["final"]["step"] == T
@@ -96,13 +85,13 @@ def test_sequential_resume_after_the_switch_recomputes_a_cleared_reference(
     train(parse_config(raw), progress=False)
     steps = [int(p.name.split("-")[1]) for p in checkpoint.list_checkpoints(full)]
     assert steps == [4, 6, 7, 8]  # the switch (lam 0.5 of 8 steps) is kept
-    want = records(full)
+    want = run_records(full)
     shutil.rmtree(Path(raw["cache_dir"]) / "refs")
     (full / "summary.json").unlink()
     for step in (7, 8):  # back to step 6, in the preference stage
         shutil.rmtree(full / "checkpoints" / f"step-{step:08d}")
     resumed = train(parse_config(raw), progress=False, resume=True)
-    assert records(full) == want and resumed["final"]["step"] == T
+    assert run_records(full) == want and resumed["final"]["step"] == T
 
 
 def test_resume_refuses_a_changed_config_by_key(tiny_config, label_files):
