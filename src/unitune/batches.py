@@ -151,19 +151,31 @@ def item_length(item: Sequence | Pair | Feedback) -> int:
 class BatchStream:
     """Endless stream of index batches grouped by length, reshuffled every epoch.
 
-    Epoch `e`'s order is a pure function of `seed + e`, so the stream's whole state is
-    `(epoch, position)`: `state_dict()` / `load_state_dict()` resume it at the very next batch.
+    Epoch `e`'s order is a pure function of `seed + e`; the epochs, one after another, are one
+    sequence of batches. Process `rank` of `world` takes every `world`-th of them, starting at its
+    rank, so the processes see disjoint batches and together exactly the batches one process
+    would draw in `world` micro-steps. The stream's whole state is how many batches it has drawn:
+    `state_dict()` / `load_state_dict()` resume it at the very next batch.
     With a fixed `partition` (unpaired data: KTO's mismatched pairs are built per batch and their
     reference log-probs cached), the same batches come back every epoch in a new order.
     """
 
     def __init__(
-        self, items: list, batch_size: int, seed: int, partition: list[list[int]] | None = None
+        self,
+        items: list,
+        batch_size: int,
+        seed: int,
+        partition: list[list[int]] | None = None,
+        *,
+        rank: int = 0,
+        world: int = 1,
     ):
         self.lengths = [item_length(it) for it in items]
         self.batch_size, self.seed, self.partition = batch_size, seed, partition
-        self.epoch, self.position = 0, 0
+        self.rank, self.world, self.drawn = rank, world, 0
+        self.epoch = 0
         self._order = self._epoch_order()
+        self._per_epoch = len(self._order)
 
     def _epoch_order(self) -> list[list[int]]:
         seed = self.seed + self.epoch
@@ -176,19 +188,18 @@ class BatchStream:
         return self
 
     def __next__(self) -> list[int]:
-        if self.position == len(self._order):
-            self.epoch, self.position = self.epoch + 1, 0
+        epoch, position = divmod(self.drawn * self.world + self.rank, self._per_epoch)
+        if epoch != self.epoch:
+            self.epoch = epoch
             self._order = self._epoch_order()
-        batch = self._order[self.position]
-        self.position += 1
-        return batch
+        self.drawn += 1
+        return self._order[position]
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"drawn": self.drawn}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._order = self._epoch_order()
+        self.drawn = int(state["drawn"])
 
 
 def collate_items(items: list, idx: list[int], pad_id: int, device) -> dict[str, torch.Tensor]:

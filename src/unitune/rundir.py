@@ -95,23 +95,26 @@ class MetricsLog:
     step twice. `keep=0` starts a new log.
     """
 
-    def __init__(self, path: Path, keep: int = 0):
-        self.path = path
+    def __init__(self, path: Path, keep: int = 0, enabled: bool = True):
+        self.path, self.lines, self.file = path, keep, None
+        if not enabled:  # another process writes the log; this one only counts
+            return
         if keep:
             old = path.read_text().splitlines(keepends=True) if path.exists() else []
             if len(old) < keep:
                 raise ValueError(f"{path}: {len(old)} lines, but the checkpoint recorded {keep}")
             atomic_write(path, "".join(old[:keep]))
         self.file = path.open("a" if keep else "w")
-        self.lines = keep
 
     def write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
         self.lines += 1
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 def atomic_write(path: Path, text: str) -> None:

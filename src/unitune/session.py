@@ -76,8 +76,14 @@ class Run:
         # precision; a later run in the same process (a sweep, the demo, a notebook) may differ.
         # The distributed part (PartialState) is kept.
         AcceleratorState._reset_state(reset_partial_state=False)
-        self.acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=False)
+        # with no accelerator, `cpu=True` is what lets Accelerate see a torchrun / accelerate
+        # launch of several CPU processes (MULTI_CPU, gloo); otherwise each would run alone
+        no_device = not torch.cuda.is_available() and not torch.backends.mps.is_available()
+        self.acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=no_device)
         self.device = self.acc.device
+        self.main = self.acc.is_main_process  # logs and files come from the main process only
+        if not self.main:
+            self.console.quiet = True
         self.model, self.tokenizer = load_model(cfg.model)
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
@@ -142,7 +148,9 @@ class Run:
         if initial:
             wanted += [((k, "eval", "main"), s.eval) for k, s in self.data.items()]
         ref_ctx = reference_mode(self.model) if initial else nullcontext()
-        with ref_ctx, self.acc.autocast():
+        # the main process computes and caches them while the others wait, then they read the
+        # very same cache entries: one pass, one writer
+        with self.acc.main_process_first(), ref_ctx, self.acc.autocast():
             for key, items in wanted:
                 logps, hit, entry = reference_logps(
                     self.policy,
@@ -223,9 +231,19 @@ class Run:
         """No-grad losses of both objectives on the current batches (MAXRIGHT's refresh)."""
         self.policy.eval()
         try:
-            return {kind: float(self.loss(kind, idx)[0]) for kind, idx in batches.items()}
+            return self.global_mean({k: float(self.loss(k, idx)[0]) for k, idx in batches.items()})
         finally:
             self.policy.train()
+
+    def global_mean(self, values: dict[str, float]) -> dict[str, float]:
+        """`values` averaged over the processes (the same keys on every rank): what every rank
+        logs and decides on, so all ranks step on the same objective."""
+        if self.acc.num_processes == 1 or not values:
+            return values
+        keys = list(values)  # the same order on every rank: the same plan
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
+        t = self.acc.reduce(t, reduction="mean")
+        return dict(zip(keys, t.tolist(), strict=True))
 
     # ------------------------------------------------------------------ eval
     @torch.no_grad()

@@ -13,6 +13,7 @@ import json
 import math
 import random
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,12 +121,16 @@ def train(
         ckpt = find_checkpoint(out, resume, con) if resume else None
         if ckpt is not None:
             restore(run, state, ckpt, con)
-        else:
+        elif run.main:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.yaml").write_text(dump_config(cfg))
-        log = MetricsLog(out / "metrics.jsonl", keep=state.metrics_lines)
+        world = run.acc.num_processes
+        con.log(f"batch: {tc.batch_size} per process x {world} processes x {tc.grad_accum} "
+                f"accumulation = {tc.batch_size * world * tc.grad_accum} per step")  # fmt: skip
+        log = MetricsLog(out / "metrics.jsonl", keep=state.metrics_lines, enabled=run.main)
         t_session = time.time()
-        bar, task = progress_bar(con, progress, cfg.name or cfg.schedule.name, tc.max_steps)
+        bar, task = progress_bar(con, progress and run.main, cfg.name or cfg.schedule.name,
+                                 tc.max_steps)  # fmt: skip
         try:
             with bar:
                 bar.update(task, completed=state.step)
@@ -139,10 +144,11 @@ def train(
                     plan, losses, tok_s = train_step(run, state, log)
                     if eval_due(cfg, state):
                         evaluate(run, state, log, t_session)
-                    if stop.requested or (tc.save_every and state.step % tc.save_every == 0):
+                    stopping = signalled(run, stop)  # every rank stops at the same step
+                    if stopping or (tc.save_every and state.step % tc.save_every == 0):
                         save(run, state, log, t_session)
-                    if stop.requested:
-                        raise Interrupted(stop.requested, checkpoint=_latest(out))
+                    if stopping:
+                        raise Interrupted(stopping, checkpoint=_latest(out))
                     bar.update(task, advance=1, info=_live(losses, state.last_eval, tok_s))
         except Interrupted as e:
             if e.checkpoint is None and state.step > 0 and tc.save_every:
@@ -159,12 +165,16 @@ def train(
         steps=dict(state.steps),
         data={k: report_dict(s) for k, s in run.data.items()},
         skipped_nonfinite=state.skipped,
+        world_size=run.acc.num_processes,
+        global_batch=tc.batch_size * run.acc.num_processes * tc.grad_accum,
     )
-    if tc.save_model and run.acc.is_main_process:
+    if tc.save_model and run.main:
         merge = bool(cfg.model.lora and cfg.model.lora.merge_on_save)
         save_model(run.acc.unwrap_model(run.policy).model, run.tokenizer, out / "model",
                    merge_lora=merge)  # fmt: skip
-    atomic_write(out / "summary.json", _json(summary))
+    if run.main:
+        atomic_write(out / "summary.json", _json(summary))
+    run.acc.wait_for_everyone()
     return summary
 
 
@@ -189,6 +199,7 @@ def train_step(run: Run, state: TrainState, log: MetricsLog) -> tuple[dict, dict
             tokens += n_tok
             losses[kind] = losses.get(kind, 0.0) + loss.item() / tc.grad_accum
         run.acc.backward(total / tc.grad_accum)
+    losses = run.global_mean(losses)  # every rank logs, checks and observes the same values
     limit = tc.max_grad_norm if tc.max_grad_norm is not None else math.inf
     grad_norm = float(run.acc.clip_grad_norm_(run.policy.parameters(), limit))
     bad = [k for k, v in losses.items() if not math.isfinite(v)]
@@ -229,6 +240,14 @@ def nonfinite(run: Run, state: TrainState, bad: list[str], grad_norm: float, bat
     )
 
 
+def signalled(run: Run, stop: Interrupts) -> int | None:
+    """The signal any process got (the largest number), the same on every rank."""
+    if run.acc.num_processes == 1:
+        return stop.requested
+    got = run.global_mean({"signal": float(stop.requested or 0)})["signal"]
+    return stop.requested or (signal.SIGTERM if got > 0 else None)
+
+
 def eval_due(cfg: Config, state: TrainState) -> bool:
     return state.step % cfg.train.eval_every == 0 or state.step == cfg.train.max_steps
 
@@ -258,9 +277,10 @@ def new_state(run: Run, ideal: Ideal) -> TrainState:
     optimizer = adamw(trainable_parameters(run.model), lr=tc.lr, weight_decay=tc.weight_decay)
     lr_sched = get_scheduler(tc.lr_schedule, optimizer, tc.warmup_steps, tc.max_steps)
     run.policy, optimizer, lr_sched = run.acc.prepare(run.policy, optimizer, lr_sched)
+    rank, world = run.acc.process_index, run.acc.num_processes
     streams = {
-        k: BatchStream(s.train, tc.batch_size, tc.seed + i,
-                       run.partitions.get(k))
+        k: BatchStream(s.train, tc.batch_size, tc.seed + i, run.partitions.get(k),
+                       rank=rank, world=world)
         for i, (k, s) in enumerate(sorted(run.data.items()))
     }  # fmt: skip
     schedule = build_schedule(
@@ -313,8 +333,9 @@ def restore(run: Run, state: TrainState, ckpt: checkpoint.Checkpoint, con: Conso
         ckpt, model=model, optimizer=state.optimizer, scheduler=state.scheduler
     )
     state.load_state_dict(saved_state["state"])
-    for later in checkpoint.list_checkpoints(run.out):  # a future this resume replaces
-        if _step_of(later) > ckpt.step:
+    run.acc.wait_for_everyone()  # every process has read it before the main one prunes
+    for later in checkpoint.list_checkpoints(run.out) if run.main else []:
+        if _step_of(later) > ckpt.step:  # a future this resume replaces
             shutil.rmtree(later)
     torch.set_rng_state(tensors["torch_rng"])
     if torch.cuda.is_available() and "cuda_rng" in tensors:
@@ -344,6 +365,10 @@ def save(run: Run, state: TrainState, log: MetricsLog, t_session: float) -> chec
     tensors = {"torch_rng": torch.get_rng_state()}
     if torch.cuda.is_available():
         tensors["cuda_rng"] = torch.cuda.get_rng_state()
+    path = run.out / "checkpoints" / f"step-{state.step:08d}"
+    if not run.main:  # one writer; the others wait until it is in place
+        run.acc.wait_for_everyone()
+        return checkpoint.Checkpoint(path, state.step, {})
     path = checkpoint.save_checkpoint(
         run.out, state.step,
         model=run.acc.unwrap_model(run.policy).model, optimizer=state.optimizer,
@@ -357,6 +382,7 @@ def save(run: Run, state: TrainState, log: MetricsLog, t_session: float) -> chec
     run.console.log(
         f"checkpoint step {state.step}: {path} ({size:.1f} MB, {time.time() - t0:.2f} s)"
     )
+    run.acc.wait_for_everyone()
     return checkpoint.Checkpoint(path, state.step, {})
 
 
