@@ -40,13 +40,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(config: Path, tmp_path: Path, nproc: int = 2) -> str:
+# the runs of several configs in one launch of 2 processes (imports and start-up paid once)
+MANY = """
+import sys
+from unitune.config import load_config
+from unitune.jobs import train
+for path in sys.argv[1:]:
+    train(load_config(path), progress=False)
+"""
+
+
+def torchrun(configs: list[Path], tmp_path: Path, nproc: int = 2) -> str:
     env = {**os.environ, "UNITUNE_CACHE": str(tmp_path / "ucache"), "COLUMNS": "250",
            "OMP_NUM_THREADS": "1"}  # fmt: skip
+    script = tmp_path / "many.py"
+    script.write_text(MANY)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={free_port()}", "-m", "unitune.cli", "train", str(config),
-           "--no-progress"]  # fmt: skip
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+           f"--master_port={free_port()}", str(script), *map(str, configs)]  # fmt: skip
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout + out.stderr
 
@@ -65,46 +76,52 @@ def label_files(tmp_path):
     )
 
 
-@pytest.mark.parametrize(
-    "schedule", ["sft", "pref", "sequential", "mix", "alright", "maxright", "kto"]
-)
-def test_two_processes_equal_one_process_with_accumulation(
-    tiny_config, tmp_path, label_files, schedule
-):
-    """2 processes x batch b against 1 process x batch b x grad_accum 2 over the same batches.
+SCHEDULES = ["sft", "pref", "sequential", "mix", "alright", "maxright", "kto"]
+
+
+def test_two_processes_equal_one_process_with_accumulation(tiny_config, tmp_path, label_files):
+    """For every schedule (and KTO's unpaired data with its mismatched pairs): 2 processes x
+    batch b against 1 process x batch b x grad_accum 2 over the same batches.
     DDP averages the ranks' gradients by an all-reduce where one process sums scaled micro-batch
     gradients: the same sum in another order, so values agree to float32 rounding, compounded
     over a few Adam steps (rtol 1e-4), and the schedule's decisions agree exactly. Adam scales each
     update to about `lr` whatever the gradient's size, so the rounding of a near-zero gradient
     entry can move that weight by a fraction of `lr`: weights agree to 1 % of one step."""
-    raw = tiny_config("alright" if schedule == "kto" else schedule, max_steps=4, batch_size=2,
-                      eval_every=2)  # fmt: skip
-    if schedule == "kto":  # unpaired data, with KTO's mismatched pairs over a fixed partition
-        raw["data"]["pref"] = {"train": str(label_files[0]), "eval": str(label_files[1])}
-        raw["objectives"] = {"pref": {"name": "kto"}}
-    two = tmp_path / "two.yaml"
-    two.write_text(yaml.safe_dump(raw))
-    output = torchrun(two, tmp_path)
+    raws = {}
+    for schedule in SCHEDULES:
+        raw = tiny_config("alright" if schedule == "kto" else schedule, max_steps=4,
+                          batch_size=2, eval_every=2)  # fmt: skip
+        if schedule == "kto":  # unpaired data, with KTO's mismatched pairs over a partition
+            raw["data"]["pref"] = {"train": str(label_files[0]), "eval": str(label_files[1])}
+            raw["objectives"] = {"pref": {"name": "kto"}}
+        raw["output_dir"] = str(tmp_path / f"two-{schedule}")
+        raw["cache_dir"] = str(tmp_path / f"cache-{schedule}")
+        (tmp_path / f"{schedule}.yaml").write_text(yaml.safe_dump(raw))
+        raws[schedule] = raw
+    output = torchrun([tmp_path / f"{s}.yaml" for s in SCHEDULES], tmp_path)
     assert "2 per process x 2 processes x 1 accumulation = 4 per step" in output
-    out2 = Path(raw["output_dir"])
-    summary = json.loads((out2 / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["global_batch"] == 4
-    refs = sorted((Path(raw["cache_dir"]) / "refs").iterdir())
-    one = {**raw, "output_dir": str(tmp_path / "one"),
-           "train": {**raw["train"], "grad_accum": 2}}  # fmt: skip
-    train(parse_config(one), progress=False)
-    out1 = tmp_path / "one"
-    # the reference pass ran once, and its cache entries are the ones one process uses (only
-    # sequential's switched reference, taken from weights that differ by rounding, is new)
-    after = sorted((Path(raw["cache_dir"]) / "refs").iterdir())
-    assert set(refs) <= set(after) and len(after) == len(refs) + (schedule == "sequential")
-    t1, t2 = lines(out1, "train"), lines(out2, "train")
-    assert [(r["step"], r["objective"]) for r in t1] == [(r["step"], r["objective"]) for r in t2]
-    for a, b in zip(t1, t2, strict=True):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
-    for a, b in zip(lines(out1, "eval"), lines(out2, "eval"), strict=True):
-        assert b["f_sft"] == pytest.approx(a["f_sft"], rel=1e-4)
-        assert b["f_pref"] == pytest.approx(a["f_pref"], rel=1e-4)
-    w1, w2 = final_weights(out1), final_weights(out2)
-    for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=0.01 * raw["train"]["lr"])
+    for schedule, raw in raws.items():
+        out2 = Path(raw["output_dir"])
+        summary = json.loads((out2 / "summary.json").read_text())
+        assert summary["world_size"] == 2 and summary["global_batch"] == 4, schedule
+        refs = sorted((Path(raw["cache_dir"]) / "refs").iterdir())
+        out1 = tmp_path / f"one-{schedule}"
+        one = {**raw, "output_dir": str(out1), "train": {**raw["train"], "grad_accum": 2}}
+        train(parse_config(one), progress=False)
+        # the reference pass ran once, and its cache entries are the ones one process uses (only
+        # sequential's switched reference, taken from weights that differ by rounding, is new)
+        after = sorted((Path(raw["cache_dir"]) / "refs").iterdir())
+        assert set(refs) <= set(after), schedule
+        assert len(after) == len(refs) + (schedule == "sequential"), schedule
+        t1, t2 = lines(out1, "train"), lines(out2, "train")
+        decisions = [(r["step"], r["objective"]) for r in t1]
+        assert decisions == [(r["step"], r["objective"]) for r in t2], schedule
+        for a, b in zip(t1, t2, strict=True):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), schedule
+        for a, b in zip(lines(out1, "eval"), lines(out2, "eval"), strict=True):
+            assert b["f_sft"] == pytest.approx(a["f_sft"], rel=1e-4), schedule
+            assert b["f_pref"] == pytest.approx(a["f_pref"], rel=1e-4), schedule
+        w1, w2 = final_weights(out1), final_weights(out2)
+        for k in w1:
+            torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=0.01 * raw["train"]["lr"],
+                                       msg=lambda m, s=schedule, k=k: f"{s} {k}: {m}")  # fmt: skip
