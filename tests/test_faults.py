@@ -176,3 +176,29 @@ def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_previous(
     assert "No space left on device" in result.output and "step 2 is intact" in result.output
     latest = checkpoint.latest_checkpoint(Path(raw["output_dir"]), log=lambda m: None)
     assert latest is not None and latest.step == 2
+
+
+def test_a_signal_during_an_evaluation_is_answered_and_the_eval_redone_on_resume(
+    tiny_config, tmp_path, monkeypatch
+):
+    """Evaluation polls the signal between batches (a run that never looked would train on);
+    the step is checkpointed without save_every, and the resumed run redoes that evaluation."""
+    from unitune.interrupts import Interrupted
+
+    raw = tiny_config("mix", max_steps=4, eval_every=2)
+    original, calls = Run.evaluate, {"n": 0}
+
+    def evaluate(self):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the evaluation after step 2
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self)
+
+    monkeypatch.setattr(Run, "evaluate", evaluate)
+    with pytest.raises(Interrupted) as stopped:
+        train(parse_config(raw), progress=False)
+    assert stopped.value.checkpoint.step == 2 and stopped.value.signum == signal.SIGTERM
+    monkeypatch.setattr(Run, "evaluate", original)
+    train(parse_config(raw), progress=False, resume=True)
+    train(parse_config({**raw, "output_dir": str(tmp_path / "whole")}), progress=False)
+    same_run(Path(raw["output_dir"]), tmp_path / "whole")

@@ -151,8 +151,8 @@ def train(
                         raise Interrupted(stopping, checkpoint=_latest(out))
                     bar.update(task, advance=1, info=_live(losses, state.last_eval, tok_s))
         except Interrupted as e:
-            if e.checkpoint is None and state.step > 0 and tc.save_every:
-                e.checkpoint = save(run, state, log, t_session)  # stopped during an eval
+            if e.checkpoint is None and state.step > 0:  # stopped inside an eval: keep the step
+                e.checkpoint = save(run, state, log, t_session)
             raise
         finally:
             log.close()
