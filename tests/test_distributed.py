@@ -125,3 +125,56 @@ def test_two_processes_equal_one_process_with_accumulation(tiny_config, tmp_path
         for k in w1:
             torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=0.01 * raw["train"]["lr"],
                                        msg=lambda m, s=schedule, k=k: f"{s} {k}: {m}")  # fmt: skip
+
+
+SKEWED = """
+import json, os, sys
+from unitune import schedules, session
+from unitune.config import load_config
+from unitune.jobs import train
+
+rank = int(os.environ["RANK"])
+loss = session.Run.loss
+
+
+def skewed(self, kind, idx):  # SFT loss 1 lower on rank 0, 1 higher on rank 1: the same mean
+    value, n = loss(self, kind, idx)
+    return (value + (2.0 * rank - 1.0) if kind == "sft" else value), n
+
+
+session.Run.loss = skewed
+plan, seen = schedules.Maxright.plan, []
+
+
+def recorded(self, step, probe):
+    out = plan(self, step, probe)
+    seen.append([step, sorted(out), self.gaps])
+    return out
+
+
+schedules.Maxright.plan = recorded
+train(load_config(sys.argv[1]), progress=False)
+with open(f"{sys.argv[2]}.{rank}.json", "w") as f:
+    json.dump(seen, f)
+"""
+
+
+def test_maxright_decides_alike_on_ranks_whose_losses_differ(tiny_config, tmp_path):
+    raw = tiny_config("maxright", max_steps=6, batch_size=2, eval_every=6)
+    # optima near the start, so that a rank alone would decide by its own skew: rank 0's SFT
+    # gap (1 - lam) * (l - 1 - 10.5) < 0 < its preference gap, rank 1's SFT gap > 0.5
+    raw["schedule"] |= {"ideal": "config", "f_sft_star": 10.5, "f_pref_star": 0.3}
+    path = tmp_path / "maxright.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    script = tmp_path / "skewed.py"
+    script.write_text(SKEWED)
+    env = {**os.environ, "UNITUNE_CACHE": str(tmp_path / "ucache"), "OMP_NUM_THREADS": "1"}
+    seen = tmp_path / "seen"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={free_port()}", str(script), str(path), str(seen)]  # fmt: skip
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"seen.{r}.json").read_text()) for r in (0, 1))
+    # every decision and every gap alike on both ranks, although their own SFT losses differ by 2:
+    # the gaps are of the losses averaged over the ranks
+    assert len(rank0) == 6 and rank0 == rank1
