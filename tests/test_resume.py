@@ -61,7 +61,7 @@ def test_resume_is_bitwise_identical(tiny_config, label_files, tmp_path, schedul
         cut = tmp_path / f"cut-{where}"
         shutil.copytree(full, cut, ignore=shutil.ignore_patterns("model", "summary.json"))
         for ckpt in checkpoint.list_checkpoints(cut):
-            if int(ckpt.name.split("-")[1]) > step:
+            if checkpoint.step_of(ckpt) > step:
                 shutil.rmtree(ckpt)
         resumed = train(parse_config({**raw, "output_dir": str(cut)}), progress=False,
                         resume=True)  # fmt: skip
@@ -83,13 +83,13 @@ def test_sequential_resume_after_the_switch_recomputes_a_cleared_reference(
     raw["train"]["keep_last"] = 3  # the newest three, plus the pinned switch point
     full = Path(raw["output_dir"])
     train(parse_config(raw), progress=False)
-    steps = [int(p.name.split("-")[1]) for p in checkpoint.list_checkpoints(full)]
+    steps = [checkpoint.step_of(p) for p in checkpoint.list_checkpoints(full)]
     assert steps == [4, 6, 7, 8]  # the switch (lam 0.5 of 8 steps) is kept
     want = run_records(full)
     shutil.rmtree(Path(raw["cache_dir"]) / "refs")
     (full / "summary.json").unlink()
     for step in (7, 8):  # back to step 6, in the preference stage
-        shutil.rmtree(full / "checkpoints" / f"step-{step:08d}")
+        shutil.rmtree(full / "checkpoints" / checkpoint.dir_name(step))
     resumed = train(parse_config(raw), progress=False, resume=True)
     assert run_records(full) == want and resumed["final"]["step"] == T
 
@@ -130,7 +130,7 @@ def test_parallel_resumes_branch_by_branch(tiny_config, label_files):
     (out / "pref" / "summary.json").unlink()
     shutil.rmtree(out / "pref" / "model")
     for step in (3, 4):
-        shutil.rmtree(out / "pref" / "checkpoints" / f"step-{step:08d}")
+        shutil.rmtree(out / "pref" / "checkpoints" / checkpoint.dir_name(step))
     (out / "summary.json").unlink()
     resumed = train(parse_config(raw), progress=False, resume=True)
     assert resumed["final"] == {**whole["final"], "elapsed_s": resumed["final"]["elapsed_s"]}

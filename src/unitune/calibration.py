@@ -21,7 +21,6 @@ from unitune.models import cache_root, load_model, model_fingerprint
 from unitune.rundir import atomic_write
 from unitune.trainer import train
 
-# ------------------------------------------------------------------------ the ideal point
 CALIBRATION_VERSION = "2"  # 2: own-loss optima, keyed by model and data fingerprints
 
 

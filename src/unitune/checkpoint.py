@@ -140,7 +140,7 @@ def save_checkpoint(
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be a non-negative int, got {step!r}")
     root = Path(run_dir) / CHECKPOINTS
-    final = root / _dir_name(step)
+    final = root / dir_name(step)
 
     # Everything that can fail without touching the disk fails here, before anything is written.
     model_file, model_tensors, aliases = _model_payload(model)
@@ -179,7 +179,8 @@ def save_checkpoint(
     return final
 
 
-def _dir_name(step: int) -> str:
+def dir_name(step: int) -> str:
+    """The directory name of step `step`'s checkpoint under `run_dir/checkpoints/`."""
     return f"step-{step:08d}"
 
 
@@ -187,7 +188,7 @@ def _write_failure(step: int, root: Path, err: OSError) -> str:
     reason = err.strerror or str(err) or type(err).__name__
     previous = [p for p in _step_dirs(root) if (p / MANIFEST).is_file()]
     if previous:
-        tail = f"previous checkpoint step {_step_of(previous[-1])} is intact"
+        tail = f"previous checkpoint step {step_of(previous[-1])} is intact"
     else:
         tail = "there is no previous checkpoint"
     return _one_line(f"cannot write checkpoint step {step} to {root}: {reason}; {tail}")
@@ -224,13 +225,13 @@ def _tidy(root: Path, keep_last: int, pinned: set[int]) -> None:
             match = _HIDDEN_DIR.fullmatch(entry.name)
             if match is None or not entry.is_dir():
                 continue
-            target = root / _dir_name(int(match.group(1)))
+            target = root / dir_name(int(match.group(1)))
             if match.group(2) == "old" and not target.exists():
                 os.replace(entry, target)  # a save died between its two renames: undo the first
             else:
                 shutil.rmtree(entry, ignore_errors=True)
         dirs = _step_dirs(root)
-        kept = {p.name for p in dirs[-keep_last:]} | {_dir_name(s) for s in pinned}
+        kept = {p.name for p in dirs[-keep_last:]} | {dir_name(s) for s in pinned}
         for path in dirs:
             if path.name not in kept:
                 trash = root / f".{path.name}.del-{os.getpid()}"
@@ -257,10 +258,11 @@ def _step_dirs(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     dirs = [p for p in root.iterdir() if _STEP_DIR.fullmatch(p.name) and p.is_dir()]
-    return sorted(dirs, key=_step_of)
+    return sorted(dirs, key=step_of)
 
 
-def _step_of(path: Path) -> int:
+def step_of(path: Path) -> int:
+    """The step of a checkpoint directory, from its name."""
     return int(path.name.split("-", 1)[1])
 
 
@@ -311,8 +313,8 @@ def verify(path: Path) -> dict:
     step = manifest.get("step")
     if isinstance(step, bool) or not isinstance(step, int):
         raise fail(f"{MANIFEST} has no integer step")
-    if _STEP_DIR.fullmatch(path.name) and _step_of(path) != step:
-        raise fail(f"{MANIFEST} says step {step}, the directory name says {_step_of(path)}")
+    if _STEP_DIR.fullmatch(path.name) and step_of(path) != step:
+        raise fail(f"{MANIFEST} says step {step}, the directory name says {step_of(path)}")
     files = manifest.get("files")
     if not isinstance(files, dict):
         raise fail(f"{MANIFEST} has no file list")

@@ -19,8 +19,15 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from unitune import checkpoint
+from unitune.calibration import resolve_ideal
 from unitune.config import Config, MergeConfig, ModelConfig
+from unitune.merge import merge, stored_dtypes
 from unitune.metrics import Ideal
+from unitune.models import load_model, model_dir, save_model
+from unitune.rundir import atomic_write, run_summary
+from unitune.session import Run
+from unitune.trainer import train
 
 
 def train_parallel(
@@ -32,12 +39,6 @@ def train_parallel(
     resume: bool | str | Path = False,
 ) -> dict:
     """Run both branches, merge, evaluate; returns the summary written to summary.json."""
-    from unitune import checkpoint
-    from unitune.calibration import resolve_ideal
-    from unitune.merge import merge
-    from unitune.rundir import atomic_write, run_summary
-    from unitune.trainer import train
-
     console = console or Console()
     t_start = time.time()
     sc, out = cfg.schedule, Path(cfg.output_dir)
@@ -114,9 +115,6 @@ def merge_base(cfg: Config, cast_dir: Path) -> Path:
     """The base the branches' deltas are taken from: the base model's directory, or, when the
     run's `model.dtype` differs from the dtype stored there, the base cast to `model.dtype` and
     saved to `cast_dir` (the branches started from that cast, so their deltas are exact)."""
-    from unitune.merge import stored_dtypes
-    from unitune.models import load_model, model_dir, save_model
-
     base_dir = model_dir(cfg.model.name, cfg.model.revision)
     if stored_dtypes(base_dir) == {getattr(torch, cfg.model.dtype)}:
         return base_dir
@@ -127,9 +125,6 @@ def merge_base(cfg: Config, cast_dir: Path) -> Path:
 def evaluate_model(cfg: Config, path: Path, star: Ideal, console: Console) -> dict[str, float]:
     """Held-out metrics of the model saved at `path`, against the base's reference log-probs
     (as every run's metrics are), on the data and objectives of `cfg`."""
-    from unitune.models import load_model
-    from unitune.session import Run
-
     ev = cfg.model_copy(deep=True)
     ev.model = cfg.model.model_copy(update={"lora": None})  # the base, for its reference
     ev.schedule = cfg.schedule.for_schedule("mix", l1=0.0)

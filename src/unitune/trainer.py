@@ -173,7 +173,7 @@ def train(
         save_model(run.acc.unwrap_model(run.policy).model, run.tokenizer, out / "model",
                    merge_lora=merge)  # fmt: skip
     if run.main:
-        atomic_write(out / "summary.json", _json(summary))
+        atomic_write(out / "summary.json", json.dumps(summary, indent=2))
     run.acc.wait_for_everyone()
     return summary
 
@@ -335,7 +335,7 @@ def restore(run: Run, state: TrainState, ckpt: checkpoint.Checkpoint, con: Conso
     state.load_state_dict(saved_state["state"])
     run.acc.wait_for_everyone()  # every process has read it before the main one prunes
     for later in checkpoint.list_checkpoints(run.out) if run.main else []:
-        if _step_of(later) > ckpt.step:  # a future this resume replaces
+        if checkpoint.step_of(later) > ckpt.step:  # a future this resume replaces
             shutil.rmtree(later)
     torch.set_rng_state(tensors["torch_rng"])
     if torch.cuda.is_available() and "cuda_rng" in tensors:
@@ -365,7 +365,7 @@ def save(run: Run, state: TrainState, log: MetricsLog, t_session: float) -> chec
     tensors = {"torch_rng": torch.get_rng_state()}
     if torch.cuda.is_available():
         tensors["cuda_rng"] = torch.cuda.get_rng_state()
-    path = run.out / "checkpoints" / f"step-{state.step:08d}"
+    path = run.out / "checkpoints" / checkpoint.dir_name(state.step)
     if not run.main:  # one writer; the others wait until it is in place
         run.acc.wait_for_everyone()
         return checkpoint.Checkpoint(path, state.step, {})
@@ -424,21 +424,14 @@ def _entries(run: Run) -> dict[str, str]:
 
 
 def _checkpoint_at(out: Path, step: int) -> checkpoint.Checkpoint:
-    for path in checkpoint.list_checkpoints(out):
-        manifest = checkpoint.verify(path)
-        if int(manifest["step"]) == step:
-            return checkpoint.Checkpoint(path, step, manifest)
-    raise ResumeError(f"{out}: the checkpoint of step {step} (the reference's model) is missing")
-
-
-def _step_of(path: Path) -> int:
-    return int(path.name.removeprefix("step-"))
+    path = out / "checkpoints" / checkpoint.dir_name(step)
+    if not path.is_dir():
+        raise ResumeError(
+            f"{out}: the checkpoint of step {step} (the reference's model) is missing"
+        )
+    return checkpoint.Checkpoint(path, step, checkpoint.verify(path))
 
 
 def _python_rng() -> list:
     version, internal, gauss = random.getstate()
     return [version, list(internal), gauss]
-
-
-def _json(obj: Any) -> str:
-    return json.dumps(obj, indent=2)
