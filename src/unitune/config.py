@@ -214,6 +214,7 @@ class TrainConfig(Strict):
     logprob_chunk_size: int = Field(1024, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     save_model: bool = True
+    log_batches: bool = False  # each process's training items per step: batches/rank<r>.jsonl
     save_every: int | None = Field(None, gt=0)  # checkpoint every N steps (and on SIGTERM/SIGINT)
     keep_last: int = Field(2, gt=0)  # checkpoints kept (the newest ones)
     on_nonfinite: Literal["error", "skip"] = "error"  # a NaN/inf loss or gradient norm

@@ -30,7 +30,7 @@ from unitune.metrics import Ideal
 from unitune.models import cache_root, load_model, model_fingerprint, reference_mode
 from unitune.objectives import REGISTRY, FeedbackLogps, PairLogps, SeqLogps
 from unitune.objectives.types import desirable
-from unitune.refcache import RefStore, compute_logps, reference_logps
+from unitune.refcache import RefStore, Shard, compute_logps, reference_logps
 from unitune.rundir import report_data
 
 
@@ -84,6 +84,8 @@ class Run:
         self.main = self.acc.is_main_process  # logs and files come from the main process only
         if not self.main:
             self.console.quiet = True
+        # passes over fixed sets (references, held-out metrics) are split across the processes
+        self.shard = Shard(self.acc.process_index, self.acc.num_processes, self._all_sum)
         self.model, self.tokenizer = load_model(cfg.model)
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
@@ -148,9 +150,8 @@ class Run:
         if initial:
             wanted += [((k, "eval", "main"), s.eval) for k, s in self.data.items()]
         ref_ctx = reference_mode(self.model) if initial else nullcontext()
-        # the main process computes and caches them while the others wait, then they read the
-        # very same cache entries: one pass, one writer
-        with self.acc.main_process_first(), ref_ctx, self.acc.autocast():
+        # each process computes its share of the batches (`self.shard`), process 0 writes
+        with ref_ctx, self.acc.autocast():
             for key, items in wanted:
                 logps, hit, entry = reference_logps(
                     self.policy,
@@ -162,6 +163,7 @@ class Run:
                     device=self.device,
                     only_cached=model_fp is not None,
                     poll=self.poll,
+                    shard=self.shard,
                 )
                 if logps is None:
                     return None
@@ -245,6 +247,12 @@ class Run:
         t = self.acc.reduce(t, reduction="mean")
         return dict(zip(keys, t.tolist(), strict=True))
 
+    def _all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` summed over the processes (on CPU, as given)."""
+        if self.acc.num_processes == 1:
+            return t
+        return self.acc.reduce(t.to(self.device), reduction="sum").to(t.device)
+
     # ------------------------------------------------------------------ eval
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -286,15 +294,19 @@ class Run:
         return length_batches(lengths, self.cfg.train.eval_batch_size, seed=0, shuffle=False)
 
     def _own_loss(self, slot: str) -> float:
-        """The objective's own loss on held-out data: batch losses weighted by batch size."""
+        """The objective's own loss on held-out data: batch losses weighted by batch size, each
+        process its share of the batches (`self.shard`)."""
         obj, params, split = self.objectives[slot]
-        total = 0.0
-        for idx in self._eval_batches(split.eval):
+        batches = self._eval_batches(split.eval)
+        total = torch.zeros(len(batches), dtype=torch.float64)
+        for j in self.shard.share(len(batches)):
             if self.poll is not None:
                 self.poll()
-            lp = self.objective_input(slot, "eval", idx)
-            total += float(obj.loss(lp, params)) * len(idx)
-        return total / len(split.eval)
+            idx = batches[j if j is not None else 0]
+            loss = float(obj.loss(self.objective_input(slot, "eval", idx), params))
+            if j is not None:
+                total[j] = loss * len(idx)
+        return float(self.shard.all_sum(total).sum()) / len(split.eval)
 
     def _feedback_metrics(self, bs: int) -> dict[str, float]:
         """Unpaired feedback: the logistic `f_pref`, reward accuracy and margin at `eval.beta`
@@ -308,14 +320,14 @@ class Run:
         )
         for name in obj.inputs:  # each auxiliary input's figure over the held-out set
             key = ("pref", "eval", name)
-            ratios = [self.aux_logps(key, idx).ratio for idx in self._eval_batches(items)]
-            out[name] = AUX_INPUTS[name].figure(torch.cat(ratios))
+            aux_logp, _ = self._all_logps(self.aux[key].seqs, bs)
+            out[name] = AUX_INPUTS[name].figure(aux_logp - self.refs[key])
         return out
 
     def _all_logps(self, seqs: list[Sequence], bs: int) -> tuple[torch.Tensor, torch.Tensor]:
         logp = compute_logps(
             self.policy, seqs, pad_id=self.pad_id, batch_size=bs, device=self.device,
-            poll=self.poll,
+            poll=self.poll, shard=self.shard,
         )  # fmt: skip
         n = torch.tensor([sum(s.target_mask) for s in seqs])
         return logp, n

@@ -128,6 +128,7 @@ def train(
         con.log(f"batch: {tc.batch_size} per process x {world} processes x {tc.grad_accum} "
                 f"accumulation = {tc.batch_size * world * tc.grad_accum} per step")  # fmt: skip
         log = MetricsLog(out / "metrics.jsonl", keep=state.metrics_lines, enabled=run.main)
+        items_log = batch_log(run, state)
         t_session = time.time()
         bar, task = progress_bar(con, progress and run.main, cfg.name or cfg.schedule.name,
                                  tc.max_steps)  # fmt: skip
@@ -141,7 +142,7 @@ def train(
                 while state.step < tc.max_steps:
                     if state.schedule.resets_reference(state.step):
                         switch_reference(run, state, log, t_session)
-                    plan, losses, tok_s = train_step(run, state, log)
+                    plan, losses, tok_s = train_step(run, state, log, items_log)
                     if eval_due(cfg, state):
                         evaluate(run, state, log, t_session)
                     stopping = signalled(run, stop)  # every rank stops at the same step
@@ -156,6 +157,7 @@ def train(
             raise
         finally:
             log.close()
+            items_log.close()
     summary = run_summary(
         cfg,
         ideal,
@@ -179,9 +181,12 @@ def train(
 
 
 # ------------------------------------------------------------------------------- the step
-def train_step(run: Run, state: TrainState, log: MetricsLog) -> tuple[dict, dict, float]:
+def train_step(
+    run: Run, state: TrainState, log: MetricsLog, items_log: MetricsLog
+) -> tuple[dict, dict, float]:
     """One optimizer step: `grad_accum` micro-batches of every stream, the schedule's plan on the
-    first, backward, clip, step; the train lines logged. Returns (plan, losses, tokens/s)."""
+    first, backward, clip, step; the train lines logged (and each batch's items, `items_log`).
+    Returns (plan, losses, tokens/s)."""
     tc, t0 = run.cfg.train, time.time()
     current: dict[str, list[int]] = {}
     plan: dict[str, float] | None = None
@@ -199,6 +204,9 @@ def train_step(run: Run, state: TrainState, log: MetricsLog) -> tuple[dict, dict
             tokens += n_tok
             losses[kind] = losses.get(kind, 0.0) + loss.item() / tc.grad_accum
         run.acc.backward(total / tc.grad_accum)
+        for kind, idx in current.items():
+            items_log.write({"step": state.step + 1, "objective": kind, "items": idx,
+                                 "trained": kind in plan})  # fmt: skip
     losses = run.global_mean(losses)  # every rank logs, checks and observes the same values
     limit = tc.max_grad_norm if tc.max_grad_norm is not None else math.inf
     grad_norm = float(run.acc.clip_grad_norm_(run.policy.parameters(), limit))
@@ -238,6 +246,16 @@ def nonfinite(run: Run, state: TrainState, bad: list[str], grad_norm: float, bat
         f"last good checkpoint: {last.path if last else 'none (set train.save_every)'}; "
         "set train.on_nonfinite: skip to skip such steps"
     )
+
+
+def batch_log(run: Run, state: TrainState) -> MetricsLog:
+    """`train.log_batches`: this process's training items (0-based indices of the validated
+    training set, as in a non-finite error) of every micro-batch of every stream, a line each."""
+    path = run.out / "batches" / f"rank{run.acc.process_index}.jsonl"
+    if run.cfg.train.log_batches:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    kept = state.step * run.cfg.train.grad_accum * len(state.streams)  # lines per step are fixed
+    return MetricsLog(path, keep=kept, enabled=run.cfg.train.log_batches)
 
 
 def signalled(run: Run, stop: Interrupts) -> int | None:
