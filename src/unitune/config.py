@@ -213,6 +213,7 @@ class TrainConfig(Strict):
     eval_batch_size: int = Field(8, gt=0)
     logprob_chunk_size: int = Field(1024, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False  # recompute layer activations in backward: less memory
     save_model: bool = True
     log_batches: bool = False  # each process's training items per step: batches/rank<r>.jsonl
     save_every: int | None = Field(None, gt=0)  # checkpoint every N steps (and on SIGTERM/SIGINT)

@@ -136,6 +136,23 @@ def load_model(
     return model, tokenizer
 
 
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them
+    (`train.gradient_checkpointing`): activation memory falls from one set per layer to one layer's,
+    for about one more forward per step. Non-reentrant, so it works with LoRA's frozen inputs and
+    with an objective's two forwards before one backward (IFT)."""
+    base = model.get_base_model() if _is_peft(model) else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ModelLoadError(
+            f"train.gradient_checkpointing: {type(base).__name__} does not support it"
+        )
+    enable = getattr(base, "activation_checkpointing_enable", None)  # transformers >= 5.2x
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def _load_pretrained(
     name: str,
     *,

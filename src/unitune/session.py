@@ -27,7 +27,13 @@ from unitune.data import Sequence, collate, length_batches
 from unitune.delta_l1 import DeltaL1
 from unitune.logprobs import sequence_logps
 from unitune.metrics import Ideal
-from unitune.models import cache_root, load_model, model_fingerprint, reference_mode
+from unitune.models import (
+    cache_root,
+    enable_gradient_checkpointing,
+    load_model,
+    model_fingerprint,
+    reference_mode,
+)
 from unitune.objectives import REGISTRY, FeedbackLogps, PairLogps, SeqLogps
 from unitune.objectives.types import desirable
 from unitune.refcache import RefStore, Shard, compute_logps, reference_logps
@@ -87,6 +93,8 @@ class Run:
         # passes over fixed sets (references, held-out metrics) are split across the processes
         self.shard = Shard(self.acc.process_index, self.acc.num_processes, self._all_sum)
         self.model, self.tokenizer = load_model(cfg.model)
+        if cfg.train.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
