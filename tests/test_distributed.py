@@ -90,8 +90,10 @@ def test_two_processes_equal_one_process_with_accumulation(tiny_config, tmp_path
     entry can move that weight by a fraction of `lr`: weights agree to 1 % of one step."""
     raws = {}
     for schedule in SCHEDULES:
+        # a warm-up and a decaying LR: each step moves the schedule once, whatever the processes
         raw = tiny_config("alright" if schedule == "kto" else schedule, max_steps=4,
-                          batch_size=2, eval_every=2)  # fmt: skip
+                          batch_size=2, eval_every=2, lr_schedule="linear",
+                          warmup_steps=1)  # fmt: skip
         if schedule == "kto":  # unpaired data, with KTO's mismatched pairs over a partition
             raw["data"]["pref"] = {"train": str(label_files[0]), "eval": str(label_files[1])}
             raw["objectives"] = {"pref": {"name": "kto"}}
@@ -141,6 +143,7 @@ def test_two_processes_equal_one_process_with_accumulation(tiny_config, tmp_path
         assert decisions == [(r["step"], r["objective"]) for r in t2], schedule
         for a, b in zip(t1, t2, strict=True):
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), schedule
+            assert b["lr"] == a["lr"], schedule
         # held-out metrics (split across the processes) and each objective's own held-out loss
         for a, b in zip(lines(out1, "eval"), lines(out2, "eval"), strict=True):
             assert set(a) == set(b), schedule

@@ -85,7 +85,11 @@ class Run:
         # with no accelerator, `cpu=True` is what lets Accelerate see a torchrun / accelerate
         # launch of several CPU processes (MULTI_CPU, gloo); otherwise each would run alone
         no_device = not torch.cuda.is_available() and not torch.backends.mps.is_available()
-        self.acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=no_device)
+        self.acc = Accelerator(
+            mixed_precision=cfg.train.mixed_precision,
+            cpu=no_device,
+            gradient_accumulation_steps=cfg.train.grad_accum,
+        )
         self.device = self.acc.device
         self.main = self.acc.is_main_process  # logs and files come from the main process only
         if not self.main:

@@ -197,13 +197,16 @@ def train_step(
             current[kind] = next(stream)
         if plan is None:  # MAXRIGHT probes the first micro-batches
             plan = state.schedule.plan(state.step, lambda: run.probe(current))
-        total = 0.0
-        for kind, weight in plan.items():
-            loss, n_tok = run.loss(kind, current[kind])
-            total = total + weight * loss
-            tokens += n_tok
-            losses[kind] = losses.get(kind, 0.0) + loss.item() / tc.grad_accum
-        run.acc.backward(total / tc.grad_accum)
+        # Accelerate divides by grad_accum (DeepSpeed's engine does) and syncs the processes'
+        # gradients on the last micro-batch only (DDP's no_sync, forward included, before it)
+        with run.acc.accumulate(run.policy):
+            total = 0.0
+            for kind, weight in plan.items():
+                loss, n_tok = run.loss(kind, current[kind])
+                total = total + weight * loss
+                tokens += n_tok
+                losses[kind] = losses.get(kind, 0.0) + loss.item() / tc.grad_accum
+            run.acc.backward(total)
         for kind, idx in current.items():
             items_log.write({"step": state.step + 1, "objective": kind, "items": idx,
                                  "trained": kind in plan})  # fmt: skip
@@ -294,7 +297,8 @@ def new_state(run: Run, ideal: Ideal) -> TrainState:
     tc, sc = run.cfg.train, run.cfg.schedule
     optimizer = adamw(trainable_parameters(run.model), lr=tc.lr, weight_decay=tc.weight_decay)
     lr_sched = get_scheduler(tc.lr_schedule, optimizer, tc.warmup_steps, tc.max_steps)
-    run.policy, optimizer, lr_sched = run.acc.prepare(run.policy, optimizer, lr_sched)
+    # the LR scheduler stays ours: Accelerate's wrapper steps it once per process per step
+    run.policy, optimizer = run.acc.prepare(run.policy, optimizer)
     rank, world = run.acc.process_index, run.acc.num_processes
     streams = {
         k: BatchStream(s.train, tc.batch_size, tc.seed + i, run.partitions.get(k),
