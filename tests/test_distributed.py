@@ -42,22 +42,34 @@ def free_port() -> int:
 
 
 # the runs of several configs in one launch of 2 processes (imports and start-up paid once)
+# the runs of several configs in one launch (imports and start-up paid once);
+# "CONFIG@CHECKPOINT" resumes that config's run from that checkpoint
 MANY = """
 import sys
 from unitune.config import load_config
 from unitune.jobs import train
-for path in sys.argv[1:]:
-    train(load_config(path), progress=False)
+for arg in sys.argv[1:]:
+    path, _, ckpt = arg.partition("@")
+    train(load_config(path), progress=False, resume=ckpt or False)
 """
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "accelerate"
 
 
-def torchrun(configs: list[Path], tmp_path: Path, nproc: int = 2) -> str:
+def torchrun(configs: list, tmp_path: Path, nproc: int = 2, accelerate: str | None = None) -> str:
+    """The configs run in one launch of `nproc` processes: torchrun (DDP), or `accelerate launch`
+    with `examples/accelerate/<accelerate>.yaml`, as a user launches it."""
     env = {**os.environ, "UNITUNE_CACHE": str(tmp_path / "ucache"), "COLUMNS": "250",
            "OMP_NUM_THREADS": "1"}  # fmt: skip
     script = tmp_path / "many.py"
     script.write_text(MANY)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={free_port()}", str(script), *map(str, configs)]  # fmt: skip
+    if accelerate is None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={free_port()}"]  # fmt: skip
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(EXAMPLES / f"{accelerate}.yaml"), "--num_processes", str(nproc),
+               "--main_process_port", str(free_port())]  # fmt: skip
+    cmd += [str(script), *map(str, configs)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout + out.stderr
@@ -103,56 +115,108 @@ def test_two_processes_equal_one_process_with_accumulation(tiny_config, tmp_path
         (tmp_path / f"{schedule}.yaml").write_text(yaml.safe_dump(raw))
         raws[schedule] = raw
     output = torchrun([tmp_path / f"{s}.yaml" for s in SCHEDULES], tmp_path)
-    assert "2 per process x 2 processes x 1 accumulation = 4 per step" in output
+    assert "DDP, 2 processes; batch: 2 per process x 2 processes x 1 accumulation = 4" in output
     for schedule, raw in raws.items():
-        out2 = Path(raw["output_dir"])
-        summary = json.loads((out2 / "summary.json").read_text())
-        assert summary["world_size"] == 2 and summary["global_batch"] == 4, schedule
-        out1 = tmp_path / f"one-{schedule}"
-        one = {**raw, "output_dir": str(out1), "cache_dir": str(tmp_path / f"cache1-{schedule}"),
-               "train": {**raw["train"], "grad_accum": 2}}  # fmt: skip
-        train(parse_config(one), progress=False)
-        # the reference pass ran once (one file per entry), split across the processes, and gave
-        # the very values of one process: each batch is the same forward on either side (only
-        # sequential's switched reference comes from weights that differ by rounding)
-        refs1, refs2 = (
-            {f.name: load_file(f)["logp"] for f in (Path(c) / "refs").iterdir()}
-            for c in (one["cache_dir"], raw["cache_dir"])
-        )
-        same = set(refs1) & set(refs2)
-        assert (
-            len(same)
-            == len(refs2) - (schedule == "sequential")
-            == len(refs1) - (schedule == "sequential")
-        ), schedule
-        for name in same:
-            assert torch.equal(refs1[name], refs2[name]), schedule
-        # each rank trained on its own items: the first and the second micro-batch of one process
-        ranks = [[json.loads(x) for x in (out2 / "batches" / f"rank{r}.jsonl").open()]
-                 for r in (0, 1)]  # fmt: skip
-        mine = [json.loads(x) for x in (out1 / "batches" / "rank0.jsonl").open()]
-        streams = len(mine) // 8  # 4 steps x 2 micro-batches
-        for i, (a, b) in enumerate(zip(*ranks, strict=True)):
-            step, k = divmod(i, streams)
-            assert a["step"] == b["step"] == step + 1 and a["objective"] == b["objective"]
-            assert not set(a["items"]) & set(b["items"]), (schedule, step)
-            first, second = mine[2 * streams * step + k], mine[2 * streams * step + streams + k]
-            assert (a["items"], b["items"]) == (first["items"], second["items"]), schedule
-        t1, t2 = lines(out1, "train"), lines(out2, "train")
-        decisions = [(r["step"], r["objective"]) for r in t1]
-        assert decisions == [(r["step"], r["objective"]) for r in t2], schedule
-        for a, b in zip(t1, t2, strict=True):
-            assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), schedule
-            assert b["lr"] == a["lr"], schedule
-        # held-out metrics (split across the processes) and each objective's own held-out loss
-        for a, b in zip(lines(out1, "eval"), lines(out2, "eval"), strict=True):
-            assert set(a) == set(b), schedule
-            for key in set(a) - {"elapsed_s", "type"}:
-                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (schedule, key)
-        w1, w2 = final_weights(out1), final_weights(out2)
-        for k in w1:
-            torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=0.01 * raw["train"]["lr"],
-                                       msg=lambda m, s=schedule, k=k: f"{s} {k}: {m}")  # fmt: skip
+        assert_like_one_process(schedule, raw, tmp_path)
+
+
+def assert_like_one_process(name: str, raw: dict, tmp_path: Path) -> None:
+    """The 2-process run of `raw` against 1 process x grad_accum 2 over the same batches."""
+    schedule = raw["schedule"]["name"]
+    out2 = Path(raw["output_dir"])
+    summary = json.loads((out2 / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_batch"] == 4, name
+    out1 = tmp_path / f"one-{name}"
+    one = {**raw, "output_dir": str(out1), "cache_dir": str(tmp_path / f"cache1-{name}"),
+           "train": {**raw["train"], "grad_accum": 2}}  # fmt: skip
+    train(parse_config(one), progress=False)
+    # the reference pass ran once (one file per entry), split across the processes, and gave
+    # the very values of one process: each batch is the same forward on either side (only
+    # sequential's switched reference comes from weights that differ by rounding)
+    refs1, refs2 = (
+        {f.name: load_file(f)["logp"] for f in (Path(c) / "refs").iterdir()}
+        for c in (one["cache_dir"], raw["cache_dir"])
+    )
+    switched = schedule == "sequential"
+    same = set(refs1) & set(refs2)
+    assert len(same) == len(refs2) - switched == len(refs1) - switched, name
+    for entry in same:
+        assert torch.equal(refs1[entry], refs2[entry]), name
+    # each rank trained on its own items: the first and the second micro-batch of one process
+    ranks = [[json.loads(x) for x in (out2 / "batches" / f"rank{r}.jsonl").open()]
+             for r in (0, 1)]  # fmt: skip
+    mine = [json.loads(x) for x in (out1 / "batches" / "rank0.jsonl").open()]
+    streams = len(mine) // (2 * raw["train"]["max_steps"])
+    for i, (a, b) in enumerate(zip(*ranks, strict=True)):
+        step, k = divmod(i, streams)
+        assert a["step"] == b["step"] == step + 1 and a["objective"] == b["objective"]
+        assert not set(a["items"]) & set(b["items"]), (name, step)
+        first, second = mine[2 * streams * step + k], mine[2 * streams * step + streams + k]
+        assert (a["items"], b["items"]) == (first["items"], second["items"]), name
+    t1, t2 = lines(out1, "train"), lines(out2, "train")
+    decisions = [(r["step"], r["objective"]) for r in t1]
+    assert decisions == [(r["step"], r["objective"]) for r in t2], name
+    for a, b in zip(t1, t2, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), name
+        assert b["lr"] == a["lr"], name
+    # held-out metrics (split across the processes) and each objective's own held-out loss
+    for a, b in zip(lines(out1, "eval"), lines(out2, "eval"), strict=True):
+        assert set(a) == set(b), name
+        for key in set(a) - {"elapsed_s", "type"}:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (name, key)
+    w1, w2 = final_weights(out1), final_weights(out2)
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=0.01 * raw["train"]["lr"],
+                                   msg=lambda m, s=name, k=k: f"{s} {k}: {m}")  # fmt: skip
+
+
+# the runs under each ZeRO stage: ZeRO-3 also with IFT's two forwards before one backward and
+# with sequential's switched reference (whose fingerprint is taken from the gathered weights)
+ZERO = {"zero2": ["pref", "alright"], "zero3": ["pref", "sequential", "ift"]}
+
+
+@pytest.mark.parametrize("engine", ZERO)
+def test_deepspeed_zero_is_one_process_and_resumes_exactly(engine, tiny_config, tmp_path):
+    """`accelerate launch --config_file examples/accelerate/zero{2,3}.yaml` on CPU (DeepSpeed's
+    CPU accelerator, gloo): the same run as one process with accumulation (as for DDP), and a
+    run checkpointed at step 2 (`save_state`: each rank's optimizer shard) and resumed in the same
+    launch ends bit for bit where the uninterrupted one does."""
+    pytest.importorskip("deepspeed", reason="pyproject installs DeepSpeed on Linux only")
+    raws, args = {}, []
+    for name in ZERO[engine]:
+        raw = tiny_config("sft" if name == "ift" else name, max_steps=4, batch_size=2,
+                          eval_every=2, lr_schedule="linear", warmup_steps=1)  # fmt: skip
+        if name == "ift":
+            raw["objectives"] = {"sft": {"name": "ift"}}
+        raw["output_dir"] = str(tmp_path / f"two-{name}")
+        raw["cache_dir"] = str(tmp_path / f"cache-{name}")
+        raw["train"]["log_batches"] = True
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(raw))
+        raws[name], args = raw, [*args, tmp_path / f"{name}.yaml"]
+    # the run again, checkpointed every 2 steps, then resumed from step 2 (as after a crash)
+    cut = {**raws["pref"], "output_dir": str(tmp_path / "cut")}
+    cut["train"] = {**cut["train"], "save_every": 2}
+    (tmp_path / "cut.yaml").write_text(yaml.safe_dump(cut))
+    step2 = tmp_path / "cut" / "checkpoints" / "step-00000002"
+    output = torchrun([*args, tmp_path / "cut.yaml", f"{tmp_path / 'cut.yaml'}@{step2}"],
+                      tmp_path, accelerate=engine)  # fmt: skip
+    stage = engine[-1]
+    assert f"DeepSpeed ZeRO-{stage}, 2 processes; batch: 2 per process" in output
+    assert "resumed from" in output
+    # the step-2 checkpoint holds each rank's optimizer shard, listed in the manifest
+    manifest = json.loads((step2 / "manifest.json").read_text())
+    shards = [f for f in manifest["files"] if f.startswith("engine/") and "optim_states" in f]
+    assert len(shards) == 2, manifest["files"]
+    assert (
+        final_weights(tmp_path / "cut").keys()
+        == final_weights(Path(raws["pref"]["output_dir"])).keys()
+    )
+    for k, w in final_weights(Path(raws["pref"]["output_dir"])).items():
+        assert torch.equal(final_weights(tmp_path / "cut")[k], w), k
+    uncut = lines(Path(raws["pref"]["output_dir"]), "train")
+    assert [r["loss"] for r in lines(tmp_path / "cut", "train")] == [r["loss"] for r in uncut]
+    for name, raw in raws.items():
+        assert_like_one_process(f"{engine}-{name}", raw, tmp_path)
 
 
 SKEWED = """

@@ -15,7 +15,7 @@ LAYERS = [
     {"objectives"},
     {"schedules"},
     {"config"},  # validates objectives' and schedules' options by their registries
-    {"batches", "metrics", "delta_l1", "refcache", "merge"},
+    {"batches", "metrics", "delta_l1", "refcache", "merge", "engines"},
     {"rundir"},
     {"session"},
     {"trainer"},

@@ -102,9 +102,24 @@ def test_resume_refuses_a_changed_config_by_key(tiny_config, label_files):
                "schedule": {**raw["schedule"], "lam": 0.25}}  # fmt: skip
     with pytest.raises(ResumeError, match=r"schedule\.lam \(0\.5 -> 0\.25\); train\.lr"):
         train(parse_config(changed), progress=False, resume=True)
-    # max_steps may change: the run goes on to the new end
+    # max_steps may change under a constant LR, not where the LR's decay is scaled to it
+    decaying = {**raw, "train": {**raw["train"], "max_steps": 4, "lr_schedule": "linear"}}
+    with pytest.raises(ResumeError, match=r"train\.lr_schedule \('constant' -> 'linear'\)"):
+        train(parse_config(decaying), progress=False, resume=True)
+    # the run goes on to the new end
     longer = {**raw, "train": {**raw["train"], "max_steps": 4}}
     assert train(parse_config(longer), progress=False, resume=True)["final"]["step"] == 4
+
+
+def test_resume_refuses_a_longer_run_whose_lr_decays_to_the_old_end(tiny_config, label_files):
+    """A linear or cosine LR reaches 0 at max_steps: the steps trained so far followed the old
+    end, so a longer resumed run would not be the run its config describes."""
+    raw = config(tiny_config, label_files, "alright", 1)
+    raw["train"] |= {"max_steps": 2, "lr_schedule": "cosine"}
+    train(parse_config(raw), progress=False)
+    longer = {**raw, "train": {**raw["train"], "max_steps": 4}}
+    with pytest.raises(ResumeError, match=r"train\.max_steps \(2 -> 4\).*lr_schedule 'cosine'"):
+        train(parse_config(longer), progress=False, resume=True)
 
 
 def test_resume_refuses_reference_log_probs_of_changed_data(tiny_config, label_files, tiny_data):

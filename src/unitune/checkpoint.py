@@ -18,10 +18,17 @@ Layout (one directory per saved step, under the run directory)::
                                    "files": {name: {"bytes": n, "sha256": hex}}}
         .step-00000020.tmp-4242/  a save in progress (or killed): ignored, removed by next save
 
-Nothing is ever pickled: loading a checkpoint cannot execute code. Tied weights are written once;
-the other names are listed in the file's `__metadata__` under `unitune.aliases` (JSON of
-alias -> stored name). The safetensors files are streamed one tensor at a time (so saving needs no
-second copy of the state in memory) and read back with the `safetensors` library.
+Under an engine that shards the optimizer state across processes (FSDP, DeepSpeed ZeRO), the
+model and optimizer files are replaced by ``engine/``: what every process wrote through
+Accelerate's `save_state` (DeepSpeed's and torch's own formats, which pickle), each file listed
+in the manifest as ``engine/<path>`` with its size and sha256. Such a checkpoint is restored with
+`load_state`; resume only from engine checkpoints your own runs wrote.
+
+Otherwise nothing is ever pickled: loading a checkpoint cannot execute code. Tied weights are
+written once; the other names are listed in the file's `__metadata__` under `unitune.aliases`
+(JSON of alias -> stored name). The safetensors files are streamed one tensor at a time (so
+saving needs no second copy of the state in memory) and read back with the `safetensors`
+library.
 
 Atomicity: a save writes every file into the hidden sibling `.step-N.tmp-<pid>`, fsyncs each,
 writes `manifest.json` last (fsynced), fsyncs the directory, renames it to `step-N` and fsyncs
@@ -60,6 +67,8 @@ STATE_JSON = "state.json"
 TENSORS_FILE = "tensors.safetensors"
 MANIFEST = "manifest.json"
 REQUIRED = (OPTIMIZER_TENSORS, OPTIMIZER_JSON, SCHEDULER_JSON, STATE_JSON, TENSORS_FILE)
+ENGINE_DIR = "engine"  # Accelerate's save_state of a sharding engine (model and optimizer)
+ENGINE_REQUIRED = (SCHEDULER_JSON, STATE_JSON, TENSORS_FILE)
 ALIASES_KEY = "unitune.aliases"
 TENSOR_TAG = "__tensor__"
 
@@ -119,8 +128,13 @@ def save_checkpoint(
     tensors: dict[str, torch.Tensor] | None = None,
     keep_last: int = 2,
     keep: set[int] | frozenset[int] = frozenset(),
+    engine_state: Path | None = None,
 ) -> Path:
     """Write `run_dir/checkpoints/step-<step:08d>/` atomically and return its path.
+
+    `engine_state`: a directory that every process wrote its shards of the model and optimizer
+    into (`accelerator.save_state`); it is moved in as `engine/` and `model` / `optimizer` are
+    not saved (pass None).
 
     `model` is the bare model (`accelerator.unwrap_model(model)`; DDP and `torch.compile`
     wrappers are unwrapped here too): a `PeftModel` saves only its adapter. `optimizer` and
@@ -143,8 +157,9 @@ def save_checkpoint(
     final = root / dir_name(step)
 
     # Everything that can fail without touching the disk fails here, before anything is written.
-    model_file, model_tensors, aliases = _model_payload(model)
-    opt_json, opt_tensors = _optimizer_payload(optimizer)
+    if engine_state is None:
+        model_file, model_tensors, aliases = _model_payload(model)
+        opt_json, opt_tensors = _optimizer_payload(optimizer)
     sched_json = _scheduler_payload(scheduler)
     state_bytes = _json_bytes(state, "state")
     extra = _extra_tensors(tensors)
@@ -155,11 +170,17 @@ def save_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        meta = {ALIASES_KEY: json.dumps(aliases, sort_keys=True)} if aliases else {}
-        files = {
-            model_file: _write_safetensors(tmp / model_file, model_tensors, meta),
-            OPTIMIZER_TENSORS: _write_safetensors(tmp / OPTIMIZER_TENSORS, opt_tensors),
-            OPTIMIZER_JSON: _write_file(tmp / OPTIMIZER_JSON, [opt_json]),
+        if engine_state is None:
+            meta = {ALIASES_KEY: json.dumps(aliases, sort_keys=True)} if aliases else {}
+            files = {
+                model_file: _write_safetensors(tmp / model_file, model_tensors, meta),
+                OPTIMIZER_TENSORS: _write_safetensors(tmp / OPTIMIZER_TENSORS, opt_tensors),
+                OPTIMIZER_JSON: _write_file(tmp / OPTIMIZER_JSON, [opt_json]),
+            }
+        else:
+            os.replace(engine_state, tmp / ENGINE_DIR)
+            files = _adopt_tree(tmp, ENGINE_DIR)
+        files |= {
             SCHEDULER_JSON: _write_file(tmp / SCHEDULER_JSON, [sched_json]),
             STATE_JSON: _write_file(tmp / STATE_JSON, [state_bytes]),
             TENSORS_FILE: _write_safetensors(tmp / TENSORS_FILE, extra),
@@ -177,6 +198,27 @@ def save_checkpoint(
         raise
     _tidy(root, keep_last, set(keep) | {step})
     return final
+
+
+def _adopt_tree(root: Path, sub: str) -> dict[str, dict]:
+    """Size and sha256 of every file under `root/sub` (written by another library), by its path
+    relative to `root`; each file and directory fsynced."""
+    files = {}
+    for path in sorted((root / sub).rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+            info = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+            files[path.relative_to(root).as_posix()] = info
+        elif path.is_dir():
+            _fsync_dir(path)
+    _fsync_dir(root / sub)
+    return files
+
+
+def is_engine_checkpoint(manifest: dict) -> bool:
+    """Whether the checkpoint holds a sharding engine's state (`engine/`), not model files."""
+    return any(name.startswith(ENGINE_DIR + "/") for name in manifest["files"])
 
 
 def dir_name(step: int) -> str:
@@ -318,14 +360,20 @@ def verify(path: Path) -> dict:
     files = manifest.get("files")
     if not isinstance(files, dict):
         raise fail(f"{MANIFEST} has no file list")
+    engine = any(isinstance(n, str) and n.startswith(ENGINE_DIR + "/") for n in files)
     models = [name for name in (MODEL_FILE, ADAPTER_FILE) if name in files]
-    if len(models) != 1:
-        raise fail(f"{MANIFEST} must list exactly one of {MODEL_FILE}, {ADAPTER_FILE}")
-    for name in REQUIRED:
+    if len(models) != (0 if engine else 1):
+        raise fail(
+            f"{MANIFEST} must list exactly one of {MODEL_FILE}, {ADAPTER_FILE}"
+            + (f" or files under {ENGINE_DIR}/" if not models else f", not with {ENGINE_DIR}/")
+        )
+    for name in ENGINE_REQUIRED if engine else REQUIRED:
         if name not in files:
             raise fail(f"{MANIFEST} does not list {name}")
     for name, info in files.items():
-        if not isinstance(name, str) or name in ("", ".", "..", MANIFEST) or "/" in name:
+        parts = name.split("/") if isinstance(name, str) else [""]
+        inside = len(parts) == 1 or (parts[0] == ENGINE_DIR and len(parts) > 1)
+        if not inside or name == MANIFEST or any(x in ("", ".", "..") for x in parts):
             raise fail(f"{MANIFEST} lists a bad file name {name!r}")
         if "\\" in name or not isinstance(info, dict):
             raise fail(f"{MANIFEST} lists a bad entry for {name!r}")
@@ -370,13 +418,25 @@ def load_checkpoint(
     manifest = verify(path)
     files = manifest["files"]
     try:
-        model_file = ADAPTER_FILE if ADAPTER_FILE in files else MODEL_FILE
-        _load_model(model, path / model_file)
-        _load_optimizer(
-            optimizer,
-            json.loads((path / OPTIMIZER_JSON).read_bytes()),
-            _read_safetensors(path / OPTIMIZER_TENSORS)[0],
-        )
+        if is_engine_checkpoint(manifest):  # the caller loads `engine/` (`load_state`)
+            if model is not None or optimizer is not None:
+                raise CheckpointError(
+                    f"holds a sharding engine's state ({ENGINE_DIR}/): resume it under the same "
+                    "engine (FSDP or DeepSpeed ZeRO)"
+                )
+        else:
+            if model is None:
+                raise CheckpointError(
+                    "holds the model and optimizer files, not a sharding engine's state: resume "
+                    "it without FSDP / DeepSpeed ZeRO (one process or DDP)"
+                )
+            model_file = ADAPTER_FILE if ADAPTER_FILE in files else MODEL_FILE
+            _load_model(model, path / model_file)
+            _load_optimizer(
+                optimizer,
+                json.loads((path / OPTIMIZER_JSON).read_bytes()),
+                _read_safetensors(path / OPTIMIZER_TENSORS)[0],
+            )
         _load_scheduler(scheduler, json.loads((path / SCHEDULER_JSON).read_bytes()))
         state = json.loads((path / STATE_JSON).read_bytes())
         tensors = _read_safetensors(path / TENSORS_FILE)[0]

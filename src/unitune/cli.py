@@ -59,6 +59,7 @@ def train(
     """Train with the config's objectives and schedule."""
     from unitune.checkpoint import CheckpointError
     from unitune.data import DataError
+    from unitune.engines import EngineError
     from unitune.interrupts import Interrupted
     from unitune.jobs import train as run_train
     from unitune.models import ModelLoadError
@@ -69,7 +70,14 @@ def train(
     again = str(resume_from) if resume_from is not None else resume
     try:
         summary = run_train(cfg, console=console, progress=not no_progress, resume=again)
-    except (DataError, ModelLoadError, ResumeError, CheckpointError, NonFiniteError) as e:
+    except (
+        DataError,
+        ModelLoadError,
+        ResumeError,
+        CheckpointError,
+        NonFiniteError,
+        EngineError,
+    ) as e:
         _fail(str(e))
     except Interrupted as e:
         where = f"checkpoint {e.checkpoint.path}" if e.checkpoint else "no checkpoint written"

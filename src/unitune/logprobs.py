@@ -3,7 +3,9 @@
 The LM head is applied only at positions that predict a response token, a chunk of tokens at a
 time, so the full `[batch, length, vocab]` logits are never built. In training, each chunk is
 checkpointed: its `[chunk, vocab]` logits are recomputed in the backward pass instead of being kept,
-so peak memory for the head is one chunk whatever the batch or sequence length.
+so peak memory for the head is one chunk whatever the batch or sequence length. The head is called
+as a module, so that engines which gather a module's weights around its forward (DeepSpeed ZeRO-3,
+FSDP) see each use.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 
-def _chunk_logp(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> Tensor:
-    """log softmax(hidden @ weight.T + bias)[targets], in fp32."""
-    logits = nn.functional.linear(hidden, weight, bias).float()
+def _chunk_logp(hidden: Tensor, head: nn.Module, targets: Tensor) -> Tensor:
+    """log softmax(head(hidden))[targets], in fp32."""
+    logits = head(hidden).float()
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
@@ -41,19 +43,19 @@ def token_logps(
     softcap: float | None = None,
 ) -> Tensor:
     """log p(target) for each selected position of `hidden` ([N, H] rows), chunk by chunk."""
-    weight, bias = head.weight, getattr(head, "bias", None)
     rows = hidden[positions[:, 0], positions[:, 1]]
+    trains_head = any(p.requires_grad for p in head.parameters())
     out = []
     for start in range(0, rows.shape[0], chunk_size):
         h, t = rows[start : start + chunk_size], targets[start : start + chunk_size]
         if softcap is not None:
-            logits = nn.functional.linear(h, weight, bias).float()
+            logits = head(h).float()
             logits = softcap * torch.tanh(logits / softcap)
             out.append(logits.gather(-1, t[:, None]).squeeze(-1) - torch.logsumexp(logits, -1))
-        elif torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            out.append(checkpoint(_chunk_logp, h, weight, bias, t, use_reentrant=False))
+        elif torch.is_grad_enabled() and (h.requires_grad or trains_head):
+            out.append(checkpoint(_chunk_logp, h, head, t, use_reentrant=False))
         else:
-            out.append(_chunk_logp(h, weight, bias, t))
+            out.append(_chunk_logp(h, head, t))
     return torch.cat(out) if out else rows.new_zeros(0, dtype=torch.float32)
 
 

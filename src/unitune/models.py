@@ -17,7 +17,7 @@ import shutil
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -477,8 +477,13 @@ def model_fingerprint(model: Any, *, adapters: bool = False) -> str:
     `adapters=True` hashes a LoRA model as it is, adapters included: the reference when the
     current (adapted) model becomes the reference, as in sequential's preference stage.
     """
+    return weights_fingerprint(_reference_parameters(model, adapters))
+
+
+def weights_fingerprint(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of named tensors, in name order."""
     digest = hashlib.sha256()
-    for name, param in sorted(_reference_parameters(model, adapters), key=lambda item: item[0]):
+    for name, param in sorted(named, key=lambda item: item[0]):
         t = param.detach()
         header = f"{name}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}\n"
         digest.update(header.encode())
@@ -522,7 +527,12 @@ def _count(n: int) -> str:
 
 
 def save_model(
-    model: Any, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path, *, merge_lora: bool = False
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    *,
+    merge_lora: bool = False,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Save the model (or LoRA adapter) and tokenizer to `out_dir` as safetensors; return it.
 
@@ -532,8 +542,12 @@ def save_model(
     copy (rather than merge + unmerge in place) leaves the training model bit-for-bit unchanged,
     so its reference weights and fingerprint stay valid; it costs one temporary copy of the weights.
 
+    `state_dict` (the model's, gathered from the processes of a sharding engine) is saved instead
+    of the weights `model` holds.
+
     Written through `atomic_dir`: a crash never leaves a half-written `out_dir`.
     """
+    given = {} if state_dict is None else {"state_dict": state_dict}
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         if _is_peft(model) and merge_lora:
@@ -544,9 +558,9 @@ def save_model(
             if _is_peft(to_save):
                 # unitune never resizes the vocabulary, so the base embeddings need not be saved;
                 # peft's "auto" would look the base model up on the hub to find out.
-                to_save.save_pretrained(str(tmp), save_embedding_layers=False)
+                to_save.save_pretrained(str(tmp), save_embedding_layers=False, **given)
             else:
-                to_save.save_pretrained(str(tmp))
+                to_save.save_pretrained(str(tmp), **given)
         del to_save
         tokenizer.save_pretrained(str(tmp))
     return out_dir

@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from rich.console import Console
 from torch import nn
 
-from unitune import metrics
+from unitune import engines, metrics
 from unitune.batches import AUX_INPUTS, collate_items, flatten, item_length, load_data
 from unitune.config import Config
 from unitune.data import Sequence, collate, length_batches
@@ -33,6 +32,7 @@ from unitune.models import (
     load_model,
     model_fingerprint,
     reference_mode,
+    weights_fingerprint,
 )
 from unitune.objectives import REGISTRY, FeedbackLogps, PairLogps, SeqLogps
 from unitune.objectives.types import desirable
@@ -82,14 +82,10 @@ class Run:
         # precision; a later run in the same process (a sweep, the demo, a notebook) may differ.
         # The distributed part (PartialState) is kept.
         AcceleratorState._reset_state(reset_partial_state=False)
-        # with no accelerator, `cpu=True` is what lets Accelerate see a torchrun / accelerate
-        # launch of several CPU processes (MULTI_CPU, gloo); otherwise each would run alone
-        no_device = not torch.cuda.is_available() and not torch.backends.mps.is_available()
-        self.acc = Accelerator(
-            mixed_precision=cfg.train.mixed_precision,
-            cpu=no_device,
-            gradient_accumulation_steps=cfg.train.grad_accum,
-        )
+        self.acc = engines.accelerator(cfg)
+        self.engine = engines.Engine.of(self.acc)
+        engines.check(cfg, self.engine, self.acc)
+        engines.fill_deepspeed(cfg, self.acc)
         self.device = self.acc.device
         self.main = self.acc.is_main_process  # logs and files come from the main process only
         if not self.main:
@@ -149,9 +145,7 @@ class Run:
         None is returned when one is missing, and nothing is computed.
         """
         # the precision is part of the key: bf16 log-probs differ from fp32 ones
-        fp = model_fp or (
-            f"{model_fingerprint(self.model, adapters=not initial)}|{self.acc.mixed_precision}"
-        )
+        fp = model_fp or f"{self.fingerprint(adapters=not initial)}|{self.acc.mixed_precision}"
         wanted = []
         if "sft" in self.data and self.sft_obj.needs_ref:
             wanted.append((("sft", "train", "main"), self.data["sft"].train))
@@ -185,6 +179,18 @@ class Run:
                     f" ({len(items)} items)"
                 )
         return fp
+
+    def fingerprint(self, *, adapters: bool) -> str:
+        """The model's weight fingerprint (`models.model_fingerprint`), the same on every process.
+        Under FSDP / ZeRO-3 once training started, each process holds a shard: the whole state
+        dict is gathered on process 0 (as for saving), hashed there and the hash broadcast."""
+        prepared = self.acc.unwrap_model(self.policy) is not self.policy
+        if not (self.engine.shards_parameters and prepared):
+            return model_fingerprint(self.model, adapters=adapters)
+        full = self.acc.get_state_dict(self.policy)  # every process takes part
+        fp = [weights_fingerprint(full.items()) if self.main else None]
+        broadcast_object_list(fp)
+        return fp[0]
 
     # ------------------------------------------------------------ objectives
     def objective_input(self, slot: str, stage: str, idx: list[int]):

@@ -125,8 +125,9 @@ def train(
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.yaml").write_text(dump_config(cfg))
         world = run.acc.num_processes
-        con.log(f"batch: {tc.batch_size} per process x {world} processes x {tc.grad_accum} "
-                f"accumulation = {tc.batch_size * world * tc.grad_accum} per step")  # fmt: skip
+        global_batch = tc.batch_size * world * tc.grad_accum
+        con.log(f"{run.engine.describe()}; batch: {tc.batch_size} per process x {world} "
+                f"processes x {tc.grad_accum} accumulation = {global_batch} per step")  # fmt: skip
         log = MetricsLog(out / "metrics.jsonl", keep=state.metrics_lines, enabled=run.main)
         items_log = batch_log(run, state)
         t_session = time.time()
@@ -168,12 +169,17 @@ def train(
         data={k: report_dict(s) for k, s in run.data.items()},
         skipped_nonfinite=state.skipped,
         world_size=run.acc.num_processes,
+        engine=run.engine.describe(),
         global_batch=tc.batch_size * run.acc.num_processes * tc.grad_accum,
     )
-    if tc.save_model and run.main:
-        merge = bool(cfg.model.lora and cfg.model.lora.merge_on_save)
-        save_model(run.acc.unwrap_model(run.policy).model, run.tokenizer, out / "model",
-                   merge_lora=merge)  # fmt: skip
+    if tc.save_model:
+        # FSDP / ZeRO-3: the weights gathered from every process onto the main one
+        full = run.acc.get_state_dict(run.policy) if run.engine.shards_parameters else None
+        if run.main:
+            merge = bool(cfg.model.lora and cfg.model.lora.merge_on_save)
+            weights = {k.removeprefix("model."): v for k, v in full.items()} if full else None
+            save_model(run.acc.unwrap_model(run.policy).model, run.tokenizer, out / "model",
+                       merge_lora=merge, state_dict=weights)  # fmt: skip
     if run.main:
         atomic_write(out / "summary.json", json.dumps(summary, indent=2))
     run.acc.wait_for_everyone()
@@ -334,14 +340,20 @@ def restore(run: Run, state: TrainState, ckpt: checkpoint.Checkpoint, con: Conso
             f"--resume {ckpt.path}: the config differs from the checkpoint's in "
             f"{'; '.join(changed)}; only {', '.join(RESUMABLE_CHANGES)} may change"
         )
-    model = run.acc.unwrap_model(run.policy).model
+    steps = saved["config"]["train"]["max_steps"], run.cfg.train.max_steps
+    if steps[0] != steps[1] and run.cfg.train.lr_schedule != "constant":
+        raise ResumeError(
+            f"--resume {ckpt.path}: train.max_steps ({steps[0]} -> {steps[1]}) with lr_schedule "
+            f"{run.cfg.train.lr_schedule!r}: the LR decays to 0 at max_steps, and the steps so far "
+            "followed the old end; resume with the same max_steps (or train on from the saved "
+            "model in a new run)"
+        )
     if saved["state"]["reference_fp"] is not None:
         # the switched reference (sequential): from the cache, or recomputed from its checkpoint
         if run.compute_references(initial=False, model_fp=saved["state"]["reference_fp"]) is None:
             pinned = _checkpoint_at(run.out, saved["state"]["reference_step"])
             con.log(f"reference log-probs not in the cache: recomputing from {pinned.path}")
-            checkpoint.load_checkpoint(pinned, model=model, optimizer=state.optimizer,
-                                       scheduler=state.scheduler)  # fmt: skip
+            load(run, state, pinned)
             run.compute_references(initial=False)
     # reference log-probs come from the cache or were recomputed (by `setup`, or from the switch's
     # checkpoint above): they must be the very entries the checkpoint was trained with
@@ -351,9 +363,7 @@ def restore(run: Run, state: TrainState, ckpt: checkpoint.Checkpoint, con: Conso
             f"--resume {ckpt.path}: the reference log-probs of {', '.join(differ)} are not the "
             "ones this run was trained with (the model or the data changed)"
         )
-    saved_state, tensors = checkpoint.load_checkpoint(
-        ckpt, model=model, optimizer=state.optimizer, scheduler=state.scheduler
-    )
+    saved_state, tensors = load(run, state, ckpt)
     state.load_state_dict(saved_state["state"])
     run.acc.wait_for_everyone()  # every process has read it before the main one prunes
     for later in checkpoint.list_checkpoints(run.out) if run.main else []:
@@ -363,6 +373,20 @@ def restore(run: Run, state: TrainState, ckpt: checkpoint.Checkpoint, con: Conso
     if torch.cuda.is_available() and "cuda_rng" in tensors:
         torch.cuda.set_rng_state(tensors["cuda_rng"])
     con.log(f"resumed from {ckpt.path} at step {state.step} ({time.time() - t0:.2f} s)")
+
+
+def load(run: Run, state: TrainState, ckpt: checkpoint.Checkpoint) -> tuple[dict, dict]:
+    """Model, optimizer and scheduler from `ckpt`; returns its (state, tensors). A sharding
+    engine's model and optimizer come from its `engine/` through Accelerate's `load_state`."""
+    sharded = run.engine.shards_optimizer
+    model = None if sharded else run.acc.unwrap_model(run.policy).model
+    saved = checkpoint.load_checkpoint(
+        ckpt, model=model, optimizer=None if sharded else state.optimizer,
+        scheduler=state.scheduler,
+    )  # fmt: skip
+    if sharded:
+        run.acc.load_state(str(ckpt.path / checkpoint.ENGINE_DIR))
+    return saved
 
 
 def config_changes(saved: dict, now: dict, prefix: str = "") -> list[str]:
@@ -388,13 +412,22 @@ def save(run: Run, state: TrainState, log: MetricsLog, t_session: float) -> chec
     if torch.cuda.is_available():
         tensors["cuda_rng"] = torch.cuda.get_rng_state()
     path = run.out / "checkpoints" / checkpoint.dir_name(state.step)
+    engine_state = None
+    if run.engine.shards_optimizer:  # every process writes its shards, the main one the rest
+        engine_state = path.with_name(f".{path.name}.tmp-0")  # (no process has pid 0)
+        if run.main:
+            shutil.rmtree(engine_state, ignore_errors=True)
+        run.acc.wait_for_everyone()
+        run.acc.save_state(str(engine_state))
+        run.acc.wait_for_everyone()
     if not run.main:  # one writer; the others wait until it is in place
         run.acc.wait_for_everyone()
         return checkpoint.Checkpoint(path, state.step, {})
+    model = None if engine_state else run.acc.unwrap_model(run.policy).model
     path = checkpoint.save_checkpoint(
         run.out, state.step,
-        model=run.acc.unwrap_model(run.policy).model, optimizer=state.optimizer,
-        scheduler=state.scheduler,
+        model=model, optimizer=None if engine_state else state.optimizer,
+        scheduler=state.scheduler, engine_state=engine_state,
         state={"config": run.cfg.model_dump(mode="json"), "state": snapshot,
                "references": _entries(run)},
         tensors=tensors, keep_last=tc.keep_last,

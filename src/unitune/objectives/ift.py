@@ -90,11 +90,7 @@ def greedy_predictions(
     """
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     rows = hidden[positions[:, 0], positions[:, 1]]
-    weight, bias = head.weight, getattr(head, "bias", None)
-    out = [
-        nn.functional.linear(rows[i : i + chunk_size], weight, bias).argmax(-1)
-        for i in range(0, rows.shape[0], chunk_size)
-    ]
+    out = [head(rows[i : i + chunk_size]).argmax(-1) for i in range(0, rows.shape[0], chunk_size)]
     return torch.cat(out) if out else input_ids.new_zeros(0)
 
 
