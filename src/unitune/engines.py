@@ -54,16 +54,30 @@ class Engine:
     kind: str
     processes: int
     zero_stage: int = 0  # DeepSpeed
+    zero3_init: bool = False  # DeepSpeed: partition the model while loading it
+    gathers_on_save: bool = False  # ZeRO-3: stage3_gather_16bit_weights_on_model_save
     fsdp_version: int = 0
+    orig_params: bool = True  # FSDP1: use_orig_params
+    fsdp_requested: bool = False  # the launch asked for FSDP (ACCELERATE_USE_FSDP)
 
     @classmethod
     def of(cls, acc: Accelerator) -> Engine:
         kind = {DistributedType.FSDP: "fsdp", DistributedType.DEEPSPEED: "deepspeed"}.get(
             acc.distributed_type, "ddp" if acc.num_processes > 1 else "single"
         )
-        stage = acc.state.deepspeed_plugin.zero_stage if kind == "deepspeed" else 0
-        version = acc.state.fsdp_plugin.fsdp_version if kind == "fsdp" else 0
-        return cls(kind, acc.num_processes, int(stage or 0), int(version or 0))
+        facts: dict = {"fsdp_requested": _asked("ACCELERATE_USE_FSDP")}
+        if kind == "deepspeed":
+            ds = acc.state.deepspeed_plugin
+            zero = ds.deepspeed_config.get("zero_optimization", {})
+            facts |= {
+                "zero_stage": int(ds.zero_stage or 0),
+                "zero3_init": bool(ds.zero3_init_flag),
+                "gathers_on_save": bool(zero.get("stage3_gather_16bit_weights_on_model_save")),
+            }
+        if kind == "fsdp":
+            fsdp = acc.state.fsdp_plugin
+            facts |= {"fsdp_version": int(fsdp.fsdp_version), "orig_params": fsdp.use_orig_params}
+        return cls(kind, acc.num_processes, **facts)
 
     @property
     def shards_parameters(self) -> bool:
@@ -77,8 +91,9 @@ class Engine:
         return self.kind == "fsdp" or (self.kind == "deepspeed" and self.zero_stage >= 1)
 
     def describe(self) -> str:
+        if self.kind == "single":
+            return "one process"
         name = {
-            "single": "one process",
             "ddp": "DDP",
             "fsdp": f"FSDP{self.fsdp_version}",
             "deepspeed": f"DeepSpeed ZeRO-{self.zero_stage}",
@@ -86,20 +101,19 @@ class Engine:
         return f"{name}, {self.processes} process{'es' if self.processes > 1 else ''}"
 
 
-def check(cfg: Config, engine: Engine, acc: Accelerator) -> None:
+def check(cfg: Config, engine: Engine) -> None:
     """Refuse, before anything is loaded, what cannot work on `engine`."""
-    tc = cfg.train
-    if _asked("ACCELERATE_USE_FSDP") and engine.kind != "fsdp":
-        raise EngineError(
+    tc, problems = cfg.train, []
+    if engine.fsdp_requested and engine.kind != "fsdp":
+        problems.append(
             "the launch asks for FSDP, but Accelerate enables FSDP only with an accelerator "
             "(GPU, XPU, NPU, ...) and this machine has none: use DDP (torchrun) or DeepSpeed "
             "(examples/accelerate/zero2.yaml, zero3.yaml), which run on CPU"
         )
-    problems = []
     if engine.kind == "deepspeed":
         if tc.on_nonfinite == "skip":
             problems.append(
-                "train.on_nonfinite: skip: DeepSpeed steps the optimizer inside the backward "
+                "train.on_nonfinite: skip: DeepSpeed steps the optimizer in the backward "
                 "pass, so a non-finite step cannot be skipped (use on_nonfinite: error)"
             )
         if tc.mixed_precision == "fp16":
@@ -118,42 +132,43 @@ def check(cfg: Config, engine: Engine, acc: Accelerator) -> None:
                 "model.lora.merge_on_save needs the whole model on one process: save the "
                 "adapter (merge_on_save: false) and merge it with peft's merge_and_unload"
             )
-    if engine.zero_stage == 3 and acc.state.deepspeed_plugin.zero3_init_flag:
+    if engine.zero_stage == 3 and engine.zero3_init:
         problems.append(
             "zero3_init_flag: true: unitune loads the model whole on each process and ZeRO-3 "
             "partitions it when the run starts; set zero3_init_flag: false"
         )
-    if engine.zero_stage == 3 and tc.save_model:
-        zero = acc.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
-        if not zero.get("stage3_gather_16bit_weights_on_model_save", False):
-            problems.append(
-                "train.save_model under ZeRO-3 needs the weights gathered on save: set "
-                "zero3_save_16bit_model: true (stage3_gather_16bit_weights_on_model_save)"
-            )
-    if engine.kind == "fsdp" and engine.fsdp_version == 1 and cfg.model.lora is not None:
-        if not acc.state.fsdp_plugin.use_orig_params:
-            problems.append(
-                "LoRA under FSDP1 mixes frozen and trained weights in one flat parameter: set "
-                "fsdp_use_orig_params: true (or use FSDP2, fsdp_version: 2)"
-            )
+    if engine.zero_stage == 3 and tc.save_model and not engine.gathers_on_save:
+        problems.append(
+            "train.save_model under ZeRO-3 needs the weights gathered on save: set "
+            "zero3_save_16bit_model: true (stage3_gather_16bit_weights_on_model_save)"
+        )
+    if engine.fsdp_version == 1 and cfg.model.lora is not None and not engine.orig_params:
+        problems.append(
+            "LoRA under FSDP1 mixes frozen and trained weights in one flat parameter: set "
+            "fsdp_use_orig_params: true (or use FSDP2, fsdp_version: 2)"
+        )
     if problems:
         raise EngineError(f"{engine.describe()}: " + "; ".join(problems))
 
 
 def fill_deepspeed(cfg: Config, acc: Accelerator) -> None:
-    """Put `train.batch_size`, `grad_accum` and `max_grad_norm` into DeepSpeed's config where it
-    says "auto" (or nothing); a number there that differs is an `EngineError`. There is no data
-    loader for Accelerate to read the batch size from, and DeepSpeed would otherwise override
-    the run's accumulation with its own (Accelerate only warns)."""
-    plugin = acc.state.deepspeed_plugin
-    if plugin is None:
-        return
-    conf, tc = plugin.deepspeed_config, cfg.train
+    """The run's DeepSpeed config completed from `cfg` (`deepspeed_values`), in place. There is no
+    data loader for Accelerate to read the batch size from, and DeepSpeed would otherwise
+    override the run's accumulation with its own (Accelerate only warns)."""
+    if acc.state.deepspeed_plugin is not None:
+        deepspeed_values(acc.state.deepspeed_plugin.deepspeed_config, cfg, acc.num_processes)
+
+
+def deepspeed_values(conf: dict, cfg: Config, processes: int) -> None:
+    """Put `train.batch_size`, `grad_accum` and `max_grad_norm` (and the global batch) into a
+    DeepSpeed config where it says "auto" or nothing; a number there that differs, or an
+    optimizer or scheduler section (train.* sets those), is an `EngineError`."""
+    tc = cfg.train
     ours = {
         "train_micro_batch_size_per_gpu": ("train.batch_size", tc.batch_size),
         "gradient_accumulation_steps": ("train.grad_accum", tc.grad_accum),
         "gradient_clipping": ("train.max_grad_norm", tc.max_grad_norm or 0.0),
-        "train_batch_size": ("the global batch", tc.batch_size * tc.grad_accum * acc.num_processes),
+        "train_batch_size": ("the global batch", tc.batch_size * tc.grad_accum * processes),
     }
     for key, (name, value) in ours.items():
         given = conf.get(key, "auto")

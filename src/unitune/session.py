@@ -84,7 +84,7 @@ class Run:
         AcceleratorState._reset_state(reset_partial_state=False)
         self.acc = engines.accelerator(cfg)
         self.engine = engines.Engine.of(self.acc)
-        engines.check(cfg, self.engine, self.acc)
+        engines.check(cfg, self.engine)
         engines.fill_deepspeed(cfg, self.acc)
         self.device = self.acc.device
         self.main = self.acc.is_main_process  # logs and files come from the main process only
