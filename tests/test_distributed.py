@@ -89,7 +89,7 @@ def label_files(tmp_path):
     )
 
 
-SCHEDULES = ["sft", "pref", "sequential", "mix", "alright", "maxright", "kto"]
+SCHEDULES = ["sft", "pref", "sequential", "mix", "alright", "maxright", "kto", "parallel"]
 
 
 def test_two_processes_equal_one_process_with_accumulation(tiny_config, tmp_path, label_files):
@@ -142,11 +142,27 @@ def assert_like_one_process(name: str, raw: dict, tmp_path: Path) -> None:
     assert len(same) == len(refs2) - switched == len(refs1) - switched, name
     for entry in same:
         assert torch.equal(refs1[entry], refs2[entry]), name
-    # each rank trained on its own items: the first and the second micro-batch of one process
+    # PAFT: each branch is a run on both processes; the merge, on the main one, merges those
+    for run in ["sft", "pref"] if schedule == "parallel" else [""]:
+        assert_same_steps(name, out1 / run, out2 / run, raw["train"]["max_steps"])
+    # held-out metrics (split across the processes) and each objective's own held-out loss
+    for a, b in zip(lines(out1, "eval"), lines(out2, "eval"), strict=True):
+        assert set(a) == set(b), name
+        for key in set(a) - {"elapsed_s", "type"}:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (name, key)
+    w1, w2 = final_weights(out1), final_weights(out2)
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=0.01 * raw["train"]["lr"],
+                                   msg=lambda m, s=name, k=k: f"{s} {k}: {m}")  # fmt: skip
+
+
+def assert_same_steps(name: str, out1: Path, out2: Path, max_steps: int) -> None:
+    """Each rank trained on its own items, the first and the second micro-batch of one process;
+    the same decisions, losses and learning rates."""
     ranks = [[json.loads(x) for x in (out2 / "batches" / f"rank{r}.jsonl").open()]
              for r in (0, 1)]  # fmt: skip
     mine = [json.loads(x) for x in (out1 / "batches" / "rank0.jsonl").open()]
-    streams = len(mine) // (2 * raw["train"]["max_steps"])
+    streams = len(mine) // (2 * max_steps)
     for i, (a, b) in enumerate(zip(*ranks, strict=True)):
         step, k = divmod(i, streams)
         assert a["step"] == b["step"] == step + 1 and a["objective"] == b["objective"]
@@ -159,15 +175,6 @@ def assert_like_one_process(name: str, raw: dict, tmp_path: Path) -> None:
     for a, b in zip(t1, t2, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), name
         assert b["lr"] == a["lr"], name
-    # held-out metrics (split across the processes) and each objective's own held-out loss
-    for a, b in zip(lines(out1, "eval"), lines(out2, "eval"), strict=True):
-        assert set(a) == set(b), name
-        for key in set(a) - {"elapsed_s", "type"}:
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (name, key)
-    w1, w2 = final_weights(out1), final_weights(out2)
-    for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=0.01 * raw["train"]["lr"],
-                                   msg=lambda m, s=name, k=k: f"{s} {k}: {m}")  # fmt: skip
 
 
 # the runs under each ZeRO stage: ZeRO-3 also with IFT's two forwards before one backward and

@@ -11,6 +11,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from accelerate import PartialState
 from rich.console import Console
 
 from unitune.batches import flatten, load_data
@@ -89,7 +90,10 @@ def calibrate(cfg: Config, console: Console | None = None, progress: bool = Fals
         best[f"f_{kind}"] = min(e[f"f_{kind}"] for e in evals)
         best[f"loss_{kind}"] = min(e[cfg.own_loss_key(kind)] for e in evals)
     star = Ideal(**best)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, json.dumps(asdict(star)))
+    procs = PartialState()  # several processes: each took part in the runs, the main one writes
+    if procs.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps(asdict(star)))
+    procs.wait_for_everyone()
     console.log(f"ideal point: {star}")
     return star

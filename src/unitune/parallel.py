@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from rich.console import Console
 from rich.table import Table
 
@@ -41,6 +42,11 @@ def train_parallel(
     """Run both branches, merge, evaluate; returns the summary written to summary.json."""
     console = console or Console()
     t_start = time.time()
+    # several processes: each branch trains on all of them; the merge and every file come from
+    # the main process while the others wait; all of them evaluate the merged model (sharded)
+    procs = PartialState()
+    if not procs.is_main_process:
+        console.quiet = True
     sc, out = cfg.schedule, Path(cfg.output_dir)
     star = ideal if ideal is not None else resolve_ideal(cfg, console)
     name = cfg.name or sc.name
@@ -61,25 +67,29 @@ def train_parallel(
         console.log(f"parallel: {kind} branch from the base for {cfg.train.max_steps} steps")
         branches[kind] = train(sub, star, console=console, progress=progress, resume=again)
 
-    base_dir = merge_base(cfg, out / "base")
     models = [out / kind / "model" for kind in ("sft", "pref")]
-    merge_cfg = MergeConfig(
-        base=str(base_dir),
-        models=[
-            {"path": str(m), "weight": w} for m, w in zip(models, sc.merge.weights, strict=True)
-        ],
-        output=str(out / "model"),
-        **sc.merge.model_dump(exclude={"weights"}),
-    )
-    console.log(f"parallel: merging the branches ({sc.merge.method})")
     tol = sc.sparsity_tol if sc.sparsity_tol is not None else cfg.train.lr
-    report = merge(merge_cfg, console=console, progress=progress, sparsity_tol=tol)
+    if procs.is_main_process:
+        merge_cfg = MergeConfig(
+            base=str(merge_base(cfg, out / "base")),
+            models=[
+                {"path": str(m), "weight": w} for m, w in zip(models, sc.merge.weights, strict=True)
+            ],
+            output=str(out / "model"),
+            **sc.merge.model_dump(exclude={"weights"}),
+        )
+        console.log(f"parallel: merging the branches ({sc.merge.method})")
+        report = merge(merge_cfg, console=console, progress=progress, sparsity_tol=tol)
+    procs.wait_for_everyone()
+    console.log("parallel: evaluating the merged model")
+    merged = evaluate_model(cfg, out / "model", star, console)
+    if not procs.is_main_process:  # the main process writes the summary
+        procs.wait_for_everyone()
+        return json.loads((out / "summary.json").read_text())
     sparsity = {
         kind: {k: v for k, v in r.items() if k not in ("path", "kind", "weight")}
         for kind, r in zip(("sft", "pref"), report["models"], strict=True)
     }
-    console.log("parallel: evaluating the merged model")
-    merged = evaluate_model(cfg, out / "model", star, console)
 
     base = _first_eval(out / "sft")
     steps = cfg.train.max_steps
@@ -105,9 +115,11 @@ def train_parallel(
         l1=sc.l1,
         sparsity_tol=tol,
         merge={**sc.merge.model_dump(mode="json"), "seconds": report.get("seconds")},
+        **{k: branches["sft"][k] for k in ("world_size", "engine", "global_batch")},
     )
     atomic_write(out / "summary.json", json.dumps(summary, indent=2))
     console.print(parallel_table(summary))
+    procs.wait_for_everyone()
     return summary
 
 
