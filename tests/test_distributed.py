@@ -114,7 +114,8 @@ def test_two_processes_equal_one_process_with_accumulation(tiny_config, tmp_path
         raw["train"]["log_batches"] = True
         (tmp_path / f"{schedule}.yaml").write_text(yaml.safe_dump(raw))
         raws[schedule] = raw
-    output = torchrun([tmp_path / f"{s}.yaml" for s in SCHEDULES], tmp_path)
+    # through the shipped launch file, as a user starts it on CPU
+    output = torchrun([tmp_path / f"{s}.yaml" for s in SCHEDULES], tmp_path, accelerate="ddp-cpu")
     assert "DDP, 2 processes; batch: 2 per process x 2 processes x 1 accumulation = 4" in output
     for schedule, raw in raws.items():
         assert_like_one_process(schedule, raw, tmp_path)
