@@ -51,10 +51,11 @@ def run_records(run_dir: Path) -> list[dict]:
 
 
 def final_weights(run_dir: Path) -> dict:
-    """The tensors of a run directory's saved full model."""
+    """The tensors of a run directory's saved model (or LoRA adapter)."""
     from safetensors.torch import load_file
 
-    return load_file(run_dir / "model" / "model.safetensors")
+    full = run_dir / "model" / "model.safetensors"
+    return load_file(full if full.exists() else run_dir / "model" / "adapter_model.safetensors")
 
 
 def msg(role: str, content: str) -> dict:

@@ -89,34 +89,68 @@ def label_files(tmp_path):
     )
 
 
-SCHEDULES = ["sft", "pref", "sequential", "mix", "alright", "maxright", "kto", "parallel"]
+SCHEDULES = ["sft", "pref", "sequential", "mix", "alright", "maxright", "kto", "parallel", "lora"]
+
+
+def variant(name: str, tiny_config, tmp_path: Path, label_files=None) -> dict:
+    """A 4-step run on 2 processes: a schedule, or KTO (unpaired data, its mismatched pairs over a
+    partition), IFT (its own two forwards), LoRA (reference = the adapters disabled)."""
+    schedule = {"kto": "alright", "ift": "sft", "lora": "pref"}.get(name, name)
+    # a warm-up and a decaying LR: each step moves the schedule once, whatever the processes
+    raw = tiny_config(schedule, max_steps=4, batch_size=2, eval_every=2, lr_schedule="linear",
+                      warmup_steps=1)  # fmt: skip
+    if name == "kto":
+        raw["data"]["pref"] = {"train": str(label_files[0]), "eval": str(label_files[1])}
+        raw["objectives"] = {"pref": {"name": "kto"}}
+    if name == "ift":
+        raw["objectives"] = {"sft": {"name": "ift"}}
+    if name == "lora":
+        raw["model"] = {"name": "builtin:tiny", "lora": {"r": 4, "target_modules": ["q_proj"]}}
+    raw["output_dir"] = str(tmp_path / f"two-{name}")
+    raw["cache_dir"] = str(tmp_path / f"cache-{name}")
+    raw["train"]["log_batches"] = True
+    (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(raw))
+    return raw
+
+
+def cut_run(raw: dict, tmp_path: Path) -> list[str]:
+    """`raw` again, checkpointed every 2 steps, then resumed from step 2 (as after a crash):
+    the launch arguments."""
+    cut = {**raw, "output_dir": str(tmp_path / "cut")}
+    cut["train"] = {**cut["train"], "save_every": 2}
+    (tmp_path / "cut.yaml").write_text(yaml.safe_dump(cut))
+    step2 = tmp_path / "cut" / "checkpoints" / "step-00000002"
+    return [str(tmp_path / "cut.yaml"), f"{tmp_path / 'cut.yaml'}@{step2}"]
+
+
+def assert_resumed_exactly(raw: dict, tmp_path: Path, output: str) -> dict:
+    """The resumed run ended bit for bit where the uninterrupted one did; returns the step-2
+    checkpoint's manifest."""
+    assert "resumed from" in output
+    uncut, cut = Path(raw["output_dir"]), tmp_path / "cut"
+    w, w_cut = final_weights(uncut), final_weights(cut)
+    assert w.keys() == w_cut.keys()
+    for k in w:
+        assert torch.equal(w_cut[k], w[k]), k
+    assert [r["loss"] for r in lines(cut, "train")] == [r["loss"] for r in lines(uncut, "train")]
+    return json.loads((cut / "checkpoints" / "step-00000002" / "manifest.json").read_text())
 
 
 def test_two_processes_equal_one_process_with_accumulation(tiny_config, tmp_path, label_files):
-    """For every schedule (and KTO's unpaired data with its mismatched pairs): 2 processes x
-    batch b against 1 process x batch b x grad_accum 2 over the same batches.
+    """For every schedule, KTO, PAFT and LoRA: 2 processes x batch b against 1 process x batch b
+    x grad_accum 2 over the same batches; and a 2-process run resumed from a checkpoint.
     DDP averages the ranks' gradients by an all-reduce where one process sums scaled micro-batch
     gradients: the same sum in another order, so values agree to float32 rounding, compounded
     over a few Adam steps (rtol 1e-4), and the schedule's decisions agree exactly. Adam scales each
     update to about `lr` whatever the gradient's size, so the rounding of a near-zero gradient
     entry can move that weight by a fraction of `lr`: weights agree to 1 % of one step."""
-    raws = {}
-    for schedule in SCHEDULES:
-        # a warm-up and a decaying LR: each step moves the schedule once, whatever the processes
-        raw = tiny_config("alright" if schedule == "kto" else schedule, max_steps=4,
-                          batch_size=2, eval_every=2, lr_schedule="linear",
-                          warmup_steps=1)  # fmt: skip
-        if schedule == "kto":  # unpaired data, with KTO's mismatched pairs over a partition
-            raw["data"]["pref"] = {"train": str(label_files[0]), "eval": str(label_files[1])}
-            raw["objectives"] = {"pref": {"name": "kto"}}
-        raw["output_dir"] = str(tmp_path / f"two-{schedule}")
-        raw["cache_dir"] = str(tmp_path / f"cache-{schedule}")
-        raw["train"]["log_batches"] = True
-        (tmp_path / f"{schedule}.yaml").write_text(yaml.safe_dump(raw))
-        raws[schedule] = raw
+    raws = {name: variant(name, tiny_config, tmp_path, label_files) for name in SCHEDULES}
     # through the shipped launch file, as a user starts it on CPU
-    output = torchrun([tmp_path / f"{s}.yaml" for s in SCHEDULES], tmp_path, accelerate="ddp-cpu")
+    args = [tmp_path / f"{s}.yaml" for s in SCHEDULES] + cut_run(raws["alright"], tmp_path)
+    output = torchrun(args, tmp_path, accelerate="ddp-cpu")
     assert "DDP, 2 processes; batch: 2 per process x 2 processes x 1 accumulation = 4" in output
+    manifest = assert_resumed_exactly(raws["alright"], tmp_path, output)
+    assert "model.safetensors" in manifest["files"]  # DDP: the one-process checkpoint format
     for schedule, raw in raws.items():
         assert_like_one_process(schedule, raw, tmp_path)
 
@@ -178,9 +212,9 @@ def assert_same_steps(name: str, out1: Path, out2: Path, max_steps: int) -> None
         assert b["lr"] == a["lr"], name
 
 
-# the runs under each ZeRO stage: ZeRO-3 also with IFT's two forwards before one backward and
-# with sequential's switched reference (whose fingerprint is taken from the gathered weights)
-ZERO = {"zero2": ["pref", "alright"], "zero3": ["pref", "sequential", "ift"]}
+# the runs under each ZeRO stage: ZeRO-3 also with IFT's two forwards before one backward, with
+# sequential's switched reference (its fingerprint taken from the gathered weights) and LoRA
+ZERO = {"zero2": ["pref", "alright"], "zero3": ["pref", "sequential", "ift", "lora"]}
 
 
 @pytest.mark.parametrize("engine", ZERO)
@@ -190,39 +224,14 @@ def test_deepspeed_zero_is_one_process_and_resumes_exactly(engine, tiny_config, 
     run checkpointed at step 2 (`save_state`: each rank's optimizer shard) and resumed in the same
     launch ends bit for bit where the uninterrupted one does."""
     pytest.importorskip("deepspeed", reason="pyproject installs DeepSpeed on Linux only")
-    raws, args = {}, []
-    for name in ZERO[engine]:
-        raw = tiny_config("sft" if name == "ift" else name, max_steps=4, batch_size=2,
-                          eval_every=2, lr_schedule="linear", warmup_steps=1)  # fmt: skip
-        if name == "ift":
-            raw["objectives"] = {"sft": {"name": "ift"}}
-        raw["output_dir"] = str(tmp_path / f"two-{name}")
-        raw["cache_dir"] = str(tmp_path / f"cache-{name}")
-        raw["train"]["log_batches"] = True
-        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(raw))
-        raws[name], args = raw, [*args, tmp_path / f"{name}.yaml"]
-    # the run again, checkpointed every 2 steps, then resumed from step 2 (as after a crash)
-    cut = {**raws["pref"], "output_dir": str(tmp_path / "cut")}
-    cut["train"] = {**cut["train"], "save_every": 2}
-    (tmp_path / "cut.yaml").write_text(yaml.safe_dump(cut))
-    step2 = tmp_path / "cut" / "checkpoints" / "step-00000002"
-    output = torchrun([*args, tmp_path / "cut.yaml", f"{tmp_path / 'cut.yaml'}@{step2}"],
-                      tmp_path, accelerate=engine)  # fmt: skip
-    stage = engine[-1]
-    assert f"DeepSpeed ZeRO-{stage}, 2 processes; batch: 2 per process" in output
-    assert "resumed from" in output
+    raws = {name: variant(name, tiny_config, tmp_path) for name in ZERO[engine]}
+    args = [tmp_path / f"{s}.yaml" for s in ZERO[engine]] + cut_run(raws["pref"], tmp_path)
+    output = torchrun(args, tmp_path, accelerate=engine)
+    assert f"DeepSpeed ZeRO-{engine[-1]}, 2 processes; batch: 2 per process" in output
     # the step-2 checkpoint holds each rank's optimizer shard, listed in the manifest
-    manifest = json.loads((step2 / "manifest.json").read_text())
+    manifest = assert_resumed_exactly(raws["pref"], tmp_path, output)
     shards = [f for f in manifest["files"] if f.startswith("engine/") and "optim_states" in f]
     assert len(shards) == 2, manifest["files"]
-    assert (
-        final_weights(tmp_path / "cut").keys()
-        == final_weights(Path(raws["pref"]["output_dir"])).keys()
-    )
-    for k, w in final_weights(Path(raws["pref"]["output_dir"])).items():
-        assert torch.equal(final_weights(tmp_path / "cut")[k], w), k
-    uncut = lines(Path(raws["pref"]["output_dir"]), "train")
-    assert [r["loss"] for r in lines(tmp_path / "cut", "train")] == [r["loss"] for r in uncut]
     for name, raw in raws.items():
         assert_like_one_process(f"{engine}-{name}", raw, tmp_path)
 
