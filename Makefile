@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml $(LOCK)
 setup: $(STAMP)
 
 demo: $(STAMP)
-	MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=4294967296 $(BIN)/unitune demo
+	$(BIN)/unitune demo
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts

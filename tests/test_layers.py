@@ -9,7 +9,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "unitune"
 
 LAYERS = [
-    {"data", "model_source", "checkpoint", "interrupts", "plots"},  # no unitune imports
+    {"data", "model_source", "checkpoint", "interrupts", "plots", "allocator"},  # no imports
     {"models"},
     {"logprobs"},
     {"objectives"},

@@ -19,6 +19,14 @@ app = typer.Typer(
 console = Console()
 
 
+@app.callback()
+def _start() -> None:
+    """SFT and preference optimization, jointly, in one run."""
+    from unitune.allocator import tune
+
+    tune()  # glibc's allocator kept from mmap/munmap churn (`allocator.py`)
+
+
 def _fail(msg: str) -> None:
     console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
