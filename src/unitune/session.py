@@ -36,8 +36,12 @@ from unitune.models import (
 )
 from unitune.objectives import REGISTRY, FeedbackLogps, PairLogps, SeqLogps
 from unitune.objectives.types import desirable
-from unitune.refcache import RefStore, Shard, compute_logps, reference_logps
+from unitune.refcache import RefKey, RefStore, Shard, compute_logps, reference_logps
 from unitune.rundir import report_data
+
+# a held-out split's sequences scored once per evaluation: "main" (its items, flattened as a batch
+# is) and each auxiliary input's sequences, as (summed log-probs, response-token counts)
+Scored = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 class PolicyLogps(nn.Module):
@@ -193,15 +197,20 @@ class Run:
         return fp[0]
 
     # ------------------------------------------------------------ objectives
-    def objective_input(self, slot: str, stage: str, idx: list[int]):
+    def objective_input(self, slot: str, stage: str, idx: list[int], scored: Scored | None = None):
         """The log-probs the objective of `slot` consumes, on items `idx` of `stage` (train/eval):
-        `SeqLogps`, `PairLogps`, `FeedbackLogps`, or its own forward's output (IFT)."""
+        `SeqLogps`, `PairLogps`, `FeedbackLogps`, or its own forward's output (IFT). `scored`:
+        the split's sequences already scored (the held-out pass): their rows, no forward."""
         obj, params, split = self.objectives[slot]
         items = split.train if stage == "train" else split.eval
-        batch = collate_items(items, idx, self.pad_id, self.device)
         if obj.forward is not None:
+            batch = collate_items(items, idx, self.pad_id, self.device)
             return self.policy(**batch, objective_forward=obj.forward, **params.model_dump())
-        logp, n = self.policy(**batch)  # pairs: one forward over chosen and rejected together
+        if scored is None:  # pairs: one forward over chosen and rejected together
+            logp, n = self.policy(**collate_items(items, idx, self.pad_id, self.device))
+        else:  # flattened as a batch is: the chosen of every pair, then the rejected
+            rows = idx + [i + len(items) for i in idx] if split.kind == "pairs" else idx
+            logp, n = (t[rows].to(self.device) for t in scored["main"])
         ref = self.refs.get(slot, stage)
 
         def seq(rows: slice, ref_idx: list[int]) -> SeqLogps:
@@ -217,17 +226,20 @@ class Run:
         else:
             target = torch.tensor([items[i].target for i in idx], device=logp.device)
             lp = FeedbackLogps(seq(slice(0, b), idx), target)
-        aux = {name: self.aux_logps((slot, stage, name), idx) for name in obj.inputs}
+        aux = {name: self.aux_logps((slot, stage, name), idx, scored) for name in obj.inputs}
         return dataclasses.replace(lp, **aux) if aux else lp
 
     @torch.no_grad()
-    def aux_logps(self, key: tuple[str, str, str], idx: list[int]) -> SeqLogps:
+    def aux_logps(self, key: RefKey, idx: list[int], scored: Scored | None = None) -> SeqLogps:
         """An auxiliary input's sequences of batch `idx` (`batches.AUX_INPUTS`): policy log-probs
-        (no grad, as TRL's KL pairs) and cached reference log-probs."""
+        (no grad, as TRL's KL pairs; or their rows of `scored`) and cached reference log-probs."""
         aux = self.aux[key]
         rows = aux.rows(idx)
-        batch = {k: v.to(self.device) for k, v in collate(aux.seqs[rows], self.pad_id).items()}
-        logp, n = self.policy(**batch)
+        if scored is None:
+            batch = {k: v.to(self.device) for k, v in collate(aux.seqs[rows], self.pad_id).items()}
+            logp, n = self.policy(**batch)
+        else:
+            logp, n = (t[rows].to(self.device) for t in scored[key[2]])
         return SeqLogps(logp, n, self.refs[key][rows].to(logp.device))
 
     def loss(self, slot: str, idx: list[int]) -> tuple[torch.Tensor, int]:
@@ -274,31 +286,31 @@ class Run:
     # ------------------------------------------------------------------ eval
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Held-out metrics (`metrics.py`) and each objective's own held-out loss."""
+        """Held-out metrics (`metrics.py`) and each objective's own held-out loss, from one
+        forward per held-out sequence: the own losses reuse the metrics' log-probs (only an
+        objective with its own model pass, IFT, runs it again)."""
         self.policy.eval()
         out: dict[str, float] = {}
-        bs = self.cfg.train.eval_batch_size
         try:
             with self.acc.autocast():  # the training precision, as for the reference log-probs
-                if "sft" in self.data:
-                    seqs = self.data["sft"].eval
-                    logp, n = self._all_logps(seqs, bs)
+                scored = {slot: self._score(slot) for slot in self.data}
+                if "sft" in scored:
+                    logp, n = scored["sft"]["main"]
                     out |= metrics.sft_metrics(
                         SeqLogps(logp, n, self.refs[("sft", "eval", "main")])
                     )
-                if "pref" in self.data and self.data["pref"].kind == "pairs":
-                    pairs = self.data["pref"].eval
-                    logp, n = self._all_logps(flatten(pairs), bs)
-                    ref, m = self.refs[("pref", "eval", "main")], len(pairs)
+                if "pref" in scored and self.data["pref"].kind == "pairs":
+                    (logp, n), ref = scored["pref"]["main"], self.refs[("pref", "eval", "main")]
+                    m = len(self.data["pref"].eval)
                     pair = PairLogps(
                         SeqLogps(logp[:m], n[:m], ref[:m]), SeqLogps(logp[m:], n[m:], ref[m:])
                     )
                     out |= metrics.pref_metrics(pair, self.beta)
-                if "pref" in self.data and self.data["pref"].kind == "unpaired":
-                    out |= self._feedback_metrics(bs)
+                if "pref" in scored and self.data["pref"].kind == "unpaired":
+                    out |= self._feedback_metrics(scored["pref"])
                 for slot in self.data:
                     if not self.cfg.own_loss_is_metric(slot):  # else it is f_sft / f_pref
-                        out[self.cfg.own_loss_key(slot)] = self._own_loss(slot)
+                        out[self.cfg.own_loss_key(slot)] = self._own_loss(slot, scored[slot])
         finally:
             self.policy.train()
         if "f_sft" in out and "f_pref" in out:
@@ -307,39 +319,53 @@ class Run:
             )
         return out
 
+    def _score(self, slot: str) -> Scored:
+        """Policy log-probs of every held-out sequence of `slot` (and of its objective's auxiliary
+        inputs), split across the processes."""
+        bs, split = self.cfg.train.eval_batch_size, self.data[slot]
+        out = {"main": self._all_logps(flatten(split.eval), bs)}
+        for name in self.objectives[slot][0].inputs:
+            out[name] = self._all_logps(self.aux[(slot, "eval", name)].seqs, bs)
+        return out
+
     def _eval_batches(self, items: list) -> list[list[int]]:
         lengths = [item_length(it) for it in items]
         return length_batches(lengths, self.cfg.train.eval_batch_size, seed=0, shuffle=False)
 
-    def _own_loss(self, slot: str) -> float:
-        """The objective's own loss on held-out data: batch losses weighted by batch size, each
-        process its share of the batches (`self.shard`)."""
+    def _own_loss(self, slot: str, scored: Scored) -> float:
+        """The objective's own loss on held-out data: batch losses weighted by batch size, from
+        the rows of `scored`. An objective with its own model pass (IFT) runs it, each process
+        its share of the batches (`self.shard`)."""
         obj, params, split = self.objectives[slot]
         batches = self._eval_batches(split.eval)
-        total = torch.zeros(len(batches), dtype=torch.float64)
+        if obj.forward is None:  # no forward: every process computes the same sum
+            total = sum(
+                float(obj.loss(self.objective_input(slot, "eval", idx, scored), params)) * len(idx)
+                for idx in batches
+            )
+            return total / len(split.eval)
+        sums = torch.zeros(len(batches), dtype=torch.float64)
         for j in self.shard.share(len(batches)):
             if self.poll is not None:
                 self.poll()
             idx = batches[j if j is not None else 0]
             loss = float(obj.loss(self.objective_input(slot, "eval", idx), params))
             if j is not None:
-                total[j] = loss * len(idx)
-        return float(self.shard.all_sum(total).sum()) / len(split.eval)
+                sums[j] = loss * len(idx)
+        return float(self.shard.all_sum(sums).sum()) / len(split.eval)
 
-    def _feedback_metrics(self, bs: int) -> dict[str, float]:
+    def _feedback_metrics(self, scored: Scored) -> dict[str, float]:
         """Unpaired feedback: the logistic `f_pref`, reward accuracy and margin at `eval.beta`
-        (`metrics.feedback_metrics`), and KTO's KL estimate."""
-        obj, params, split = self.objectives["pref"]
-        items = split.eval
-        logp, n = self._all_logps(flatten(items), bs)
+        (`metrics.feedback_metrics`), and each auxiliary input's figure (KTO's KL estimate)."""
+        obj = self.objectives["pref"][0]
+        items = self.data["pref"].eval
+        logp, n = scored["main"]
         good = desirable(torch.tensor([f.target for f in items]))
         out = metrics.feedback_metrics(
             SeqLogps(logp, n, self.refs[("pref", "eval", "main")]), good, self.beta
         )
         for name in obj.inputs:  # each auxiliary input's figure over the held-out set
-            key = ("pref", "eval", name)
-            aux_logp, _ = self._all_logps(self.aux[key].seqs, bs)
-            out[name] = AUX_INPUTS[name].figure(aux_logp - self.refs[key])
+            out[name] = AUX_INPUTS[name].figure(scored[name][0] - self.refs[("pref", "eval", name)])
         return out
 
     def _all_logps(self, seqs: list[Sequence], bs: int) -> tuple[torch.Tensor, torch.Tensor]:

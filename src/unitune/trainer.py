@@ -231,11 +231,13 @@ def train_step(
     state.optimizer.zero_grad(set_to_none=True)
     state.step += 1
     state.tokens += tokens
-    tok_s = tokens / max(time.time() - t0, 1e-9)
+    step_s = time.time() - t0
+    tok_s = tokens / max(step_s, 1e-9)
     for kind, v in losses.items():
         log.write({"type": "train", "step": state.step, "objective": kind, "loss": v,
                    "lr": state.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                   "tokens_per_s": round(tok_s, 1), **run.extras.pop(kind, {})})  # fmt: skip
+                   "tokens": tokens, "step_s": round(step_s, 4), "tokens_per_s": round(tok_s, 1),
+                   **run.extras.pop(kind, {})})  # fmt: skip
     return plan, losses, tok_s
 
 
