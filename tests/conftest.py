@@ -41,7 +41,11 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-TIMING = ("elapsed_s", "tokens_per_s", "step_s")  # wall-clock fields: the only ones a rerun may change
+TIMING = (
+    "elapsed_s",
+    "tokens_per_s",
+    "step_s",
+)  # wall-clock fields: the only ones a rerun may change
 
 
 def run_records(run_dir: Path) -> list[dict]:

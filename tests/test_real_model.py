@@ -14,7 +14,8 @@ from unitune.jobs import train
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "sft,pref", [("sft", "dpo"), ("minor_sft", "minor_dpo"), ("uft", "una_pair")]
+    "sft,pref",
+    [("sft", "dpo"), ("uft", "una_pair")],  # the rest on builtin:tiny
 )
 def test_short_alright_run_on_smollm2(tiny_config, sft, pref):
     raw = tiny_config("alright", max_steps=3, batch_size=2, eval_every=3, lr=1e-5)
