@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import resource
 import statistics
@@ -23,20 +22,11 @@ import tempfile
 from pathlib import Path
 
 import yaml
+from harness import cpu_name
 
 DEMO = Path(__file__).resolve().parents[1] / "src" / "unitune" / "demo_data"
 SAVE = re.compile(r"checkpoint step (\d+): \S+ \(([\d.]+) MB, ([\d.]+) s\)")
 LOAD = re.compile(r"resumed from \S+ at step \d+ \(([\d.]+) s\)")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def child(args: list[str], env: dict[str, str]) -> str:

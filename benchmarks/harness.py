@@ -4,17 +4,21 @@
 from __future__ import annotations
 
 import json
-import resource
+import platform
 import subprocess
 import sys
-
-# glibc settings the Makefile uses for demo and tests (fewer page faults on CPU)
-MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+from pathlib import Path
 
 
-def peak_rss_mb() -> float:
-    """This process's peak RSS so far, in MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def cpu_name() -> str:
+    """The CPU's model name, as `lscpu` shows it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def report(result: dict) -> None:
@@ -29,14 +33,3 @@ def run_child(cmd: list[str], env: dict[str, str] | None = None, what: str = "")
     if out.returncode != 0 or not lines:
         sys.exit(f"{what or ' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT ") :])
-
-
-def print_ratio_table(results: dict[str, dict], base: str, step_digits: int = 2) -> None:
-    """Each row's median step time and peak RSS, and each as a multiple of row `base`'s."""
-    width, col, ref = max(9, max(map(len, results)) + 2), f"x {base}", results[base]
-    print(f"{'':{width}s} {'step s':>8s} {col:>10s} {'peak RSS MB':>12s} {col:>10s}")
-    for name, r in results.items():
-        print(
-            f"{name:{width}s} {r['step_s']:8.{step_digits}f} {r['step_s'] / ref['step_s']:10.2f} "
-            f"{r['peak_rss_mb']:12.0f} {r['peak_rss_mb'] / ref['peak_rss_mb']:10.2f}"
-        )

@@ -34,13 +34,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from harness import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "src" / "unitune" / "demo_data"
@@ -60,26 +61,6 @@ def run_measured(cmd: list[str], env: dict[str, str], what: str) -> tuple[str, f
     if proc.returncode != 0:
         sys.exit(f"{what} failed ({proc.returncode}):\n{text[-4000:]}")
     return text, usage.ru_maxrss / 1024
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def gemm_peak(tokens: int, dtype: str) -> float:
