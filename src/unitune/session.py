@@ -273,9 +273,8 @@ class Run:
         if self.acc.num_processes == 1 or not values:
             return values
         keys = list(values)  # the same order on every rank: the same plan
-        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
-        t = self.acc.reduce(t, reduction="mean")
-        return dict(zip(keys, t.tolist(), strict=True))
+        t = self._all_sum(torch.tensor([values[k] for k in keys], dtype=torch.float64))
+        return dict(zip(keys, (t / self.acc.num_processes).tolist(), strict=True))
 
     def _all_sum(self, t: torch.Tensor) -> torch.Tensor:
         """`t` summed over the processes (on CPU, as given)."""

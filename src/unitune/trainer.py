@@ -168,9 +168,9 @@ def train(
         steps=dict(state.steps),
         data={k: report_dict(s) for k, s in run.data.items()},
         skipped_nonfinite=state.skipped,
-        world_size=run.acc.num_processes,
+        world_size=world,
         engine=run.engine.describe(),
-        global_batch=tc.batch_size * run.acc.num_processes * tc.grad_accum,
+        global_batch=global_batch,
     )
     if tc.save_model:
         # FSDP / ZeRO-3: the weights gathered from every process onto the main one
