@@ -6,6 +6,32 @@ checkpointed: its `[chunk, vocab]` logits are recomputed in the backward pass in
 so peak memory for the head is one chunk whatever the batch or sequence length. The head is called
 as a module, so that engines which gather a module's weights around its forward (DeepSpeed ZeRO-3,
 FSDP) see each use.
+
+Packed (padding-free) pass, `sequence_logps(..., packed=True)` (`train.packing`): the padding of a
+right-padded batch is removed and its rows are concatenated into one row `[1, sum(lengths)]`, with
+`position_ids` restarting at 0 for each sequence, and the decoder runs with `attention_mask=None`.
+transformers (5.x) reads the packing from the position ids:
+
+- sdpa, eager, flex_attention: `masking_utils.create_causal_mask` -> `_preprocess_mask_arguments`
+  calls `find_packed_sequence_indices(position_ids)` (a new sequence wherever the position does
+  not go up by 1) when the 2-D mask is None *and there is no cache*, and the causal mask is
+  and-ed with `packed_sequence_mask_function`: block-diagonal causal, each sequence sees only
+  itself. The model's default `use_cache=True` would create a `DynamicCache` and skip that
+  detection silently (one causal mask across all sequences), so the decoder is called with
+  `use_cache=False`.
+- flash_attention_2/3/4 (and hub flash kernels): `modeling_flash_attention_utils.
+  _flash_attention_forward` runs `flash_attn_varlen_func` when `cu_seq_lens_q/k` and
+  `max_length_q/k` are given; without them it re-derives them from `position_ids`
+  (`_is_packed_sequence`, `prepare_fa_kwargs_from_position_ids`) in every layer, each time a
+  device sync. They are computed once here and passed, as transformers'
+  `DataCollatorWithFlattening(return_flash_attn_kwargs=True)` does (`max_length_*` as Python
+  ints). Tested against a CPU stand-in for the kernel only, not on a GPU.
+
+sdpa and eager are tested (tests/test_packing.py); flex_attention was checked by hand (forward
+only: on CPU it has no backward).
+
+Any other attention implementation is refused (`packed_attention_check`) rather than risking a
+mask that ignores the packing.
 """
 
 from __future__ import annotations
@@ -66,12 +92,19 @@ def sequence_logps(
     target_mask: Tensor,
     *,
     chunk_size: int = 1024,
+    packed: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Summed log-prob of the target tokens of each row, and their count.
 
     Token `i` with `target_mask[:, i] == 1` is scored as `log p(input_ids[:, i] | input_ids[:, :i])`
     from the hidden state at position `i - 1`. Returns `(logp [B] fp32, n_tokens [B])`.
+    `packed`: one padding-free decoder pass over all rows (`packed_sequence_logps`), the same
+    result up to floating-point rounding.
     """
+    if packed:
+        return packed_sequence_logps(
+            model, input_ids, attention_mask, target_mask, chunk_size=chunk_size
+        )
     decoder, head = _decoder_and_head(model)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     mask = target_mask[:, 1:].bool() & attention_mask[:, 1:].bool()
@@ -81,6 +114,93 @@ def sequence_logps(
     logp = token_logps(hidden, head, positions, targets, chunk_size=chunk_size, softcap=softcap)
     sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
     sums = sums.index_add(0, positions[:, 0], logp)
+    return sums, mask.sum(dim=1)
+
+
+def _is_flash(impl: str | None) -> bool:
+    from transformers.utils.generic import is_flash_attention_requested
+
+    return is_flash_attention_requested(requested_attention_implementation=impl)
+
+
+# attention implementations whose masks transformers builds from packed position ids (module doc)
+PACKED_MASK_ATTENTION = ("sdpa", "eager", "flex_attention")
+
+
+def packed_attention_check(decoder: nn.Module) -> bool:
+    """Whether the decoder's attention is a flash kernel (varlen kwargs wanted); raises ValueError
+    for an attention implementation that cannot keep packed sequences apart."""
+    impl = getattr(getattr(decoder, "config", None), "_attn_implementation", None)
+    if _is_flash(impl):
+        return True
+    if impl in PACKED_MASK_ATTENTION:
+        return False
+    raise ValueError(
+        f"train.packing: attention implementation {impl!r} cannot run packed sequences (its mask "
+        f"would let them see each other); use one of {', '.join(PACKED_MASK_ATTENTION)} or "
+        "flash_attention_2, or set train.packing: false"
+    )
+
+
+def pack(input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
+    """A right-padded batch `[B, L]` as one padding-free row: `input_ids` and `position_ids`
+    `[1, sum(lengths)]` (positions restart at 0 for each row), `offsets` `[B]` (where each row
+    starts in the packed row), `cu_seq_lens` `[n + 1]` int32 (FlashAttention's cumulative lengths
+    of the n non-empty rows) and `max_length` (int). Raises ValueError unless each row's tokens
+    are a prefix of it (right padding)."""
+    length = input_ids.shape[1]
+    lengths = attention_mask.sum(dim=1)
+    ar = torch.arange(length, device=input_ids.device)
+    valid = ar[None, :] < lengths[:, None]
+    if not torch.equal(valid, attention_mask.bool()):
+        raise ValueError("packed log-probs need right-padded rows (attention_mask 1...1 0...0)")
+    offsets = torch.cumsum(lengths, 0) - lengths
+    nonzero = lengths[lengths > 0]
+    cu = torch.zeros(nonzero.shape[0] + 1, dtype=torch.int32, device=input_ids.device)
+    cu[1:] = torch.cumsum(nonzero, 0)
+    return {
+        "input_ids": input_ids[valid][None],
+        "position_ids": ar.expand_as(input_ids)[valid][None],
+        "offsets": offsets,
+        "cu_seq_lens": cu,
+        "max_length": int(lengths.max()) if lengths.numel() else 0,
+    }
+
+
+def packed_sequence_logps(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    target_mask: Tensor,
+    *,
+    chunk_size: int = 1024,
+) -> tuple[Tensor, Tensor]:
+    """`sequence_logps` through one padding-free decoder pass: the rows of the right-padded batch
+    packed into one row, each sequence attending only to itself (see the module docstring).
+    Returns the same `(logp [B] fp32, n_tokens [B])`."""
+    decoder, head = _decoder_and_head(model)
+    flash = packed_attention_check(decoder)
+    p = pack(input_ids, attention_mask)
+    kwargs = {}
+    if flash:
+        cu, m = p["cu_seq_lens"], p["max_length"]
+        kwargs = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": m, "max_length_k": m}
+    hidden = decoder(
+        input_ids=p["input_ids"],
+        attention_mask=None,
+        position_ids=p["position_ids"],
+        use_cache=False,  # with a cache, transformers does not look for packed sequences
+        **kwargs,
+    ).last_hidden_state  # [1, T, H]
+    mask = target_mask[:, 1:].bool() & attention_mask[:, 1:].bool()
+    positions = mask.nonzero()  # [N, 2]: (row, position of the predicting hidden state)
+    rows = positions[:, 0]
+    packed_pos = torch.stack([torch.zeros_like(rows), p["offsets"][rows] + positions[:, 1]], 1)
+    targets = input_ids[:, 1:][mask]
+    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    logp = token_logps(hidden, head, packed_pos, targets, chunk_size=chunk_size, softcap=softcap)
+    sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
+    sums = sums.index_add(0, rows, logp)
     return sums, mask.sum(dim=1)
 
 

@@ -26,6 +26,8 @@ token `y_t`, scored from the hidden state at `t - 1`, as everywhere in unitune.
    Both passes run in the model's current mode (train mode: dropout in pass 1 too, as in the
    reference). The reference's optional `lam` schedule and noise (`lambda_schedule`,
    `lambda_disturb`; off in its config) are not implemented: `lam` is a constant.
+   Both passes run on the padded batch, also with `train.packing` (which packs only the plain
+   log-prob passes, `logprobs.sequence_logps`).
 
    [choice] `E` is the model's live input-embedding module (`model.get_input_embeddings()`), so the
    embedding matrix gets gradients through both `E(y_t)` and `E(p_t)`. The reference instead embeds
