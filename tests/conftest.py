@@ -45,6 +45,7 @@ TIMING = (
     "elapsed_s",
     "tokens_per_s",
     "step_s",
+    "eval_s",
 )  # wall-clock fields: the only ones a rerun may change
 
 

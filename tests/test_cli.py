@@ -68,6 +68,21 @@ def test_demo_uses_the_precision_it_is_given(tmp_path, monkeypatch):
     assert cfg["train"]["mixed_precision"] == precision
 
 
+def test_auto_precision_follows_the_measured_bf16_speed(monkeypatch):
+    """bf16 is chosen because it is fast here, not because the CPU lists bf16 instructions."""
+    import torch
+
+    from unitune import demo
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(demo, "bf16_speedup", lambda: 0.4)  # AVX2: bf16 emulated, slower
+    assert demo.default_precision() == "no"
+    monkeypatch.setattr(demo, "bf16_speedup", lambda: 3.0)  # AMX
+    assert demo.default_precision() == "bf16"
+    monkeypatch.undo()
+    assert demo.bf16_speedup(rows=64, reps=2) > 0  # the real measurement runs and is a ratio
+
+
 def test_demo_refuses_an_unknown_precision(tmp_path):
     result = runner.invoke(app, ["demo", "--precision", "fp8", "-o", str(tmp_path)])
     assert result.exit_code == 2 and "--precision 'fp8'" in result.output

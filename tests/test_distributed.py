@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ANIMALS, final_weights, write_jsonl
+from conftest import ANIMALS, TIMING, final_weights, write_jsonl
 from safetensors.torch import load_file
 
 from unitune.batches import BatchStream
@@ -183,7 +183,7 @@ def assert_like_one_process(name: str, raw: dict, tmp_path: Path) -> None:
     # held-out metrics (split across the processes) and each objective's own held-out loss
     for a, b in zip(lines(out1, "eval"), lines(out2, "eval"), strict=True):
         assert set(a) == set(b), name
-        for key in set(a) - {"elapsed_s", "type"}:
+        for key in set(a) - {*TIMING, "type"}:
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (name, key)
     w1, w2 = final_weights(out1), final_weights(out2)
     for k in w1:

@@ -59,3 +59,28 @@ def test_one_forward_per_held_out_sequence(case, tiny_config, tmp_path):
         for idx in run._eval_batches(split.eval)
     ) / len(split.eval)
     assert out[key] == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("case", ["dpo-beta", "kto"])
+def test_the_first_evaluation_reuses_the_references(case, tiny_config, tmp_path):
+    """At step 0 the policy is the reference model: its held-out log-probs are the cached
+    references (the same pass), so the start-of-run evaluation costs nothing and says the same."""
+    raw = tiny_config("alright", eval_batch_size=2) | {
+        k: v for k, v in CASES[case].items() if k != "unpaired"
+    }
+    if CASES[case].get("unpaired"):
+        rows = [{"prompt": f"Describe a {a}.", "completion": f" A {a} is fine.",
+                 "label": bool(i % 2)} for i, a in enumerate(ANIMALS * 2)]  # fmt: skip
+        raw["data"]["pref"] = {
+            "train": str(write_jsonl(tmp_path / "u.jsonl", rows[:20])),
+            "eval": str(write_jsonl(tmp_path / "ue.jsonl", rows[20:])),
+        }
+    run, _, computed = forwards_and_losses(raw)
+    calls = []
+    run.policy.register_forward_hook(lambda *a: calls.append(1))
+    reused = run.evaluate(at_start=True)
+    assert calls == []
+    assert reused.keys() == computed.keys()
+    for key, value in computed.items():
+        assert reused[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert reused["reward_margin"] == 0.0  # exactly: policy and reference are one pass

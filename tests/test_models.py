@@ -448,3 +448,18 @@ def test_smollm2_loads_from_a_dequantized_cache(monkeypatch):
     # the weights are the real model, not noise: a random model scores ~ln(49152) = 10.8 nats
     nll = torch.nn.functional.cross_entropy(out[0, :-1], x[0, 1:])
     assert nll.item() < 3.5
+
+
+def test_attention_implementation_is_chosen_and_an_unusable_one_is_a_clear_error():
+    model, _ = load_model(ModelConfig(name="builtin:tiny", attn_implementation="eager"))
+    assert model.config._attn_implementation == "eager"
+    default, _ = load_model(ModelConfig(name="builtin:tiny"))
+    assert default.config._attn_implementation == "sdpa"
+    if importlib.util.find_spec("flash_attn") is None:  # the CPU machine: not installed
+        with pytest.raises(
+            ModelLoadError,
+            match="model.attn_implementation 'flash_attention_2'.*not.*installed",
+        ):
+            load_model(ModelConfig(name="builtin:tiny", attn_implementation="flash_attention_2"))
+    with pytest.raises(ModelLoadError, match="'bogus'"):
+        load_model(ModelConfig(name="builtin:tiny", attn_implementation="bogus"))

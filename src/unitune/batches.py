@@ -17,6 +17,7 @@ from unitune.data import (
     DataError,
     DataReport,
     Feedback,
+    Items,
     Pair,
     Sequence,
     collate,
@@ -29,6 +30,7 @@ from unitune.data import (
     mismatched,
     split_holdout,
 )
+from unitune.models import cache_root
 from unitune.objectives import REGISTRY
 
 
@@ -47,6 +49,8 @@ def unpair(pairs: list[Pair]) -> list[Feedback]:
 
     As TRL's `unpair_preference_dataset`, so that KTO and UNA's binary form train on pair data.
     """
+    if isinstance(pairs, Items):
+        return pairs.unpaired()
     out = []
     for p in pairs:
         for seq, target in ((p.chosen, 1.0), (p.rejected, 0.0)):
@@ -64,7 +68,12 @@ def load_data(cfg: Config, tokenizer) -> dict[str, Split]:
     the scores into labels. `format` is for data.sft, `label_threshold` for data.pref.
     """
     out: dict[str, Split] = {}
-    common = {"max_length": cfg.data.max_length, "on_bad_record": cfg.data.on_bad_record}
+    common = {
+        "max_length": cfg.data.max_length,
+        "on_bad_record": cfg.data.on_bad_record,
+        "num_proc": cfg.data.num_proc,
+        "cache_dir": (cfg.cache_dir or cache_root()) if cfg.data.cache else None,
+    }
     for slot in ("sft", "pref"):
         dcfg = getattr(cfg.data, slot)
         if dcfg is None:
@@ -110,7 +119,9 @@ def load_data(cfg: Config, tokenizer) -> dict[str, Split]:
             eval_report = None
         if dcfg.max_samples is not None:
             train = train[: dcfg.max_samples]
-        if kind == "unpaired" and train and isinstance(train[0], Pair):
+        if dcfg.eval_max_samples is not None:
+            held = held[: dcfg.eval_max_samples]
+        if kind == "unpaired" and len(train) and isinstance(train[0], Pair):
             train, held = unpair(train), unpair(held)
             notes.append(f"pairs unpaired for {obj.name}: chosen desirable, rejected undesirable")
         out[slot] = Split(kind, train, held, report, eval_report, notes)
@@ -131,6 +142,8 @@ def _refuse_scores(objective: str, dcfg: DatasetConfig) -> None:
 def flatten(items: list) -> list[Sequence]:
     """Sequences of a dataset: demonstrations as they are; pairs as all chosen, then rejected;
     feedback as its completions."""
+    if isinstance(items, Items):
+        return items.sequences()
     if not items:
         return []
     if isinstance(items[0], Pair):
@@ -170,7 +183,10 @@ class BatchStream:
         rank: int = 0,
         world: int = 1,
     ):
-        self.lengths = [item_length(it) for it in items]
+        if isinstance(items, Items):
+            self.lengths = items.lengths().tolist()
+        else:
+            self.lengths = [item_length(it) for it in items]
         self.batch_size, self.seed, self.partition = batch_size, seed, partition
         self.rank, self.world, self.drawn = rank, world, 0
         self.epoch = 0

@@ -30,6 +30,9 @@ class ModelConfig(Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
     lora: LoraConfig | None = None
+    # transformers' attention kernel: "sdpa", "eager", "flash_attention_2" (needs the
+    # flash-attn package and a GPU; padding-free with train.packing), ...; None: the model's
+    attn_implementation: str | None = None
 
 
 class DatasetConfig(Strict):
@@ -38,6 +41,7 @@ class DatasetConfig(Strict):
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     split: str = "train"  # split name for hub ids / datasets directories
     max_samples: int | None = Field(None, gt=0)  # train on the first N records (after checks)
+    eval_max_samples: int | None = Field(None, gt=0)  # evaluate on the first N held-out records
     score_range: tuple[float, float] | None = None  # unpaired scores: [min, max] -> [0, 1]
     # rename source columns to the standard fields, e.g. {prompt: instruction, completion: output}
     columns: dict[str, str] | None = None
@@ -54,6 +58,11 @@ class DataConfig(Strict):
     pref: DatasetConfig | None = None
     max_length: int = Field(512, gt=8)
     on_bad_record: Literal["error", "skip"] = "error"
+    # processes that tokenize (records go in chunks; 1: in the training process)
+    num_proc: int = Field(1, ge=1)
+    # keep tokenized datasets on disk (`<cache_dir>/data/`), keyed by source content, tokenizer
+    # and options: a rerun or a sweep tokenizes once; false: tokenize every time
+    cache: bool = True
 
 
 class ObjectiveConfig(BaseModel):
@@ -214,6 +223,9 @@ class TrainConfig(Strict):
     logprob_chunk_size: int = Field(1024, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False  # recompute layer activations in backward: less memory
+    # padding-free log-probs: each batch's sequences packed into one row, block-diagonal attention
+    # (logprobs.py); pays off with FlashAttention-2 on a GPU. IFT's own forward stays padded.
+    packing: bool = False
     save_model: bool = True
     log_batches: bool = False  # each process's training items per step: batches/rank<r>.jsonl
     save_every: int | None = Field(None, gt=0)  # checkpoint every N steps (and on SIGTERM/SIGINT)

@@ -131,6 +131,13 @@ def load_model(
         )
     _check_tokenizer(model, tokenizer, spec.name)
     model.config.use_cache = False
+    if spec.attn_implementation is not None:
+        try:
+            model.set_attn_implementation(spec.attn_implementation)
+        except (ImportError, ValueError) as err:  # unknown name, kernel not installed or usable
+            raise ModelLoadError(
+                f"model.attn_implementation {spec.attn_implementation!r}: {first_line(err)}"
+            ) from err
     if spec.lora is not None:
         model = _add_lora(model, spec.lora)
     return model, tokenizer

@@ -82,7 +82,9 @@ def train_parallel(
         report = merge(merge_cfg, console=console, progress=progress, sparsity_tol=tol)
     procs.wait_for_everyone()
     console.log("parallel: evaluating the merged model")
+    t_eval = time.time()
     merged = evaluate_model(cfg, out / "model", star, console)
+    eval_s = time.time() - t_eval + sum(s.get("eval_s", 0.0) for s in branches.values())
     if not procs.is_main_process:  # the main process writes the summary
         procs.wait_for_everyone()
         return json.loads((out / "summary.json").read_text())
@@ -107,6 +109,7 @@ def train_parallel(
         final,
         wall_s=time.time() - t_start,
         train_s=sum(s["train_s"] for s in branches.values()),
+        eval_s=round(eval_s, 2),  # the branches' evaluations and the merged model's
         steps={"sft": steps, "pref": steps},
         data=branches["sft"]["data"],
         base={k: v for k, v in base.items() if k != "type"},

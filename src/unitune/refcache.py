@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from unitune.data import Sequence, collate, data_fingerprint, length_batches
+from unitune.data import Items, Sequence, collate, data_fingerprint, length_batches
 
 CACHE_VERSION = "1"
 
@@ -101,7 +101,8 @@ def compute_logps(
     process computing its `shard`. `poll` is called before every batch (it raises to stop the
     pass, e.g. on SIGTERM)."""
     out = torch.zeros(len(seqs), dtype=torch.float32)
-    order = length_batches([len(s.input_ids) for s in seqs], batch_size, seed=0, shuffle=False)
+    lengths = seqs.lengths().tolist() if isinstance(seqs, Items) else [len(s) for s in seqs]
+    order = length_batches(lengths, batch_size, seed=0, shuffle=False)
     for j in shard.share(len(order)):
         if poll is not None:
             poll()

@@ -22,7 +22,7 @@ from torch import nn
 from unitune import engines, metrics
 from unitune.batches import AUX_INPUTS, collate_items, flatten, item_length, load_data
 from unitune.config import Config
-from unitune.data import Sequence, collate, length_batches
+from unitune.data import Items, Sequence, collate, length_batches
 from unitune.delta_l1 import DeltaL1
 from unitune.logprobs import sequence_logps
 from unitune.metrics import Ideal
@@ -48,12 +48,14 @@ class PolicyLogps(nn.Module):
     """Wraps a causal LM so that its forward returns per-sequence response log-probs.
 
     Accelerate prepares this wrapper (DDP/FSDP hooks then see every forward), and the LM head is
-    applied only at response positions, in chunks (see `logprobs.py`).
+    applied only at response positions, in chunks (see `logprobs.py`). `packed` (`train.packing`):
+    each batch's rows go through the decoder as one padding-free row; an objective's own forward
+    (IFT) is not packed and runs on the padded batch.
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int):
+    def __init__(self, model: nn.Module, chunk_size: int, packed: bool = False):
         super().__init__()
-        self.model, self.chunk_size = model, chunk_size
+        self.model, self.chunk_size, self.packed = model, chunk_size, packed
 
     def forward(self, input_ids, attention_mask, target_mask, objective_forward=None, **params):
         """Summed log-probs per row; or, for an objective with its own model pass (IFT), that
@@ -64,8 +66,9 @@ class PolicyLogps(nn.Module):
                 chunk_size=self.chunk_size, **params,
             )  # fmt: skip
         return sequence_logps(
-            self.model, input_ids, attention_mask, target_mask, chunk_size=self.chunk_size
-        )
+            self.model, input_ids, attention_mask, target_mask,
+            chunk_size=self.chunk_size, packed=self.packed,
+        )  # fmt: skip
 
 
 class Run:
@@ -130,7 +133,9 @@ class Run:
                 build = AUX_INPUTS[name].build
                 self.aux[(slot, "train", name)] = build(split.train, self.partitions[slot])
                 self.aux[(slot, "eval", name)] = build(split.eval, self._eval_batches(split.eval))
-        self.policy = PolicyLogps(self.model, cfg.train.logprob_chunk_size).to(self.device)
+        self.policy = PolicyLogps(
+            self.model, cfg.train.logprob_chunk_size, packed=cfg.train.packing
+        ).to(self.device)
         # PAFT's L1 penalty on the SFT objective's delta from the starting weights, copied once
         # the model is on its device
         self.l1 = DeltaL1(self.model) if cfg.schedule.l1 > 0 else None
@@ -283,16 +288,23 @@ class Run:
         return self.acc.reduce(t.to(self.device), reduction="sum").to(t.device)
 
     # ------------------------------------------------------------------ eval
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, *, at_start: bool = False) -> dict[str, float]:
         """Held-out metrics (`metrics.py`) and each objective's own held-out loss, from one
         forward per held-out sequence: the own losses reuse the metrics' log-probs (only an
-        objective with its own model pass, IFT, runs it again)."""
+        objective with its own model pass, IFT, runs it again). In inference mode (no autograd
+        bookkeeping at all), except under engines that gather sharded parameters in their
+        forward hooks (ZeRO-3, FSDP), which get `no_grad`.
+
+        `at_start`: the policy is still the model the initial references were computed from
+        (step 0 of a fresh run), so its held-out log-probs are those references, computed by the
+        same pass (same batches, precision and order): they are reused and no forward runs."""
         self.policy.eval()
         out: dict[str, float] = {}
+        quiet = torch.no_grad if self.engine.shards_parameters else torch.inference_mode
         try:
-            with self.acc.autocast():  # the training precision, as for the reference log-probs
-                scored = {slot: self._score(slot) for slot in self.data}
+            # the training precision, as for the reference log-probs
+            with quiet(), self.acc.autocast():
+                scored = {slot: self._score(slot, at_start) for slot in self.data}
                 if "sft" in scored:
                     logp, n = scored["sft"]["main"]
                     out |= metrics.sft_metrics(
@@ -318,14 +330,19 @@ class Run:
             )
         return out
 
-    def _score(self, slot: str) -> Scored:
+    def _score(self, slot: str, at_start: bool = False) -> Scored:
         """Policy log-probs of every held-out sequence of `slot` (and of its objective's auxiliary
-        inputs), split across the processes."""
+        inputs), split across the processes; `at_start`: the initial references (`evaluate`)."""
         bs, split = self.cfg.train.eval_batch_size, self.data[slot]
-        out = {"main": self._all_logps(flatten(split.eval), bs)}
+        inputs = {"main": flatten(split.eval)}
         for name in self.objectives[slot][0].inputs:
-            out[name] = self._all_logps(self.aux[(slot, "eval", name)].seqs, bs)
-        return out
+            inputs[name] = self.aux[(slot, "eval", name)].seqs
+        if at_start:
+            return {
+                name: (self.refs[(slot, "eval", name)].clone(), _target_counts(seqs))
+                for name, seqs in inputs.items()
+            }
+        return {name: self._all_logps(seqs, bs) for name, seqs in inputs.items()}
 
     def _eval_batches(self, items: list) -> list[list[int]]:
         lengths = [item_length(it) for it in items]
@@ -372,5 +389,10 @@ class Run:
             self.policy, seqs, pad_id=self.pad_id, batch_size=bs, device=self.device,
             poll=self.poll, shard=self.shard,
         )  # fmt: skip
-        n = torch.tensor([sum(s.target_mask) for s in seqs])
-        return logp, n
+        return logp, _target_counts(seqs)
+
+
+def _target_counts(seqs: list[Sequence]) -> torch.Tensor:
+    if isinstance(seqs, Items):
+        return torch.from_numpy(seqs.n_targets())
+    return torch.tensor([sum(s.target_mask) for s in seqs])

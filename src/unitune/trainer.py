@@ -67,6 +67,7 @@ class TrainState:
     last_eval: dict[str, Any] = field(default_factory=dict)
     metrics_lines: int = 0
     train_s: float = 0.0  # training time of earlier sessions of this run
+    eval_s: float = 0.0  # time spent in held-out evaluations so far (all sessions)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -79,6 +80,7 @@ class TrainState:
             "last_eval": self.last_eval,
             "metrics_lines": self.metrics_lines,
             "train_s": self.train_s,
+            "eval_s": self.eval_s,
             "schedule": self.schedule.state_dict(),
             "streams": {k: s.state_dict() for k, s in self.streams.items()},
             "python_rng": _python_rng(),
@@ -89,6 +91,7 @@ class TrainState:
             setattr(self, key, state[key])
         self.steps, self.skipped = dict(state["steps"]), list(state["skipped"])
         self.last_eval, self.train_s = dict(state["last_eval"]), float(state["train_s"])
+        self.eval_s = float(state.get("eval_s", 0.0))  # absent in checkpoints of 0.1.0
         self.schedule.load_state_dict(state["schedule"])
         for k, s in self.streams.items():
             s.load_state_dict(state["streams"][k])
@@ -165,6 +168,7 @@ def train(
         state.last_eval,
         wall_s=time.time() - t_start,
         train_s=state.train_s + time.time() - t_session,
+        eval_s=round(state.eval_s, 2),
         steps=dict(state.steps),
         data={k: report_dict(s) for k, s in run.data.items()},
         skipped_nonfinite=state.skipped,
@@ -282,8 +286,12 @@ def eval_due(cfg: Config, state: TrainState) -> bool:
 
 
 def evaluate(run: Run, state: TrainState, log: MetricsLog, t_session: float) -> None:
-    rec = {"type": "eval", "step": state.step, **run.evaluate(), "steps_sft": state.steps["sft"],
-           "steps_pref": state.steps["pref"],
+    t0 = time.time()
+    # a fresh run's first evaluation: the policy is the reference model, no forward needed
+    figures = run.evaluate(at_start=state.step == 0 and state.reference_fp is None)
+    state.eval_s += time.time() - t0
+    rec = {"type": "eval", "step": state.step, **figures, "steps_sft": state.steps["sft"],
+           "steps_pref": state.steps["pref"], "eval_s": round(time.time() - t0, 3),
            "elapsed_s": round(state.train_s + time.time() - t_session, 2)}  # fmt: skip
     log.write(rec)
     state.last_eval = rec

@@ -23,10 +23,13 @@ from unitune.data.sequences import (
     feedback_kind,
     mismatched,
 )
+from unitune.data.store import Items, TokenStore
 
 __all__ = [
     "DataError",
     "DataReport",
+    "Items",
+    "TokenStore",
     "Feedback",
     "Pair",
     "Sequence",

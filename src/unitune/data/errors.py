@@ -64,8 +64,15 @@ class RecordError(Exception):
         self.detail = detail
         self.fatal = fatal
 
+    def __reduce__(self):  # keep every argument when sent back from a tokenizing process
+        return (_record_error, (self.field, self.reason, self.detail, self.fatal))
+
     def located(self, path: str, record: int, unit: str) -> DataError:
         return DataError(path, record, self.field, self.detail, reason=self.reason, unit=unit)
+
+
+def _record_error(field: str | None, reason: str, detail: str, fatal: bool) -> RecordError:
+    return RecordError(field, reason, detail, fatal=fatal)
 
 
 @dataclass
@@ -80,6 +87,7 @@ class DataReport:
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
     truncated: int = 0  # records whose response was cut (a pair counts once)
     unused_columns: dict[str, int] = field(default_factory=dict)  # column -> kept records
+    cached: bool = False  # read back from the tokenized-data cache (the counts are its build's)
 
     def summary(self) -> str:
         text = f"{self.source}: kept {self.n_kept} of {self.n_records} records"
@@ -90,6 +98,8 @@ class DataReport:
             text += f", truncated {self.truncated}"
         if self.unused_columns:
             text += f", unused columns: {format_unused(self.unused_columns)}"
+        if self.cached:
+            text += " (from the tokenized-data cache)"
         return text
 
 

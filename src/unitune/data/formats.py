@@ -12,15 +12,20 @@ Sources:
   `datasets.load_dataset(source, split=split)`.
 - an in-memory list of dicts (or a `datasets.Dataset`), named "<memory>".
 
-Non-JSONL records are numbered by index + 1. Problems with the whole file raise `DataError`;
+Non-JSONL records are numbered by index + 1. `Source.fingerprint` identifies the content for the
+tokenized-data cache: the sha256 of a file's bytes, of a saved dataset's files, or a hub dataset's
+own `datasets` fingerprint; None for in-memory data (never cached).
+Problems with the whole file raise `DataError`;
 problems with one record come back as `RawRecord.error` so the loader can skip them.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +47,12 @@ class Source:
     name: str  # how messages name the source: the path or hub id as given
     unit: str  # "line" or "record"
     records: Iterable[RawRecord]
+    # of the content, for the data cache, computed when asked for (hashing reads the file)
+    identify: Callable[[], str | None] = lambda: None
+
+    def fingerprint(self) -> str | None:
+        """What identifies the content, for the data cache; None: not cacheable."""
+        return self.identify()
 
 
 def open_source(source: str | os.PathLike | Iterable[dict], split: str = "train") -> Source:
@@ -50,20 +61,39 @@ def open_source(source: str | os.PathLike | Iterable[dict], split: str = "train"
         return Source("<memory>", "record", _from_rows(source))
     name = str(source)
     path = Path(source).expanduser()
+    identify = functools.partial(_content_hash, path, split)
     if path.is_dir():
-        return Source(name, "record", _from_rows(_load_from_disk(name, path, split)))
+        rows = _load_from_disk(name, path, split)
+        return Source(name, "record", _from_rows(rows), identify)
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
-            return Source(name, "line", _read_jsonl(name, path))
+            return Source(name, "line", _read_jsonl(name, path), identify)
         if suffix == ".json":
-            return Source(name, "record", _from_rows(_read_json(name, path, split)))
+            rows = _read_json(name, path, split)
+            return Source(name, "record", _from_rows(rows), identify)
         if suffix == ".parquet":
-            return Source(name, "record", _from_rows(_read_parquet(name, path)))
+            rows = _read_parquet(name, path)
+            return Source(name, "record", _from_rows(rows), identify)
         raise DataError(name, None, None, "unsupported file type; use .jsonl, .json or .parquet")
     if path.suffix.lower() in FILE_SUFFIXES or name.startswith((".", "/", "~")):
         raise DataError(name, None, None, "no such file or directory")
-    return Source(name, "record", _from_rows(_load_hub(name, split)))
+    rows = _load_hub(name, split)
+    own = getattr(rows, "_fingerprint", None)  # datasets' hash of the cached Arrow data
+    key = f"hub:{name}:{split}:{own}" if own else None
+    return Source(name, "record", _from_rows(rows), lambda: key)
+
+
+def _content_hash(path: Path, split: str) -> str:
+    """sha256 of a file's bytes, or of every file under a directory (relative names included)."""
+    digest = hashlib.sha256(f"split={split}".encode())
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else "").encode() + b"\0")
+        with open(file, "rb") as fh:
+            while block := fh.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def _from_rows(rows: Iterable[Any]) -> Iterator[RawRecord]:

@@ -1,6 +1,13 @@
 """Load a dataset into `Sequence`s (SFT), `Pair`s (preference pairs) or `Feedback` (unpaired).
 
-Every record is read, validated and tokenized before anything is returned. With
+Every record is read, validated and tokenized before anything is returned, as `Items` over
+compact token arrays (`unitune.data.store`). Records go in chunks: each chunk's records are
+validated and their chat templates rendered, then all their texts are encoded in one batched call
+of the fast tokenizer; with `num_proc > 1` the chunks are tokenized on that many processes, a few
+ahead, and merged in order (bad records are reported in record order as without them). With a
+`cache_dir`, the result is kept in the tokenized-data cache (`unitune.data.cache`) under a key of
+the source's content, the tokenizer and every option, and a later load with the same key reads
+it back memory-mapped instead of tokenizing. With
 `on_bad_record="error"` the first bad record raises a `DataError` naming the file, the 1-based
 line (JSONL) or record, and the field; with `"skip"` bad records are counted in
 `DataReport.skipped` by reason and loading goes on. Problems with the tokenizer or its chat
@@ -10,21 +17,29 @@ format does not read are counted per kept record in `DataReport.unused_columns`.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import numbers
 import os
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_all_start_methods, get_context
 from typing import Any, Literal
 
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from unitune.data import cache
+from unitune.data.cache import cache_key, tokenizer_fingerprint
 from unitune.data.errors import DataError, DataReport, RecordError
-from unitune.data.formats import open_source
-from unitune.data.sequences import Feedback, Pair, Sequence
-from unitune.data.tokenize import Encoder, tokenize_example
+from unitune.data.formats import RawRecord, open_source
+from unitune.data.sequences import Sequence
+from unitune.data.store import Items, StoreBuilder
+from unitune.data.tokenize import Encoder, assemble, plan_example
 from unitune.data.validation import (
+    Example,
     Format,
     detect_format,
     detect_pref_kind,
@@ -38,6 +53,7 @@ log = logging.getLogger(__name__)
 
 SourceLike = str | os.PathLike | Iterable[dict]
 MAX_LOGGED_SKIPS = 5
+CHUNK_RECORDS = 512  # records tokenized together (one batched encode call)
 
 
 def load_sft(
@@ -49,16 +65,20 @@ def load_sft(
     split: str = "train",
     columns: dict[str, str] | None = None,
     format: str = "auto",
-) -> tuple[list[Sequence], DataReport]:
+    num_proc: int = 1,
+    cache_dir: str | os.PathLike | None = None,
+) -> tuple[Items, DataReport]:
     """Load SFT data (prompt/completion or messages) as tokenized `Sequence`s.
 
     `columns` maps standard field names to the source's, e.g. `{"prompt": "instruction"}`.
     `format="alpaca"` reads `instruction`, `input` and `output` (see `validation`); "auto"
-    detects the format from the first record's keys.
+    detects the format from the first record's keys. `num_proc`: tokenizing processes;
+    `cache_dir`: where the tokenized-data cache lives (None: no cache).
     """
     return _load(
-        source, tokenizer, "sft", _build_sft, max_length, on_bad_record, split, columns, format
-    )
+        source, tokenizer, "sft", max_length, on_bad_record, split, columns, format,
+        num_proc=num_proc, cache_dir=cache_dir,
+    )  # fmt: skip
 
 
 def load_preference(
@@ -69,11 +89,14 @@ def load_preference(
     on_bad_record: str = "error",
     split: str = "train",
     columns: dict[str, str] | None = None,
-) -> tuple[list[Pair], DataReport]:
+    num_proc: int = 1,
+    cache_dir: str | os.PathLike | None = None,
+) -> tuple[Items, DataReport]:
     """Load preference data (explicit or implicit prompt) as tokenized `Pair`s."""
     return _load(
-        source, tokenizer, "preference", _build_pair, max_length, on_bad_record, split, columns
-    )
+        source, tokenizer, "preference", max_length, on_bad_record, split, columns,
+        num_proc=num_proc, cache_dir=cache_dir,
+    )  # fmt: skip
 
 
 def load_feedback(
@@ -86,7 +109,9 @@ def load_feedback(
     columns: dict[str, str] | None = None,
     score_range: tuple[float, float] | None = None,
     label_threshold: float | None = None,
-) -> tuple[list[Feedback], DataReport]:
+    num_proc: int = 1,
+    cache_dir: str | os.PathLike | None = None,
+) -> tuple[Items, DataReport]:
     """Load unpaired feedback (prompt, completion and a label or a score) as `Feedback`.
 
     Prompt/completion are tokenized as SFT prompt/completion. Labels give targets 1.0 / 0.0;
@@ -105,10 +130,11 @@ def load_feedback(
             "label_threshold (data.pref.label_threshold) must be in (0, 1], a mapped score; "
             f"got {label_threshold!r}"
         )
-    build = functools.partial(
-        _build_feedback, score_range=score_range, label_threshold=label_threshold
-    )
-    return _load(source, tokenizer, "unpaired", build, max_length, on_bad_record, split, columns)
+    return _load(
+        source, tokenizer, "unpaired", max_length, on_bad_record, split, columns,
+        score_range=score_range, label_threshold=label_threshold,
+        num_proc=num_proc, cache_dir=cache_dir,
+    )  # fmt: skip
 
 
 def detect_kind(
@@ -175,83 +201,218 @@ def _check_score_range(score_range: Any) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def _build_sft(record: dict[str, Any], fmt: Format, encoder: Encoder, max_length: int) -> Sequence:
-    return tokenize_example(validate_sft(record, fmt), encoder, max_length)
+@dataclass(frozen=True)
+class _Job:
+    """What tokenizing a record needs; sent once to each tokenizing process."""
+
+    kind: str  # "sft", "preference" or "unpaired"
+    fmt: Format
+    tokenizer: PreTrainedTokenizerBase
+    max_length: int
+    columns: dict[str, str] | None
+    score_range: tuple[float, float] | None = None
+    label_threshold: float | None = None
+
+    @property
+    def width(self) -> int:  # sequences per item
+        return 2 if self.kind == "preference" else 1
+
+    def examples(self, record: dict[str, Any]) -> tuple[list[Example], float | None]:
+        """The record's examples (a pair's chosen and rejected) and its feedback target."""
+        if self.kind == "sft":
+            return [validate_sft(record, self.fmt)], None
+        if self.kind == "preference":
+            return list(validate_preference(record, self.fmt)), None
+        example, target = validate_feedback(record, self.fmt, self.score_range)
+        if self.fmt.name == "score" and self.label_threshold is not None:
+            target = 1.0 if target >= self.label_threshold else 0.0
+        return [example], target
+
+    def check(self, seqs: list[Sequence]) -> None:
+        if self.kind == "preference" and seqs[0].input_ids == seqs[1].input_ids:
+            after = "tokenization and truncation" if seqs[0].truncated else "tokenization"
+            raise RecordError("chosen", "identical", f"identical to 'rejected' after {after}")
 
 
-def _build_pair(record: dict[str, Any], fmt: Format, encoder: Encoder, max_length: int) -> Pair:
-    chosen_example, rejected_example = validate_preference(record, fmt)
-    chosen = tokenize_example(chosen_example, encoder, max_length)
-    rejected = tokenize_example(rejected_example, encoder, max_length)
-    if chosen.input_ids == rejected.input_ids:
-        after = "tokenization and truncation" if chosen.truncated else "tokenization"
-        raise RecordError("chosen", "identical", f"identical to 'rejected' after {after}")
-    return Pair(chosen, rejected)
+@dataclass
+class _Chunk:
+    """The tokenized records of one chunk: kept items' sequences (in order, `width` each) and
+    targets, and each bad record's error by its number."""
+
+    store: StoreBuilder = field(default_factory=StoreBuilder)
+    targets: list[float] = field(default_factory=list)
+    errors: list[tuple[int, RecordError]] = field(default_factory=list)
+    truncated: int = 0
+    unused: dict[str, int] = field(default_factory=dict)
 
 
-def _build_feedback(
-    record: dict[str, Any],
-    fmt: Format,
-    encoder: Encoder,
-    max_length: int,
-    *,
-    score_range: tuple[float, float] | None,
-    label_threshold: float | None = None,
-) -> Feedback:
-    example, target = validate_feedback(record, fmt, score_range)
-    seq = tokenize_example(example, encoder, max_length)
-    kind = fmt.name
-    if kind == "score" and label_threshold is not None:
-        target, kind = (1.0 if target >= label_threshold else 0.0), "label"
-    return Feedback(seq, target, seq.target_mask.index(1), kind)  # type: ignore[arg-type]
+def _tokenize_chunk(job: _Job, encoder: Encoder, records: list[RawRecord]) -> _Chunk:
+    """Validate and plan every record, encode all their texts in one batched call, assemble."""
+    out = _Chunk()
+    planned = []
+    for raw in records:
+        try:
+            if raw.error is not None:
+                raise raw.error
+            record = _rename(raw.value, job.columns) if job.columns else raw.value
+            examples, target = job.examples(record)
+            planned.append(
+                (raw.number, record, [plan_example(e, encoder) for e in examples], target)
+            )
+        except RecordError as err:
+            out.errors.append((raw.number, err))
+    encoded = iter(
+        encoder.encode_many([t for p in planned for plan in p[2] for t, _ in plan.pieces])
+    )
+    for number, record, plans, target in planned:
+        pieces = [[next(encoded) for _ in plan.pieces] for plan in plans]
+        try:
+            seqs = [
+                assemble(plan, ids, encoder, job.max_length)
+                for plan, ids in zip(plans, pieces, strict=True)
+            ]
+            job.check(seqs)
+        except RecordError as err:
+            out.errors.append((number, err))
+            continue
+        for seq in seqs:
+            out.store.add(seq.input_ids, seq.target_mask, seq.truncated)
+        if target is not None:
+            out.targets.append(target)
+        out.truncated += any(seq.truncated for seq in seqs)
+        for name in unused_fields(record, job.fmt):
+            out.unused[name] = out.unused.get(name, 0) + 1
+    out.errors.sort(key=lambda e: e[0])
+    return out
+
+
+_worker: tuple[_Job, Encoder] | None = None  # a tokenizing process's job
+
+
+def _start_worker(job: _Job) -> None:
+    global _worker
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
+    _worker = (job, Encoder(job.tokenizer))
+
+
+def _work(records: list[RawRecord]) -> _Chunk:
+    assert _worker is not None
+    return _tokenize_chunk(*_worker, records)
+
+
+def _tokenized_chunks(
+    job: _Job, encoder: Encoder, chunks: Iterator[list[RawRecord]], num_proc: int
+) -> Iterator[_Chunk]:
+    """Each chunk tokenized, in order; on `num_proc` processes a few chunks ahead."""
+    if num_proc <= 1:
+        for records in chunks:
+            yield _tokenize_chunk(job, encoder, records)
+        return
+    # fork where there is one: no re-import of the caller's main module (a script without an
+    # `if __name__ == "__main__"` guard works) and a fast start; the workers only tokenize
+    method = "fork" if "fork" in get_all_start_methods() else "spawn"
+    pool = ProcessPoolExecutor(
+        num_proc, mp_context=get_context(method), initializer=_start_worker, initargs=(job,)
+    )
+    try:
+        ahead: deque = deque()
+        for records in chunks:
+            ahead.append(pool.submit(_work, records))
+            if len(ahead) >= 2 * num_proc:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _load(
     source: SourceLike,
     tokenizer: PreTrainedTokenizerBase,
     kind: str,
-    build: Callable[[dict[str, Any], Format, Encoder, int], Any],
     max_length: int,
     on_bad_record: str,
     split: str,
     columns: dict[str, str] | None = None,
     format: str = "auto",
-) -> tuple[list, DataReport]:
+    *,
+    score_range: tuple[float, float] | None = None,
+    label_threshold: float | None = None,
+    num_proc: int = 1,
+    cache_dir: str | os.PathLike | None = None,
+) -> tuple[Items, DataReport]:
     if on_bad_record not in ("error", "skip"):
         raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
+    if num_proc < 1:
+        raise ValueError(f"num_proc (data.num_proc) must be at least 1, got {num_proc}")
     encoder = Encoder(tokenizer)
     src = open_source(source, split)
+    key = None
+    if cache_dir is not None and (source_fp := src.fingerprint()) is not None:
+        options = {
+            "kind": kind, "format": format, "columns": columns, "split": split,
+            "max_length": max_length, "on_bad_record": on_bad_record,
+            "score_range": score_range, "label_threshold": label_threshold,
+        }  # fmt: skip
+        key = cache_key(source_fp, tokenizer_fingerprint(tokenizer), options)
+        hit = cache.read(cache_dir, key)
+        if hit is not None:
+            items, report = hit
+            report.source, report.cached = src.name, True
+            log.info("%s: %d items from the data cache (%s)", src.name, len(items), key[:12])
+            return items, report
     report = DataReport(source=src.name, n_records=0, n_kept=0, skipped={}, truncated=0)
-    items = []
+
+    def bad(number: int, err: RecordError) -> None:
+        located = err.located(src.name, number, src.unit)
+        if err.fatal or on_bad_record == "error":
+            raise located from None
+        report.skipped[err.reason] = report.skipped.get(err.reason, 0) + 1
+        if sum(report.skipped.values()) <= MAX_LOGGED_SKIPS:
+            log.warning("skipped: %s", located)
+
+    records = iter(src.records)
     fmt: Format | None = None
-    for raw in src.records:
+    first = None
+    for raw in records:  # the format is the first readable record's
         report.n_records += 1
         try:
             if raw.error is not None:
                 raise raw.error
-            if columns:
-                raw.value = _rename(raw.value, columns)
-            if fmt is None:
-                fmt = detect_format(raw.value, kind, format)
-            item = build(raw.value, fmt, encoder, max_length)
+            fmt = detect_format(_rename(raw.value, columns) if columns else raw.value, kind, format)
         except RecordError as err:
-            located = err.located(src.name, raw.number, src.unit)
-            if err.fatal or on_bad_record == "error":
-                raise located from None
-            report.skipped[err.reason] = report.skipped.get(err.reason, 0) + 1
-            n_skipped = sum(report.skipped.values())
-            if n_skipped <= MAX_LOGGED_SKIPS:
-                log.warning("skipped: %s", located)
+            bad(raw.number, err)
             continue
-        items.append(item)
-        if _truncated(item):
-            report.truncated += 1
-        for name in unused_fields(raw.value, fmt):
-            report.unused_columns[name] = report.unused_columns.get(name, 0) + 1
-    report.n_kept = len(items)
-    if not items:
+        first = raw
+        break
+    builder, targets = StoreBuilder(), []
+    if fmt is not None:
+        job = _Job(kind, fmt, tokenizer, max_length, columns, score_range, label_threshold)
+
+        def chunks() -> Iterator[list[RawRecord]]:
+            batch = [first]
+            for raw in records:
+                report.n_records += 1
+                batch.append(raw)
+                if len(batch) == CHUNK_RECORDS:
+                    yield batch
+                    batch = []
+            if batch:
+                yield batch
+
+        for chunk in _tokenized_chunks(job, encoder, chunks(), num_proc):
+            for number, err in chunk.errors:
+                bad(number, err)
+            builder.add_store(chunk.store)
+            targets += chunk.targets
+            report.truncated += chunk.truncated
+            for name, n in chunk.unused.items():
+                report.unused_columns[name] = report.unused_columns.get(name, 0) + n
+    width = 2 if kind == "preference" else 1
+    report.n_kept = len(builder) // width
+    if not report.n_kept:
         if report.n_records == 0:
             raise DataError(src.name, None, None, "no records")
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(report.skipped.items()))
@@ -259,6 +420,15 @@ def _load(
         raise DataError(src.name, None, None, detail, reason="empty")
     if report.skipped or report.truncated or report.unused_columns:
         log.info(report.summary())
+    store = builder.build()
+    item_kind = {"sft": "sft", "preference": "pairs", "unpaired": "feedback"}[kind]
+    feedback = "label" if fmt.name != "score" or label_threshold is not None else "score"
+    target = np.array(targets, dtype=np.float64) if kind == "unpaired" else None
+    items = Items(store, item_kind, np.arange(len(store)), target, feedback)
+    if key is not None and cache.write(cache_dir, key, items, report) is not None:
+        cached = cache.read(cache_dir, key)  # memory-mapped: the arrays built here can go
+        if cached is not None:
+            items = cached[0]
     return items, report
 
 
@@ -269,11 +439,3 @@ def _rename(record: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
         if name in out:
             out[standard] = out.pop(name)
     return out
-
-
-def _truncated(item: Sequence | Pair | Feedback) -> bool:
-    if isinstance(item, Pair):
-        return item.chosen.truncated or item.rejected.truncated
-    if isinstance(item, Feedback):
-        return item.seq.truncated
-    return item.truncated

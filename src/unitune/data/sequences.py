@@ -125,9 +125,13 @@ def data_fingerprint(items: Iterable[Sequence | Pair | Feedback]) -> str:
     """sha256 over the token ids and target masks (and feedback targets), in order.
 
     Stable across processes. Used as the key of the reference log-prob cache: equal data gives
-    an equal key.
+    an equal key. Items over a token store (`unitune.data.store.Items`) feed the same bytes from
+    their arrays, without building each item.
     """
     digest = hashlib.sha256()
+    if hasattr(items, "fingerprint_into"):
+        items.fingerprint_into(digest)
+        return digest.hexdigest()
     for item in items:
         if isinstance(item, Pair):
             digest.update(b"P")

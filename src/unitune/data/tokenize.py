@@ -27,6 +27,8 @@ Truncation policy:
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
@@ -39,11 +41,18 @@ from unitune.data.validation import ChatExample, Example, TextExample
 class Encoder:
     """The few tokenizer operations the data layer needs, set up once per tokenizer."""
 
+    RENDER_MEMO = 16  # renderings kept: a pair's chosen and rejected share their prompt's
+
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token; set tokenizer.eos_token")
         self.tokenizer = tokenizer
         self.eos_id: int = tokenizer.eos_token_id
+        backend = getattr(tokenizer, "backend_tokenizer", None)  # fast (Rust) tokenizers
+        self._batch = getattr(backend, "encode_batch_fast", None) or getattr(
+            backend, "encode_batch", None
+        )
+        self._memo: dict[tuple[str, bool], str] = {}
         self.prefix = self._leading_special_ids()
 
     def _leading_special_ids(self) -> list[int]:
@@ -61,10 +70,19 @@ class Encoder:
             return []
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        """`encode` of each text, in one batched call of the fast tokenizer when there is one."""
+        if self._batch is None:
+            return [self.encode(t) for t in texts]
+        return [e.ids if t else [] for t, e in zip(texts, self._batch(texts, False), strict=True)]
+
     def render(self, messages: list[dict[str, Any]], *, generation_prompt: bool) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
             detail = "conversational data needs a tokenizer with a chat template; this one has none"
             raise RecordError(None, "no_chat_template", detail, fatal=True)
+        key = (json.dumps(messages, sort_keys=True, default=repr), generation_prompt)
+        if key in self._memo:
+            return self._memo[key]
         try:
             text = self.tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=generation_prompt
@@ -73,36 +91,76 @@ class Encoder:
             raise RecordError(None, "template_error", f"chat template failed: {err}") from err
         if not isinstance(text, str):
             raise TypeError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}")
+        if len(self._memo) >= self.RENDER_MEMO:
+            self._memo.clear()
+        self._memo[key] = text
         return text
+
+
+# How a piece of text becomes tokens and targets (`Plan.pieces`):
+CONTEXT = 0  # not a target
+RESPONSE = 1  # a plain-text response: all targets, EOS appended unless it ends with EOS
+TURN = 2  # an assistant turn rendered by the chat template: targets up to its last EOS
+
+
+@dataclass
+class Plan:
+    """An example as texts to encode, before any token exists: `pieces` are (text, role)
+    pairs; `prefix` puts the tokenizer's leading special ids first (plain text). Texts of many
+    plans are encoded in one batched call, then `assemble` builds each `Sequence`."""
+
+    example: Example
+    pieces: list[tuple[str, int]]
+    prefix: bool = False
+
+
+def plan_example(example: Example, encoder: Encoder) -> Plan:
+    """The texts of one example (chat templates rendered here; see the module docstring)."""
+    if isinstance(example, TextExample):
+        return Plan(example, [(example.prompt, CONTEXT), (example.response, RESPONSE)], True)
+    return Plan(example, _chat_pieces(example, encoder))
+
+
+def assemble(plan: Plan, encoded: list[list[int]], encoder: Encoder, max_length: int) -> Sequence:
+    """Token ids and target mask of a planned example from its pieces' ids, fitted to
+    `max_length`."""
+    ids: list[int] = list(encoder.prefix) if plan.prefix else []
+    mask: list[int] = [0] * len(ids)
+    for (_, role), piece in zip(plan.pieces, encoded, strict=True):
+        if role == CONTEXT:
+            ids += piece
+            mask += [0] * len(piece)
+        elif role == RESPONSE:
+            piece = list(piece)
+            if not piece or piece[-1] != encoder.eos_id:
+                piece.append(encoder.eos_id)
+            ids += piece
+            mask += [1] * len(piece)
+        else:
+            if encoder.eos_id not in piece:
+                field = plan.example.response_field
+                raise RecordError(field, "template_eos", _eos_problem(encoder), fatal=True)
+            last_eos = len(piece) - 1 - piece[::-1].index(encoder.eos_id)
+            ids += piece
+            mask += [1] * (last_eos + 1) + [0] * (len(piece) - last_eos - 1)
+    return _fit(ids, mask, max_length, plan.example)
 
 
 def tokenize_example(example: Example, encoder: Encoder, max_length: int) -> Sequence:
     """Token ids and target mask of one example, fitted to `max_length` (see module docstring)."""
-    if isinstance(example, TextExample):
-        ids, mask = _tokenize_text(example, encoder)
-    else:
-        ids, mask = _tokenize_chat(example, encoder)
-    return _fit(ids, mask, max_length, example)
+    plan = plan_example(example, encoder)
+    return assemble(plan, encoder.encode_many([t for t, _ in plan.pieces]), encoder, max_length)
 
 
-def _tokenize_text(example: TextExample, encoder: Encoder) -> tuple[list[int], list[int]]:
-    prompt = encoder.prefix + encoder.encode(example.prompt)
-    response = encoder.encode(example.response)
-    if not response or response[-1] != encoder.eos_id:
-        response.append(encoder.eos_id)
-    return prompt + response, [0] * len(prompt) + [1] * len(response)
-
-
-def _tokenize_chat(example: ChatExample, encoder: Encoder) -> tuple[list[int], list[int]]:
+def _chat_pieces(example: ChatExample, encoder: Encoder) -> list[tuple[str, int]]:
     messages = example.messages
     targets = [
         i for i in range(example.first_target, len(messages)) if messages[i]["role"] == "assistant"
     ]
     try:
         full = encoder.render(messages[: targets[-1] + 1], generation_prompt=False)
-        ids: list[int] = []
-        mask: list[int] = []
-        done = 0  # characters of `full` already tokenized
+        pieces: list[tuple[str, int]] = []
+        done = 0  # characters of `full` already planned
         for i in targets:
             before = encoder.render(messages[:i], generation_prompt=True)
             through = encoder.render(messages[: i + 1], generation_prompt=False)
@@ -110,20 +168,13 @@ def _tokenize_chat(example: ChatExample, encoder: Encoder) -> tuple[list[int], l
                 through.startswith(before) and full.startswith(through) and len(before) >= done
             ):
                 raise RecordError(None, "template_prefix", _prefix_problem(i), fatal=True)
-            context = encoder.encode(full[done : len(before)])
-            ids += context
-            mask += [0] * len(context)
-            piece = encoder.encode(full[len(before) : len(through)])
-            if encoder.eos_id not in piece:
-                raise RecordError(None, "template_eos", _eos_problem(encoder), fatal=True)
-            last_eos = len(piece) - 1 - piece[::-1].index(encoder.eos_id)
-            ids += piece
-            mask += [1] * (last_eos + 1) + [0] * (len(piece) - last_eos - 1)
+            pieces.append((full[done : len(before)], CONTEXT))
+            pieces.append((full[len(before) : len(through)], TURN))
             done = len(through)
     except RecordError as err:
         err.field = err.field or example.response_field
         raise
-    return ids, mask
+    return pieces
 
 
 def _prefix_problem(index: int) -> str:
