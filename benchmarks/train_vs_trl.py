@@ -114,7 +114,18 @@ UNITUNE_JOBS = {
 }
 
 
-def unitune_run(job: str, args, work: Path, files: dict[str, Path], env: dict) -> dict:
+# `--memory-options`: the DPO job again with each option that trades time or fidelity for memory
+MEMORY_OPTIONS = {
+    "gradient checkpointing": {"train": {"gradient_checkpointing": True}},
+    "bf16 weights and optimizer": {"model": {"dtype": "bfloat16"}},
+    "LoRA r=16, all linear layers": {"model": {"lora": {"r": 16, "alpha": 32, "target_modules": [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}}},
+}  # fmt: skip
+
+
+def unitune_run(
+    job: str, args, work: Path, files: dict[str, Path], env: dict, overrides: dict | None = None
+) -> dict:
     import yaml
 
     schedule, sft_obj, pref_obj = UNITUNE_JOBS[job]
@@ -145,6 +156,8 @@ def unitune_run(job: str, args, work: Path, files: dict[str, Path], env: dict) -
         "output_dir": str(work / f"unitune-{job}"),
         "cache_dir": str(work / "cache"),
     }
+    for section, values in (overrides or {}).items():
+        cfg[section] = {**cfg[section], **values}
     path = work / f"{job}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "unitune.cli", "train", str(path), "--no-progress"]
@@ -288,6 +301,9 @@ def main_parent(args) -> int:
         if job == "dpo" and args.allocator:  # the in-process allocator settings, off
             plain = {**env, "UNITUNE_MALLOC": "default"}
             rows["unitune, glibc default allocator"] = unitune_run(job, args, work, files, plain)
+        if job == "dpo" and args.memory_options:
+            for name, change in MEMORY_OPTIONS.items():
+                rows[f"unitune, {name}"] = unitune_run(job, args, work, files, env, change)
         if job in ("dpo", "sft", "kto"):
             rows["TRL"] = trl_run(job, args, work, files[{"dpo": "pref"}.get(job, job)], env)
         for r in rows.values():
@@ -332,6 +348,8 @@ def main() -> None:
     p.add_argument("--model", default="builtin:smollm2-135m")
     p.add_argument("--update-readme", action="store_true")
     p.add_argument("--allocator", action="store_true", help="also DPO with UNITUNE_MALLOC=default")
+    p.add_argument("--memory-options", action="store_true",
+                   help="also DPO with gradient checkpointing, bf16 weights, LoRA")  # fmt: skip
     p.add_argument("--from-results", type=Path, help="render a saved results.json")
     p.add_argument("--trl-worker", help=argparse.SUPPRESS)
     p.add_argument("--data-file", type=Path, help=argparse.SUPPRESS)

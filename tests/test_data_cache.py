@@ -243,3 +243,34 @@ def test_held_out_sets_can_be_capped_and_data_options_reach_the_loader(tiny_conf
     assert len(list((tmp_path / "cache" / "data").iterdir())) >= 2  # both sets cached
     again = load_data(parse_config(raw), tiny_tokenizer())
     assert again["sft"].report.cached and list(again["sft"].train) == list(data["sft"].train)
+
+
+def test_fast_rendering_is_exactly_apply_chat_template(tok):
+    enc = Encoder(tok)
+    assert enc._template is not None  # the compiled template passed its probe
+    convs = [
+        [msg("user", "Hi")],
+        [
+            msg("system", "Be {{ brief }}."),
+            msg("user", "2+2?"),
+            msg("assistant", "4"),
+            msg("user", "And <b>3+3</b>?"),
+        ],  # fmt: skip
+        [{"role": "user", "content": "named", "name": "ann"}],
+        [{"role": "user", "content": "none", "tool_calls": None}],  # not plain: transformers' path
+    ]
+    for conv in convs:
+        for gen in (True, False):
+            want = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
+            assert enc.render(conv, generation_prompt=gen) == want
+
+
+def test_a_template_that_renders_differently_falls_back_to_transformers(monkeypatch):
+    tok = tiny_tokenizer()
+    real = tok.apply_chat_template
+    # a transformers whose apply_chat_template does more than render the template
+    monkeypatch.setattr(tok, "apply_chat_template", lambda *a, **k: real(*a, **k) + "!")
+    enc = Encoder(tok)
+    assert enc._template is None  # the probe saw the difference
+    conv = [msg("user", "Hi")]
+    assert enc.render(conv, generation_prompt=True).endswith("assistant\n!")

@@ -150,7 +150,12 @@ def plot(
 def demo(
     model: str = typer.Option("builtin:smollm2-135m", help="model to post-train"),
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="output directory"),
-    steps: int = typer.Option(40, help="optimizer steps per schedule (equal budgets)"),
+    steps: int | None = typer.Option(
+        None, help="optimizer steps per schedule (equal budgets); default: the preset's"
+    ),
+    full: bool = typer.Option(
+        False, "--full", help="the longer, stronger comparison: 40 steps, all held-out data"
+    ),
     lam: float = typer.Option(0.5, help="weight / probability of the preference objective"),
     schedules: str = typer.Option(
         "sequential,mix,alright,maxright,parallel", help="comma-separated"
@@ -178,6 +183,7 @@ def demo(
         steps=steps,
         sft=sft,
         pref=pref,
+        preset="full" if full else "quick",
         console=console,
         progress=not no_progress,
     )

@@ -7,6 +7,7 @@ comparison table and writes the trajectory plot.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -21,6 +22,20 @@ SCHEDULES = ("sequential", "mix", "alright", "maxright", "parallel")
 # (README, "Parallel training and merging")
 DEMO_L1 = 1e-3
 DEMO_MERGE = {"method": "ties", "density": 0.2, "weights": [1.0, 0.25]}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """How long the demo trains and how much it evaluates. `quick` (the default) fits a laptop
+    CPU without fast bf16 in about 10 minutes (README, "What the demo shows"); `full` is the
+    statistically stronger comparison: more steps, every held-out record, more evaluations."""
+
+    steps: int
+    evals: int  # evaluations after the start (the start's own evaluation costs no forward)
+    eval_samples: int | None  # held-out records per set (None: all 64)
+
+
+PRESETS = {"quick": Preset(steps=20, evals=2, eval_samples=32), "full": Preset(40, 4, None)}
 
 
 def default_precision() -> str:
@@ -71,6 +86,8 @@ def demo_config(
     pref: str = "dpo",
     seed: int = 0,
     precision: str | None = None,
+    evals: int = 4,
+    eval_samples: int | None = None,
 ) -> Config:
     """Equal budgets: every schedule draws one SFT and one preference batch per step, so each
     sees exactly the first `steps * batch_size` records of both training sets, once (`parallel`'s
@@ -85,11 +102,13 @@ def demo_config(
                     "train": str(DEMO_DATA / "sft_train.jsonl"),
                     "eval": str(DEMO_DATA / "sft_eval.jsonl"),
                     "max_samples": n,
+                    "eval_max_samples": eval_samples,
                 },
                 "pref": {
                     "train": str(DEMO_DATA / "pref_train.jsonl"),
                     "eval": str(DEMO_DATA / "pref_eval.jsonl"),
                     "max_samples": n,
+                    "eval_max_samples": eval_samples,
                 },
                 "max_length": 128,
             },
@@ -107,7 +126,7 @@ def demo_config(
                 "batch_size": batch_size,
                 "lr": 5e-5,
                 "seed": seed,
-                "eval_every": max(steps // 4, 1),
+                "eval_every": max(steps // evals, 1),
                 "eval_batch_size": 16,
                 "mixed_precision": precision or default_precision(),
                 "save_model": False,
@@ -159,10 +178,11 @@ def run_demo(
     out_dir: Path = Path("runs/demo"),
     schedules: tuple[str, ...] = SCHEDULES,
     lam: float = 0.5,
-    steps: int = 40,
+    steps: int | None = None,
     sft: str = "sft",
     pref: str = "dpo",
     precision: str | None = None,
+    preset: str = "quick",
     console: Console | None = None,
     progress: bool = True,
 ) -> list[dict]:
@@ -170,16 +190,21 @@ def run_demo(
     from unitune.jobs import train as jobs_train
 
     console = console or Console()
+    chosen = PRESETS[preset]
+    precision = precision or default_precision()
+    console.log(f"demo: {preset} preset, precision {precision}")
     cfgs = [
         demo_config(
             s,
             model=model,
             out_dir=out_dir,
             lam=lam,
-            steps=steps,
+            steps=steps or chosen.steps,
             sft=sft,
             pref=pref,
             precision=precision,
+            evals=chosen.evals,
+            eval_samples=chosen.eval_samples,
         )  # fmt: skip
         for s in schedules
     ]

@@ -136,7 +136,7 @@ def write(cache_dir: str | os.PathLike, key: str, items: Items, report: DataRepo
             if field in arrays:
                 data = np.ascontiguousarray(arrays[field], dtype=dtype)
                 with open(tmp / name, "wb") as fh:
-                    fh.write(data.tobytes())
+                    fh.write(memoryview(data).cast("B"))  # no copy of the array
                     fh.flush()
                     os.fsync(fh.fileno())
                 lengths[name] = len(data)

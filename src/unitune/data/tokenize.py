@@ -52,7 +52,9 @@ class Encoder:
         self._batch = getattr(backend, "encode_batch_fast", None) or getattr(
             backend, "encode_batch", None
         )
-        self._memo: dict[tuple[str, bool], str] = {}
+        self._memo: dict[tuple[Any, bool], str] = {}
+        self._template_kwargs: dict[str, Any] = {}
+        self._template = self._compiled_template()
         self.prefix = self._leading_special_ids()
 
     def _leading_special_ids(self) -> list[int]:
@@ -80,13 +82,25 @@ class Encoder:
         if not getattr(self.tokenizer, "chat_template", None):
             detail = "conversational data needs a tokenizer with a chat template; this one has none"
             raise RecordError(None, "no_chat_template", detail, fatal=True)
-        key = (json.dumps(messages, sort_keys=True, default=repr), generation_prompt)
+        plain = all(_plain_message(m) for m in messages)
+        key = (
+            tuple(tuple(m.items()) for m in messages)
+            if plain
+            else json.dumps(messages, sort_keys=True, default=repr),
+            generation_prompt,
+        )
         if key in self._memo:
             return self._memo[key]
         try:
-            text = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=generation_prompt
-            )
+            if plain and self._template is not None:
+                text = self._template.render(
+                    messages=messages, tools=None, documents=None,
+                    add_generation_prompt=generation_prompt, **self._template_kwargs,
+                )  # fmt: skip
+            else:
+                text = self.tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=generation_prompt
+                )
         except Exception as err:  # templates are arbitrary code; report any failure on the record
             raise RecordError(None, "template_error", f"chat template failed: {err}") from err
         if not isinstance(text, str):
@@ -95,6 +109,46 @@ class Encoder:
             self._memo.clear()
         self._memo[key] = text
         return text
+
+    def _compiled_template(self) -> Any:
+        """The chat template as transformers compiles it (its own sandboxed Jinja environment),
+        to render messages of plain strings without `apply_chat_template`'s per-call work (its
+        normalisation leaves such messages unchanged: ~2x faster loading of chat data). Used only
+        if it renders a probe conversation exactly as `apply_chat_template` does; else None."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            return None
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            template = _compile_jinja_template(self.tokenizer.get_chat_template())
+            kwargs = {k: v for k, v in self.tokenizer.special_tokens_map.items()}
+            probe = [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi {{ there }} <b>"},
+                {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": "Again?"},
+            ]
+            for gen, msgs in ((True, probe[:2]), (False, probe[:3]), (True, probe)):
+                ours = template.render(
+                    messages=msgs, tools=None, documents=None, add_generation_prompt=gen, **kwargs
+                )
+                theirs = self.tokenizer.apply_chat_template(
+                    msgs, tokenize=False, add_generation_prompt=gen
+                )
+                if ours != theirs:
+                    return None
+        except Exception:  # another transformers, or a template that fails on the probe
+            return None
+        self._template_kwargs = kwargs
+        return template
+
+
+def _plain_message(message: dict[str, Any]) -> bool:
+    """Only string values, none of them a reasoning field transformers renames: a message that
+    `apply_chat_template` passes to the template as it is."""
+    return all(type(v) is str for v in message.values()) and not (
+        "reasoning" in message or "thinking" in message or "reasoning_content" in message
+    )
 
 
 # How a piece of text becomes tokens and targets (`Plan.pieces`):
