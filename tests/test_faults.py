@@ -188,11 +188,11 @@ def test_a_signal_during_an_evaluation_is_answered_and_the_eval_redone_on_resume
     raw = tiny_config("mix", max_steps=4, eval_every=2)
     original, calls = Run.evaluate, {"n": 0}
 
-    def evaluate(self):
+    def evaluate(self, **kw):
         calls["n"] += 1
         if calls["n"] == 2:  # the evaluation after step 2
             os.kill(os.getpid(), signal.SIGTERM)
-        return original(self)
+        return original(self, **kw)
 
     monkeypatch.setattr(Run, "evaluate", evaluate)
     with pytest.raises(Interrupted) as stopped:
