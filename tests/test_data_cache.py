@@ -274,3 +274,18 @@ def test_a_template_that_renders_differently_falls_back_to_transformers(monkeypa
     assert enc._template is None  # the probe saw the difference
     conv = [msg("user", "Hi")]
     assert enc.render(conv, generation_prompt=True).endswith("assistant\n!")
+
+
+def test_lines_parsed_in_the_tokenizing_processes_keep_their_numbers(tok, tmp_path, monkeypatch):
+    monkeypatch.setattr(load_module, "CHUNK_RECORDS", 3)
+    rows = [json.dumps({"prompt": f"Q{i}", "completion": f" A{i}"}) for i in range(9)]
+    rows[5] = '{"prompt": "broken'  # line 7 below
+    text = rows[0] + "\n\n" + "\n".join(rows[1:]) + "\n\u3000\n"  # a blank and a whitespace line
+    path = tmp_path / "sft.jsonl"
+    path.write_text(text, encoding="utf-8")
+    for n in (1, 2):
+        items, report = load_sft(path, tok, max_length=16, on_bad_record="skip", num_proc=n)
+        assert len(items) == 8 and report.n_records == 9 and report.skipped == {"invalid_json": 1}
+        with pytest.raises(DataError) as err:
+            load_sft(path, tok, max_length=16, num_proc=n)
+        assert err.value.record == 7 and "invalid JSON" in str(err.value)

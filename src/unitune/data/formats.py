@@ -40,6 +40,11 @@ class RawRecord:
     number: int  # 1-based line (JSONL) or record index + 1
     value: dict[str, Any] | None
     error: RecordError | None = None
+    line: bytes | None = None  # a JSONL line not decoded yet (`open_source(..., lazy=True)`)
+
+    def parsed(self) -> RawRecord:
+        """The record with its line decoded: `value`, or `error` for broken UTF-8 or JSON."""
+        return self if self.line is None else _parse_line(self.number, self.line)
 
 
 @dataclass
@@ -55,8 +60,12 @@ class Source:
         return self.identify()
 
 
-def open_source(source: str | os.PathLike | Iterable[dict], split: str = "train") -> Source:
-    """Open `source` for reading; records are read lazily (except `.json`)."""
+def open_source(
+    source: str | os.PathLike | Iterable[dict], split: str = "train", *, lazy: bool = False
+) -> Source:
+    """Open `source` for reading; records are read lazily (except `.json`). `lazy`: JSONL lines
+    come undecoded (`RawRecord.line`; `parsed()` decodes them), so that the processes that
+    tokenize them also parse them."""
     if not isinstance(source, (str, os.PathLike)):
         return Source("<memory>", "record", _from_rows(source))
     name = str(source)
@@ -68,7 +77,7 @@ def open_source(source: str | os.PathLike | Iterable[dict], split: str = "train"
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
-            return Source(name, "line", _read_jsonl(name, path), identify)
+            return Source(name, "line", _read_jsonl(name, path, lazy), identify)
         if suffix == ".json":
             rows = _read_json(name, path, split)
             return Source(name, "record", _from_rows(rows), identify)
@@ -108,24 +117,33 @@ def _as_record(number: int, value: Any) -> RawRecord:
     return RawRecord(number, None, RecordError(None, "wrong_type", problem))
 
 
-def _read_jsonl(name: str, path: Path) -> Iterator[RawRecord]:
+def _read_jsonl(name: str, path: Path, lazy: bool = False) -> Iterator[RawRecord]:
     with open(path, "rb") as fh:
         for number, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as err:
-                problem = f"invalid UTF-8 (byte {err.start + 1} of the line)"
-                yield RawRecord(number, None, RecordError(None, "undecodable", problem))
+            if not raw.strip():  # blank (ASCII whitespace); a BOM-only first line is decoded
                 continue
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as err:
-                problem = f"invalid JSON: {err.msg} (column {err.colno})"
-                yield RawRecord(number, None, RecordError(None, "invalid_json", problem))
-                continue
-            yield _as_record(number, value)
+            if lazy:
+                yield RawRecord(number, None, line=raw)
+            else:
+                record = _parse_line(number, raw)
+                if record is not None:
+                    yield record
+
+
+def _parse_line(number: int, raw: bytes) -> RawRecord | None:
+    try:
+        line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+    except UnicodeDecodeError as err:
+        problem = f"invalid UTF-8 (byte {err.start + 1} of the line)"
+        return RawRecord(number, None, RecordError(None, "undecodable", problem))
+    if not line.strip():
+        return None
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as err:
+        problem = f"invalid JSON: {err.msg} (column {err.colno})"
+        return RawRecord(number, None, RecordError(None, "invalid_json", problem))
+    return _as_record(number, value)
 
 
 def _read_json(name: str, path: Path, split: str) -> list[Any]:

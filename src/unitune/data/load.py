@@ -244,6 +244,7 @@ class _Chunk:
     errors: list[tuple[int, RecordError]] = field(default_factory=list)
     truncated: int = 0
     unused: dict[str, int] = field(default_factory=dict)
+    blank: int = 0  # lines that decoded to whitespace only: not records
 
 
 def _tokenize_chunk(job: _Job, encoder: Encoder, records: list[RawRecord]) -> _Chunk:
@@ -251,6 +252,10 @@ def _tokenize_chunk(job: _Job, encoder: Encoder, records: list[RawRecord]) -> _C
     out = _Chunk()
     planned = []
     for raw in records:
+        raw = raw.parsed()
+        if raw is None:  # a line of only (Unicode) whitespace: not a record
+            out.blank += 1
+            continue
         try:
             if raw.error is not None:
                 raise raw.error
@@ -348,7 +353,7 @@ def _load(
     if num_proc < 1:
         raise ValueError(f"num_proc (data.num_proc) must be at least 1, got {num_proc}")
     encoder = Encoder(tokenizer)
-    src = open_source(source, split)
+    src = open_source(source, split, lazy=True)  # lines parsed where they are tokenized
     key = None
     if cache_dir is not None and (source_fp := src.fingerprint()) is not None:
         options = {
@@ -377,6 +382,9 @@ def _load(
     fmt: Format | None = None
     first = None
     for raw in records:  # the format is the first readable record's
+        raw = raw.parsed()
+        if raw is None:
+            continue
         report.n_records += 1
         try:
             if raw.error is not None:
@@ -403,6 +411,7 @@ def _load(
                 yield batch
 
         for chunk in _tokenized_chunks(job, encoder, chunks(), num_proc):
+            report.n_records -= chunk.blank
             for number, err in chunk.errors:
                 bad(number, err)
             builder.add_store(chunk.store)
