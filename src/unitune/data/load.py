@@ -213,10 +213,6 @@ class _Job:
     score_range: tuple[float, float] | None = None
     label_threshold: float | None = None
 
-    @property
-    def width(self) -> int:  # sequences per item
-        return 2 if self.kind == "preference" else 1
-
     def examples(self, record: dict[str, Any]) -> tuple[list[Example], float | None]:
         """The record's examples (a pair's chosen and rejected) and its feedback target."""
         if self.kind == "sft":
@@ -236,7 +232,7 @@ class _Job:
 
 @dataclass
 class _Chunk:
-    """The tokenized records of one chunk: kept items' sequences (in order, `width` each) and
+    """The tokenized records of one chunk: kept items' sequences (in order; two per pair) and
     targets, and each bad record's error by its number."""
 
     store: StoreBuilder = field(default_factory=StoreBuilder)
