@@ -62,25 +62,23 @@ class StoreBuilder:
         self.ids, self.mask = array("i"), bytearray()
         self.offsets, self.truncated, self.first_target = array("q", [0]), bytearray(), array("i")
 
-    def add(self, ids: Iterable[int], mask: Iterable[int], truncated: bool) -> int:
-        """Append one sequence; returns its index in the store."""
+    def add(self, ids: Iterable[int], mask: Iterable[int], truncated: bool) -> None:
+        """Append one sequence."""
         start = len(self.mask)
         self.ids.extend(ids)
         self.mask.extend(mask)
         self.offsets.append(len(self.mask))
         self.truncated.append(bool(truncated))
         self.first_target.append(self.mask.index(1, start) - start)
-        return len(self.offsets) - 2
 
-    def add_store(self, other: StoreBuilder) -> int:
-        """Append all sequences of `other`; returns the index its first sequence gets here."""
-        first, base = len(self.offsets) - 1, len(self.mask)
+    def add_store(self, other: StoreBuilder) -> None:
+        """Append all sequences of `other`."""
+        base = len(self.mask)
         self.ids.extend(other.ids)
         self.mask.extend(other.mask)
         self.offsets.extend(o + base for o in other.offsets[1:])
         self.truncated.extend(other.truncated)
         self.first_target.extend(other.first_target)
-        return first
 
     def __len__(self) -> int:
         return len(self.offsets) - 1

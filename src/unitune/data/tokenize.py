@@ -27,7 +27,9 @@ Truncation policy:
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,8 +55,6 @@ class Encoder:
             backend, "encode_batch", None
         )
         self._memo: dict[tuple[Any, bool], str] = {}
-        self._template_kwargs: dict[str, Any] = {}
-        self._template = self._compiled_template()
         self.prefix = self._leading_special_ids()
 
     def _leading_special_ids(self) -> list[int]:
@@ -93,10 +93,7 @@ class Encoder:
             return self._memo[key]
         try:
             if plain and self._template is not None:
-                text = self._template.render(
-                    messages=messages, tools=None, documents=None,
-                    add_generation_prompt=generation_prompt, **self._template_kwargs,
-                )  # fmt: skip
+                text = self._template(messages=messages, add_generation_prompt=generation_prompt)
             else:
                 text = self.tokenizer.apply_chat_template(
                     messages, tokenize=False, add_generation_prompt=generation_prompt
@@ -110,18 +107,21 @@ class Encoder:
         self._memo[key] = text
         return text
 
-    def _compiled_template(self) -> Any:
+    @functools.cached_property
+    def _template(self) -> Callable[..., str] | None:
         """The chat template as transformers compiles it (its own sandboxed Jinja environment),
         to render messages of plain strings without `apply_chat_template`'s per-call work (its
         normalisation leaves such messages unchanged: ~2x faster loading of chat data). Used only
-        if it renders a probe conversation exactly as `apply_chat_template` does; else None."""
+        if it renders a probe conversation exactly as `apply_chat_template` does; else None. Built
+        at the first rendering, so a load served from the data cache never compiles it."""
         if not getattr(self.tokenizer, "chat_template", None):
             return None
         try:
             from transformers.utils.chat_template_utils import _compile_jinja_template
 
             template = _compile_jinja_template(self.tokenizer.get_chat_template())
-            kwargs = {k: v for k, v in self.tokenizer.special_tokens_map.items()}
+            special = dict(self.tokenizer.special_tokens_map)
+            render = functools.partial(template.render, tools=None, documents=None, **special)
             probe = [
                 {"role": "system", "content": "Be brief."},
                 {"role": "user", "content": "Hi {{ there }} <b>"},
@@ -129,9 +129,7 @@ class Encoder:
                 {"role": "user", "content": "Again?"},
             ]
             for gen, msgs in ((True, probe[:2]), (False, probe[:3]), (True, probe)):
-                ours = template.render(
-                    messages=msgs, tools=None, documents=None, add_generation_prompt=gen, **kwargs
-                )
+                ours = render(messages=msgs, add_generation_prompt=gen)
                 theirs = self.tokenizer.apply_chat_template(
                     msgs, tokenize=False, add_generation_prompt=gen
                 )
@@ -139,8 +137,7 @@ class Encoder:
                     return None
         except Exception:  # another transformers, or a template that fails on the probe
             return None
-        self._template_kwargs = kwargs
-        return template
+        return render
 
 
 def _plain_message(message: dict[str, Any]) -> bool:
