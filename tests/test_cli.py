@@ -68,6 +68,30 @@ def test_demo_uses_the_precision_it_is_given(tmp_path, monkeypatch):
     assert cfg["train"]["mixed_precision"] == precision
 
 
+def test_demo_over_seeds_ends_with_the_report(tmp_path, monkeypatch):
+    """`unitune demo --seeds 2`: every schedule twice, then the report: mean ± std per schedule,
+    win rate and retention columns, the HTML page."""
+    import csv
+
+    monkeypatch.setenv("UNITUNE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    args = ["demo", "--model", "builtin:tiny", "--steps", "2", "--schedules", "mix,alright",
+            "--seeds", "2", "--precision", "no", "--no-progress", "-o", str(out)]  # fmt: skip
+    result = runner.invoke(app, args, env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir() if (p / "summary.json").exists()) == [
+        "alright-seed0", "alright-seed1", "mix-seed0", "mix-seed1",
+    ]  # fmt: skip
+    groups = list(csv.DictReader((out / "report" / "groups.csv").open()))
+    assert sorted(g["schedule"] for g in groups) == ["alright", "mix"]
+    assert all(g["n"] == "2" for g in groups)
+    assert "win_rate" in result.output and "retention" in result.output and "±" in result.output
+    assert (out / "report" / "index.html").exists() and "index.html" in result.output
+    for run in ("mix-seed0", "alright-seed1"):
+        summary = json.loads((out / run / "summary.json").read_text())
+        assert "win_rate" in summary["final"] and "unitune_mc" in summary["retention"]
+
+
 def test_auto_precision_follows_the_measured_bf16_speed(monkeypatch):
     """bf16 is chosen because it is fast here, not because the CPU lists bf16 instructions."""
     import torch

@@ -9,19 +9,36 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "unitune"
 
 LAYERS = [
-    {"data", "model_source", "checkpoint", "interrupts", "plots", "allocator"},  # no imports
+    {
+        "data",
+        "model_source",
+        "checkpoint",
+        "interrupts",
+        "plots",
+        "allocator",
+        "usage",
+        "redact",
+    },  # no imports
     {"models"},
     {"logprobs"},
     {"objectives"},
     {"schedules"},
+    {"judges"},  # below config: eval.judge is validated by the judge registry
     {"config"},  # validates objectives' and schedules' options by their registries
+    {"trackers"},  # train.report_to (Accelerate's trackers), for engines
     {"batches", "metrics", "delta_l1", "refcache", "merge", "engines"},
     {"rundir"},
+    {"generate", "retention"},  # generation-based evaluation: generation, lm-eval retention
+    {"chat", "evaluation"},  # `unitune chat`; win rate + retention of a model (`unitune eval`)
+    {"modelcard"},  # the saved model's README.md
+    {"hub"},  # push_to_hub, unitune push
+    {"report"},  # unitune report: reads run directories (plots), no training
     {"session"},
     {"trainer"},
     {"calibration"},
     {"parallel"},
     {"jobs"},
+    {"sweep"},
     {"demo"},
     {"cli"},
 ]

@@ -161,3 +161,15 @@ def test_parallel_resumes_branch_by_branch(tiny_config, label_files):
         assert {k: v for k, v in got.items() if k not in drop} == {
             k: v for k, v in want.items() if k not in drop
         }
+
+
+def test_a_checkpoint_from_before_a_new_key_resumes_with_its_default(tiny_config, label_files):
+    """A key added after a checkpoint was written had its default's effect then: no change."""
+    from unitune.trainer import config_changes, with_defaults
+
+    now = parse_config(config(tiny_config, label_files, "mix", 1)).model_dump(mode="json")
+    old = json.loads(json.dumps(now))
+    del old["eval"]["generate"], old["train"]["report_to"]
+    assert config_changes(with_defaults(old), now) == []
+    old["eval"]["beta"] = 0.2  # what f_pref measures: not resumable
+    assert config_changes(with_defaults(old), now) == ["eval.beta (0.2 -> 0.1)"]

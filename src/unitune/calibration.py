@@ -53,12 +53,22 @@ def input_fingerprint(cfg: Config, console: Console) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
+def for_calibration(cfg: Config) -> Config:
+    """`cfg` without what does not change the ideal point and has no place in a calibration's
+    short runs: trackers, hub uploads, generation and retention evaluations (so the cache key
+    does not depend on them either)."""
+    train = cfg.train.model_copy(update={"report_to": [], "push_to_hub": None, "hub_private": True})
+    ev = type(cfg.eval)(beta=cfg.eval.beta)  # of the eval section, only beta measures f_pref
+    return cfg.model_copy(update={"train": train, "eval": ev})
+
+
 def calibrate(cfg: Config, console: Console | None = None, progress: bool = False) -> Ideal:
     """Short single-objective runs (SFT only, preference only). The best held-out value of each
     metric is `f*`, the best held-out value of each objective's own loss is `loss*` (MAXRIGHT's
     gaps compare like with like). Cached by the settings and the model's and data's fingerprints.
     """
     console = console or Console()
+    cfg = for_calibration(cfg)
     relevant = cfg.model_copy(update={"name": None, "output_dir": "", "schedule": None})
     key = hashlib.sha256(
         (

@@ -28,7 +28,9 @@ def _start() -> None:
 
 
 def _fail(msg: str) -> None:
-    console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    from rich.markup import escape  # "pip install 'unitune[deepspeed]'" is not markup
+
+    console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -68,6 +70,7 @@ def train(
     from unitune.checkpoint import CheckpointError
     from unitune.data import DataError
     from unitune.engines import EngineError
+    from unitune.hub import HubError
     from unitune.interrupts import Interrupted
     from unitune.jobs import train as run_train
     from unitune.models import ModelLoadError
@@ -85,6 +88,7 @@ def train(
         CheckpointError,
         NonFiniteError,
         EngineError,
+        HubError,
     ) as e:
         _fail(str(e))
     except Interrupted as e:
@@ -105,6 +109,84 @@ def train(
         f"done: {cfg.output_dir}  "
         + "  ".join(f"{k}={v:.4f}" for k, v in f.items() if isinstance(v, float))
     )
+
+
+@app.command()
+def sweep(
+    sweep_file: Path = typer.Argument(..., help="sweep YAML: base config, grid and/or runs"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="show the runs and their state only"),
+    print_commands: bool = typer.Option(
+        False, "--print-commands", help="write each run's config, print one train command each"
+    ),
+    keep_going: bool = typer.Option(
+        False, "--keep-going", help="a run that fails does not stop the others"
+    ),
+    no_progress: bool = typer.Option(False, "--no-progress", help="no progress bars"),
+) -> None:
+    """Run a grid of configs (schedules x lam x seeds ...): one run directory each; finished runs
+    are skipped and interrupted ones resume, so a sweep can be stopped and rerun."""
+    from rich.table import Table
+
+    from unitune.interrupts import Interrupted
+    from unitune.sweep import RUN_ERRORS, commands, load_sweep, run_sweep
+
+    if not sweep_file.exists():
+        _fail(f"{sweep_file}: no such file")
+    try:
+        plan = load_sweep(sweep_file)
+        if print_commands:
+            print("\n".join(commands(plan)))
+            return
+        if dry_run:
+            table = Table(title=f"sweep {plan.out}: {len(plan.runs)} runs")
+            for col in ("run", "sets", "state"):
+                table.add_column(col, overflow="fold")
+            for r in plan.runs:
+                sets = ", ".join(f"{k}={v}" for k, v in r.overrides.items())
+                table.add_row(r.name, sets, r.status())
+            console.print(table)
+            return
+        for r in {r.cfg.model.name: r for r in plan.runs}.values():
+            _check_model(r.cfg.model, label=f"{sweep_file}: run {r.name}: model.name")
+        results = run_sweep(plan, console=console, progress=not no_progress, keep_going=keep_going)
+    except (ConfigError, *RUN_ERRORS) as e:
+        _fail(str(e))
+    except Interrupted as e:
+        console.print(
+            f"[bold yellow]stopped:[/] {e}; rerun `unitune sweep {sweep_file}` to continue "
+            "(finished runs are skipped, checkpointed ones resume)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(128 + e.signum) from None
+    counts = {s: sum(r["status"] == s for r in results) for s in ("trained", "resumed", "skipped")}
+    failed = [r for r in results if r["status"] == "failed"]
+    console.print(
+        f"sweep {plan.out}: "
+        + ", ".join(f"{n} {s}" for s, n in counts.items())
+        + (f", {len(failed)} failed" if failed else "")
+        + f"; compare them with: unitune report {plan.out}"
+    )
+    for r in failed:
+        console.print(f"[bold red]failed:[/] {r['name']}: {r['error']}", highlight=False)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def push(
+    run_dir: Path = typer.Argument(..., help="a run directory: its model/ is uploaded"),
+    repo_id: str = typer.Argument(..., help="Hugging Face Hub repo id: owner/name or name"),
+    private: bool = typer.Option(True, "--private/--public", help="a new repo's visibility"),
+) -> None:
+    """Upload a run's saved model, with its model card, to the Hugging Face Hub (HF_TOKEN)."""
+    from unitune.hub import HubError, push_run
+
+    try:
+        url = push_run(run_dir, repo_id, private=private)
+    except HubError as e:
+        _fail(str(e))
+    console.print(f"pushed {run_dir / 'model'} to {url}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -147,6 +229,28 @@ def plot(
 
 
 @app.command()
+def report(
+    dirs: list[Path] = typer.Argument(..., help="run directories or sweep directories"),
+    out: Path = typer.Option(Path("report"), "--out", "-o", help="output directory"),
+) -> None:
+    """Tables, figures and an HTML page over runs; runs that differ only in the seed are one
+    group (mean ± std)."""
+    from rich.text import Text
+
+    from unitune.report import ReportError, build_report, rich_tables
+
+    try:
+        result = build_report(dirs, out)
+    except ReportError as e:
+        _fail(str(e))
+    for table in rich_tables(result.tables):
+        console.print(table)
+    for note in result.notes:
+        console.print(Text.assemble(("note: ", "yellow"), note), soft_wrap=True)
+    console.print(f"report: {result.index}", highlight=False, soft_wrap=True)
+
+
+@app.command()
 def demo(
     model: str = typer.Option("builtin:smollm2-135m", help="model to post-train"),
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="output directory"),
@@ -165,9 +269,13 @@ def demo(
     precision: str = typer.Option(
         "auto", help="auto (bf16 where the hardware has fast bf16, else no), no, bf16 or fp16"
     ),
+    seeds: int = typer.Option(
+        1, "--seeds", min=1, help="run every schedule over this many seeds: mean ± std"
+    ),
     no_progress: bool = typer.Option(False, "--no-progress"),
 ) -> None:
-    """Compare the joint schedules and parallel (PAFT) on the embedded model and the demo data."""
+    """Compare the joint schedules and parallel (PAFT) on the embedded model and the demo data,
+    then report them: table, win rate, retention, Pareto plot, HTML."""
     from unitune.config import ModelConfig
     from unitune.demo import run_demo
 
@@ -184,6 +292,7 @@ def demo(
         sft=sft,
         pref=pref,
         preset="full" if full else "quick",
+        seeds=seeds,
         console=console,
         progress=not no_progress,
     )
@@ -269,6 +378,141 @@ def merge(
             f"{m['sparsity']:.2%}, top-10% entries hold {m['top10_mass']:.1%} of its L1 mass",
         )
     console.print(table)
+
+
+@app.command("eval")
+def eval_(
+    target: str = typer.Argument(..., help="run directory, or model: local dir, hub id, builtin:"),
+    prompts: Path = typer.Option(
+        None, "--prompts", help="preference or SFT JSONL; default: the run's held-out pairs"
+    ),
+    judge: str = typer.Option(
+        None, "--judge", help="demo | rm:PATH_OR_ID | openai:MODEL; default: the run's eval.judge"
+    ),
+    judge_url: str = typer.Option(None, "--judge-url", help="openai: the endpoint's base URL"),
+    judge_key_env: str = typer.Option(
+        None, "--judge-key-env", help="openai: the variable holding the API key (OPENAI_API_KEY)"
+    ),
+    judge_trust_remote_code: bool = typer.Option(
+        False, "--judge-trust-remote-code", help="rm: allow the reward model's own code"
+    ),
+    max_samples: int = typer.Option(None, "--max-samples", min=1, help="the first N prompts"),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", min=1, help="default 48"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    tasks: str = typer.Option(
+        None, "--tasks", help="lm-eval tasks, comma-separated: unitune_mc,mmlu,..."
+    ),
+    limit: float = typer.Option(None, "--limit", help="documents per task (a fraction if < 1)"),
+    out: Path = typer.Option(None, "--out", "-o", help="output directory; default TARGET/eval"),
+    no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar"),
+) -> None:
+    """Generate on held-out prompts, judge against the references (win rate), and measure
+    benchmark retention (lm-eval); writes generations.jsonl and eval.json."""
+    from unitune.data import DataError
+    from unitune.evaluation import check_target, evaluate, is_run_dir, load_target, run_prompts
+    from unitune.generate import GenerationError, load_prompts
+    from unitune.judges import DEFAULT_KEY_ENV, JudgeError, make_judge
+    from unitune.models import ModelLoadError
+    from unitune.retention import RetentionError
+
+    errors = (ConfigError, DataError, ModelLoadError, JudgeError, GenerationError, RetentionError)
+    run = is_run_dir(target)
+    task_list = [t.strip() for t in (tasks or "").split(",") if t.strip()]
+    try:
+        check_target(target)
+        cfg = None
+        if run:
+            cfg = load_config(Path(target) / "config.yaml")
+        ecfg = cfg.eval if cfg is not None else None
+        if tasks is None and ecfg is not None:
+            task_list = list(ecfg.retention_tasks)
+        if limit is None and ecfg is not None and ecfg.retention_limit is not None:
+            limit = ecfg.retention_limit
+        if limit is not None and limit >= 1:
+            limit = int(limit)
+        new_tokens = max_new_tokens or (ecfg.max_new_tokens if ecfg is not None else 48)
+        if prompts is not None:
+            if not prompts.exists():
+                _fail(f"--prompts {prompts}: no such file")
+            items = load_prompts(prompts, max_samples=max_samples)
+            source = str(prompts)
+        elif cfg is not None:
+            items = run_prompts(cfg, max_samples=max_samples)
+            source = "the run's held-out data"
+        elif task_list:
+            items, source = None, None
+        else:
+            _fail(f"TARGET {target!r} is not a run directory: give --prompts FILE (or --tasks)")
+        if out is None and not run:
+            _fail(f"TARGET {target!r} is not a run directory: give the output directory, -o DIR")
+        out_dir = out if out is not None else Path(target) / "eval"
+        the_judge = None
+        if items:
+            spec = judge or (ecfg.judge if ecfg is not None else "demo")
+            url = judge_url or (ecfg.judge_url if ecfg is not None else None)
+            key_env = judge_key_env or (ecfg.judge_key_env if ecfg is not None else DEFAULT_KEY_ENV)
+            the_judge = make_judge(
+                spec, url=url, key_env=key_env, trust_remote_code=judge_trust_remote_code,
+                label="--judge",
+            )  # fmt: skip
+            if hasattr(the_judge, "check"):
+                the_judge.check()
+        loaded = load_target(target)
+        report = evaluate(
+            loaded, out_dir, prompts=items, judge=the_judge, tasks=task_list, limit=limit,
+            max_new_tokens=new_tokens, batch_size=batch_size, progress=not no_progress,
+            console=console, prompts_source=source,
+        )  # fmt: skip
+    except errors as e:
+        _fail(str(e))
+    _print_eval(report, out_dir)
+
+
+def _print_eval(report: dict, out_dir: Path) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"eval of {report['target']}")
+    table.add_column("")
+    table.add_column("", overflow="fold")
+    if report["win_rate"] is not None:
+        table.add_row(
+            "win rate",
+            f"{report['win_rate']:.3f} ± {report['win_rate_se']:.3f} (judge {report['judge']})",
+        )
+        table.add_row(
+            "wins / ties / losses",
+            f"{report['wins']} / {report['ties']} / {report['losses']} of {report['n']}",
+        )
+    for task, metrics in report["retention"].items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        table.add_row(task, shown or "-")
+    console.print(table)
+    console.print(f"wrote {out_dir / 'eval.json'}", highlight=False)
+
+
+@app.command()
+def chat(
+    target: str = typer.Argument(..., help="run directory, or model: local dir, hub id, builtin:"),
+    prompt: str = typer.Option(None, "--prompt", help="one message: print the reply and exit"),
+    system: str = typer.Option(None, "--system", help="a system message"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
+) -> None:
+    """Talk to a model through its chat template: one reply (--prompt) or a conversation."""
+    from unitune.chat import chat_loop, reply
+    from unitune.evaluation import load_target
+    from unitune.generate import GenerationError
+    from unitune.models import ModelLoadError
+
+    try:
+        loaded = load_target(target)
+        if prompt is not None:
+            messages = [{"role": "system", "content": system}] if system else []
+            messages.append({"role": "user", "content": prompt})
+            reply(loaded.model, loaded.tokenizer, messages, max_new_tokens=max_new_tokens)
+            return
+        chat_loop(loaded.model, loaded.tokenizer, system=system, max_new_tokens=max_new_tokens)
+    except (ConfigError, ModelLoadError, GenerationError) as e:
+        _fail(str(e))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -231,12 +231,82 @@ class TrainConfig(Strict):
     save_every: int | None = Field(None, gt=0)  # checkpoint every N steps (and on SIGTERM/SIGINT)
     keep_last: int = Field(2, gt=0)  # checkpoints kept (the newest ones)
     on_nonfinite: Literal["error", "skip"] = "error"  # a NaN/inf loss or gradient norm
+    # experiment trackers (Accelerate's), every metrics.jsonl line logged to them; their files
+    # go under <output_dir>/trackers/ (README, "Trackers")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = []
+    # after saving, upload <output_dir>/model (with its model card) to this Hugging Face Hub
+    # repo, "owner/name" or "name"; the token comes from HF_TOKEN or `hf auth login`
+    push_to_hub: str | None = None
+    hub_private: bool = True  # a repo that push_to_hub creates is private
+
+    @field_validator("report_to")
+    @classmethod
+    def _once(cls, v: list[str]) -> list[str]:
+        if len(set(v)) < len(v):
+            raise ValueError(f"a tracker named twice: {v}")
+        return v
+
+    @field_validator("push_to_hub")
+    @classmethod
+    def _repo_id(cls, v: str | None) -> str | None:
+        problem = repo_id_problem(v) if v is not None else None
+        if problem:
+            raise ValueError(problem)
+        return v
+
+    @model_validator(mode="after")
+    def _hub(self) -> TrainConfig:
+        if self.push_to_hub is not None and not self.save_model:
+            raise ValueError("push_to_hub needs save_model: true (it uploads the saved model)")
+        return self
+
+
+def repo_id_problem(repo_id: str) -> str | None:
+    """What is wrong with a Hugging Face Hub model repo id (`owner/name` or `name`), or None."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if repo_id.count("/") > 1 or repo_id.startswith("/") or repo_id.endswith("/"):
+        return f"{repo_id!r} is not a repo id: expected owner/name (or name)"
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        reason = str(e).splitlines()[0].replace(f"'{repo_id}'", "").strip(" :.")
+        return f"{repo_id!r} is not a valid repo id ({reason})"
+    return None
 
 
 class EvalConfig(Strict):
     """How held-out figures are measured, the same whatever the objectives (docs/methods.md)."""
 
     beta: float = Field(0.1, gt=0.0)  # f_pref, reward margin: DPO (or unpaired logistic) at beta
+    # generation-based evaluation (unitune.evaluation): generate on held-out prompts and judge
+    # them against the references (win rate) at each evaluation
+    generate: bool = False
+    judge: str = "demo"  # demo | rm:PATH_OR_ID | openai:MODEL | a registered programmatic judge
+    judge_url: str | None = None  # openai: the endpoint's base URL; default OpenAI's
+    judge_key_env: str = "OPENAI_API_KEY"  # openai: the environment variable holding the key
+    # what the responses are judged against: the held-out references (the paper's win rate) or
+    # the starting model's own greedy responses (did training make them better?)
+    win_rate_against: Literal["reference", "base"] = "reference"
+    generate_samples: int = Field(16, gt=0)  # held-out prompts generated on
+    max_new_tokens: int = Field(48, gt=0)
+    retention_tasks: list[str] = Field(default_factory=list)  # lm-eval tasks: unitune_mc, mmlu
+    retention_limit: int | None = Field(None, gt=0)  # documents per retention task
+
+    @model_validator(mode="after")
+    def _judge(self) -> EvalConfig:
+        from unitune.judges import parse_judge_spec
+
+        kind, _ = parse_judge_spec(self.judge)  # raises, naming what is expected
+        if self.judge_url is not None:
+            if kind != "openai":
+                raise ValueError("judge_url is for an openai:MODEL judge")
+            if not self.judge_url.startswith(("http://", "https://")):
+                raise ValueError(f"judge_url {self.judge_url!r}: not an http(s) URL")
+        if not self.judge_key_env.strip() or "=" in self.judge_key_env:
+            raise ValueError("judge_key_env: the name of an environment variable")
+        return self
 
 
 class Config(Strict):
@@ -267,6 +337,11 @@ class Config(Strict):
                         f"schedule.loss_{slot}_star: maxright steps on {obj}'s own loss, which is "
                         f"not f_{slot}; give that loss's optimum (or use ideal: calibrate)"
                     )
+        if sc.name == "parallel" and self.train.push_to_hub:
+            raise ValueError(
+                "train.push_to_hub is not supported with schedule parallel (each branch would "
+                "push); push the merged model afterwards with: unitune push RUN_DIR REPO_ID"
+            )
         return self
 
     def own_loss_is_metric(self, slot: str) -> bool:

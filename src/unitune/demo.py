@@ -33,9 +33,22 @@ class Preset:
     steps: int
     evals: int  # evaluations after the start (the start's own evaluation costs no forward)
     eval_samples: int | None  # held-out records per set (None: all 64)
+    generate_samples: int  # held-out prompts generated on and judged at each evaluation
 
 
-PRESETS = {"quick": Preset(steps=20, evals=2, eval_samples=32), "full": Preset(40, 4, None)}
+PRESETS = {
+    "quick": Preset(steps=20, evals=1, eval_samples=32, generate_samples=16),
+    "full": Preset(40, 4, None, 32),
+}
+# the judge and the retention task the demo reports with, both offline: the demo data's
+# preferred style ("Ahoy! <answer>, matey!", judges.demo_score, scored against the held-out
+# chosen responses) and the shipped multiple-choice task (retention.py). The win rate is against
+# the starting model's own responses: the chosen references themselves get the judge's top score
+# by construction, so against them a model could at best tie.
+DEMO_JUDGE = "demo"
+DEMO_RETENTION = ["unitune_mc"]
+# the report's tables the demo prints over several seeds (all of them are in the HTML report)
+SHOWN = ("Final held-out metrics", "Ideal distance")
 
 
 def default_precision() -> str:
@@ -88,14 +101,17 @@ def demo_config(
     precision: str | None = None,
     evals: int = 4,
     eval_samples: int | None = None,
+    generate_samples: int = 16,
+    name: str | None = None,
 ) -> Config:
     """Equal budgets: every schedule draws one SFT and one preference batch per step, so each
     sees exactly the first `steps * batch_size` records of both training sets, once (`parallel`'s
     branches each see their own set once, in `steps` steps each)."""
     n = steps * batch_size
+    name = name or schedule
     return parse_config(
         {
-            "name": schedule,
+            "name": name,
             "model": {"name": model},
             "data": {
                 "sft": {
@@ -131,7 +147,15 @@ def demo_config(
                 "mixed_precision": precision or default_precision(),
                 "save_model": False,
             },
-            "output_dir": str(out_dir / schedule),
+            "eval": {
+                "generate": True,
+                "judge": DEMO_JUDGE,
+                "win_rate_against": "base",
+                "generate_samples": generate_samples,
+                "max_new_tokens": 48,
+                "retention_tasks": DEMO_RETENTION,
+            },
+            "output_dir": str(out_dir / name),
         },
         source="demo",
     )
@@ -142,8 +166,8 @@ def comparison_table(summaries: list[dict]) -> Table:
     table = Table(
         title="unitune demo: joint SFT + preference schedules (held-out, lower is better)"
     )
-    cols = ("schedule", "lam", "f_sft", "f_pref", "reward acc", "ideal dist.", "wall s", "eval s",
-            "steps")  # fmt: skip
+    cols = ("schedule", "lam", "f_sft", "f_pref", "reward acc", "ideal dist.", "win rate",
+            "retention", "wall s", "eval s", "steps")  # fmt: skip
     for col in cols:
         table.add_column(col, justify="right" if col != "schedule" else "left", no_wrap=True)
 
@@ -155,6 +179,8 @@ def comparison_table(summaries: list[dict]) -> Table:
             f"{f['f_pref']:.4f}",
             f"{f['reward_acc']:.2f}",
             f"{f['ideal_distance']:.4f}" if "ideal_distance" in f else "",
+            f"{f['win_rate']:.2f}" if "win_rate" in f else "",
+            _retention(s),
             f"{s['wall_s']:.0f}" if s else "",
             f"{s['eval_s']:.0f}" if s and "eval_s" in s else "",
             steps,
@@ -172,6 +198,12 @@ def comparison_table(summaries: list[dict]) -> Table:
     return table
 
 
+def _retention(summary: dict | None) -> str:
+    """The demo's retention figure: accuracy on the shipped multiple-choice task."""
+    acc = ((summary or {}).get("retention") or {}).get(DEMO_RETENTION[0], {}).get("acc")
+    return f"{acc:.2f}" if acc is not None else ""
+
+
 def run_demo(
     *,
     model: str = "builtin:smollm2-135m",
@@ -183,16 +215,21 @@ def run_demo(
     pref: str = "dpo",
     precision: str | None = None,
     preset: str = "quick",
+    seeds: int = 1,
     console: Console | None = None,
     progress: bool = True,
 ) -> list[dict]:
+    """Every schedule (over `seeds` seeds: 0, 1, ...), then `unitune report` on their runs: the
+    table (mean ± std over seeds with more than one), the win rate and retention columns, the
+    Pareto plot and the HTML report (`out_dir/report/index.html`)."""
     from unitune.calibration import calibrate
     from unitune.jobs import train as jobs_train
+    from unitune.report import build_report, rich_tables
 
     console = console or Console()
     chosen = PRESETS[preset]
     precision = precision or default_precision()
-    console.log(f"demo: {preset} preset, precision {precision}")
+    console.log(f"demo: {preset} preset, precision {precision}, {seeds} seed(s)")
     cfgs = [
         demo_config(
             s,
@@ -202,19 +239,30 @@ def run_demo(
             steps=steps or chosen.steps,
             sft=sft,
             pref=pref,
+            seed=seed,
             precision=precision,
             evals=chosen.evals,
             eval_samples=chosen.eval_samples,
+            generate_samples=chosen.generate_samples,
+            name=s if seeds == 1 else f"{s}-seed{seed}",
         )  # fmt: skip
         for s in schedules
+        for seed in range(seeds)
     ]
+    # one ideal point for every run: the problem's, from seed 0's calibration (cached)
     star = calibrate(cfgs[0], console, progress=progress)
     summaries = [jobs_train(c, console=console, progress=progress, ideal=star) for c in cfgs]
-    console.print(comparison_table(summaries))
+    if seeds == 1:
+        console.print(comparison_table(summaries))
     files = plot_runs(
         [Path(c.output_dir) for c in cfgs],
         out_dir / "trajectories",
         title=f"{model}: SFT ({sft}) vs preference ({pref}), lam={lam}",
     )
     console.print("plot: " + ", ".join(str(f) for f in files))
+    report = build_report([Path(c.output_dir) for c in cfgs], out_dir / "report")
+    if seeds > 1:  # the means with their spread, and who is nearest the ideal point
+        for table in rich_tables([t for t in report.tables if t.title.startswith(SHOWN)]):
+            console.print(table)
+    console.print(f"report (tables, Pareto front, plots, every run's config): {report.index}")
     return summaries

@@ -16,6 +16,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
+from unitune import trackers
 from unitune.config import Config
 
 
@@ -36,12 +37,16 @@ def accelerator(cfg: Config) -> Accelerator:
     no_device = not torch.cuda.is_available() and not torch.backends.mps.is_available()
     deepspeed = _asked("ACCELERATE_USE_DEEPSPEED")
     handlers = [InitProcessGroupKwargs(backend="gloo")] if no_device and deepspeed else []
+    absent = trackers.missing(cfg.train.report_to)  # train.report_to's packages, before anything
+    if absent:
+        raise EngineError(absent)
     try:
         return Accelerator(
             mixed_precision=cfg.train.mixed_precision,
             cpu=no_device and not deepspeed,
             gradient_accumulation_steps=cfg.train.grad_accum,
             kwargs_handlers=handlers,
+            **trackers.accelerator_kwargs(cfg),  # log_with, <output_dir>/trackers/
         )
     except ImportError as e:  # the launch asks for DeepSpeed, which is not installed
         raise EngineError(f"{e}; install it with: pip install 'unitune[deepspeed]'") from None

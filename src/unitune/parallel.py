@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -20,15 +21,29 @@ from accelerate import PartialState
 from rich.console import Console
 from rich.table import Table
 
-from unitune import checkpoint
+from unitune import checkpoint, usage
 from unitune.calibration import resolve_ideal
-from unitune.config import Config, MergeConfig, ModelConfig
+from unitune.config import Config, MergeConfig, ModelConfig, dump_config
 from unitune.merge import merge, stored_dtypes
 from unitune.metrics import Ideal
 from unitune.models import load_model, model_dir, save_model
 from unitune.rundir import atomic_write, run_summary
 from unitune.session import Run
 from unitune.trainer import train
+
+
+def branch_costs(branches: Iterable[dict], device: torch.device) -> dict:
+    """Both branches' tokens per training second, and the peaks over the whole job: each branch
+    measured its own (`usage.reset_peaks`), the merge and the merged evaluation count since the
+    second branch started."""
+    branches = list(branches)
+    tokens = sum(s.get("tokens", 0) for s in branches)
+    seconds = sum(s["train_s"] - s.get("eval_s", 0.0) for s in branches)
+    now = usage.costs(tokens, seconds, device)
+    for key in ("peak_rss_mb", "peak_accelerator_mb"):
+        seen = [v for v in (now[key], *(s.get(key) for s in branches)) if v is not None]
+        now[key] = max(seen) if seen else None
+    return now
 
 
 def train_parallel(
@@ -50,6 +65,9 @@ def train_parallel(
     sc, out = cfg.schedule, Path(cfg.output_dir)
     star = ideal if ideal is not None else resolve_ideal(cfg, console)
     name = cfg.name or sc.name
+    if procs.is_main_process:  # the job's own resolved config, as every run directory has
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "config.yaml", dump_config(cfg))
 
     branches: dict[str, dict] = {}
     for kind in ("sft", "pref"):
@@ -57,6 +75,7 @@ def train_parallel(
         sub.name = f"{name}: {kind} branch"
         sub.schedule = sc.for_schedule(kind, l1=sc.l1 if kind == "sft" else 0.0)
         sub.train = cfg.train.model_copy(update={"save_model": True})
+        sub.eval = cfg.eval.model_copy(update={"retention_tasks": []})  # the merged model's only
         sub.output_dir = str(out / kind)
         done = out / kind / "summary.json"
         if resume and done.exists() and (out / kind / "model").exists():
@@ -83,7 +102,7 @@ def train_parallel(
     procs.wait_for_everyone()
     console.log("parallel: evaluating the merged model")
     t_eval = time.time()
-    merged = evaluate_model(cfg, out / "model", star, console)
+    merged, retention = evaluate_model(cfg, out / "model", star, console)
     eval_s = time.time() - t_eval + sum(s.get("eval_s", 0.0) for s in branches.values())
     if not procs.is_main_process:  # the main process writes the summary
         procs.wait_for_everyone()
@@ -110,10 +129,12 @@ def train_parallel(
         wall_s=time.time() - t_start,
         train_s=sum(s["train_s"] for s in branches.values()),
         eval_s=round(eval_s, 2),  # the branches' evaluations and the merged model's
+        **branch_costs(branches.values(), procs.device),
         steps={"sft": steps, "pref": steps},
         data=branches["sft"]["data"],
         base={k: v for k, v in base.items() if k != "type"},
         branches={kind: s["final"] for kind, s in branches.items()},
+        **({"retention": retention} if retention else {}),
         sparsity=sparsity,
         l1=sc.l1,
         sparsity_tol=tol,
@@ -137,9 +158,12 @@ def merge_base(cfg: Config, cast_dir: Path) -> Path:
     return save_model(model, tokenizer, cast_dir)
 
 
-def evaluate_model(cfg: Config, path: Path, star: Ideal, console: Console) -> dict[str, float]:
+def evaluate_model(
+    cfg: Config, path: Path, star: Ideal, console: Console
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """Held-out metrics of the model saved at `path`, against the base's reference log-probs
-    (as every run's metrics are), on the data and objectives of `cfg`."""
+    (as every run's metrics are), on the data and objectives of `cfg`; and its retention
+    (`eval.retention_tasks`, `{}` without)."""
     ev = cfg.model_copy(deep=True)
     ev.model = cfg.model.model_copy(update={"lora": None})  # the base, for its reference
     ev.schedule = cfg.schedule.for_schedule("mix", l1=0.0)
@@ -148,7 +172,7 @@ def evaluate_model(cfg: Config, path: Path, star: Ideal, console: Console) -> di
     run.ideal = star
     model, _ = load_model(ModelConfig(name=str(path), dtype=cfg.model.dtype))
     run.policy.model = model.to(run.device)
-    return run.evaluate()
+    return run.evaluate(), run.retention()
 
 
 def _first_eval(run_dir: Path) -> dict:

@@ -21,7 +21,20 @@ import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["RunTrajectory", "load_run", "pareto_front", "plot_runs"]
+__all__ = [
+    "RunTrajectory",
+    "axis_label",
+    "draw_front",
+    "draw_ideals",
+    "load_run",
+    "new_figure",
+    "pareto_front",
+    "plot_runs",
+    "read_eval_lines",
+    "read_summary",
+    "save_figure",
+    "style",
+]
 
 # axis labels: what the runs' summaries say f_sft and f_pref measure (`metrics.measures`), or these
 X_LABEL = "f_sft: held-out SFT loss"
@@ -81,9 +94,16 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def _read_eval_lines(run_dir: Path) -> list[dict[str, Any]]:
+def read_eval_lines(run_dir: Path, *, required: bool = True) -> list[dict[str, Any]]:
+    """The ``eval`` lines of ``run_dir/metrics.jsonl`` that carry both f_sft and f_pref.
+
+    A bad JSON line is an error naming the file and the line. A missing file, or one without such
+    lines, is an error naming the run directory when ``required``, else gives ``[]``.
+    """
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
+        if not required:
+            return []
         raise FileNotFoundError(f"run directory {run_dir}: no metrics.jsonl at {path}")
     evals = []
     with path.open(encoding="utf-8") as fh:
@@ -100,14 +120,16 @@ def _read_eval_lines(run_dir: Path) -> list[dict[str, Any]]:
             if record.get("f_sft") is None or record.get("f_pref") is None:
                 continue  # an eval without both losses (e.g. a single-objective run) is not a point
             evals.append(record)
-    if not evals:
+    if not evals and required:
         raise ValueError(
             f"run directory {run_dir}: {path} has no eval lines with both f_sft and f_pref"
         )
     return evals
 
 
-def _read_summary(run_dir: Path) -> dict[str, Any]:
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """``run_dir/summary.json`` as a dict (``{}`` when absent: a run still in progress); bad JSON
+    or a non-object is an error naming the file."""
     path = run_dir / "summary.json"
     if not path.is_file():
         return {}  # a run still in progress: plot what metrics.jsonl has
@@ -151,8 +173,8 @@ def load_run(run_dir: Path) -> RunTrajectory:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
-    evals = _read_eval_lines(run_dir)
-    summary = _read_summary(run_dir)
+    evals = read_eval_lines(run_dir)
+    summary = read_summary(run_dir)
     final = summary.get("final")
     if (
         isinstance(final, dict)
@@ -182,7 +204,8 @@ def load_run(run_dir: Path) -> RunTrajectory:
     )
 
 
-def _style(i: int) -> dict[str, Any]:
+def style(i: int) -> dict[str, Any]:
+    """The ``i``-th series' colour, line style and marker (each cycles on its own)."""
     return {
         "color": COLORS[i % len(COLORS)],
         "linestyle": LINESTYLES[i % len(LINESTYLES)],
@@ -193,7 +216,7 @@ def _style(i: int) -> dict[str, Any]:
 def _draw(fig: Figure, runs: list[RunTrajectory], title: str | None) -> None:
     ax = fig.add_subplot(1, 1, 1)
     for i, run in enumerate(runs):
-        st = _style(i)
+        st = style(i)
         n = len(run.f_sft)
         every = max(1, math.ceil(n / MAX_MARKERS))
         (line,) = ax.plot(
@@ -258,29 +281,8 @@ def _draw(fig: Figure, runs: list[RunTrajectory], title: str | None) -> None:
     ax.plot([], [], linestyle="none", marker="o", markersize=9, markerfacecolor="0.5",
             markeredgecolor="black", label="end (filled)")  # fmt: skip
 
-    ends = [(r.f_sft[-1], r.f_pref[-1]) for r in runs]
-    if len(runs) >= 2:
-        front = sorted((ends[k] for k in pareto_front(ends)), key=lambda p: (p[0], -p[1]))
-        xs = [p[0] for p in front]
-        ys = [p[1] for p in front]
-        (pf,) = ax.step(
-            xs, ys, where="post", color="0.3", linewidth=0.8, linestyle=(0, (2, 2)), zorder=1,
-            label="Pareto front (end points)",
-        )  # fmt: skip
-        pf.set_gid("pareto-front")
-
-    ideals = sorted({r.ideal for r in runs})
-    for k, (ix, iy) in enumerate(ideals):
-        (star,) = ax.plot(
-            ix, iy, linestyle="none", marker="*", markersize=16, markerfacecolor="gold",
-            markeredgecolor="black", markeredgewidth=0.9, zorder=6,
-            label="ideal (f_sft*, f_pref*)" if k == 0 else None,
-        )  # fmt: skip
-        star.set_gid(f"ideal{k}")
-        ax.annotate(
-            "ideal", (ix, iy), xytext=(8, 6), textcoords="offset points", fontsize=9,
-            fontweight="bold",
-        )  # fmt: skip
+    draw_front(ax, [(r.f_sft[-1], r.f_pref[-1]) for r in runs], "Pareto front (end points)")
+    draw_ideals(ax, [r.ideal for r in runs])
 
     ax.set_xlabel(axis_label(runs, "f_sft", X_LABEL))
     ax.set_ylabel(axis_label(runs, "f_pref", Y_LABEL))
@@ -290,9 +292,63 @@ def _draw(fig: Figure, runs: list[RunTrajectory], title: str | None) -> None:
     ax.legend(loc="best", fontsize=8, framealpha=0.9, handlelength=3.2)
 
 
-def axis_label(runs: list[RunTrajectory], key: str, default: str) -> str:
+def draw_front(ax: Any, points: list[tuple[float, float]], label: str) -> None:
+    """The Pareto front of ``points`` as a dashed staircase (SVG id ``pareto-front``); nothing
+    for fewer than two points."""
+    if len(points) < 2:
+        return
+    front = sorted((points[k] for k in pareto_front(points)), key=lambda p: (p[0], -p[1]))
+    (pf,) = ax.step(
+        [p[0] for p in front], [p[1] for p in front], where="post", color="0.3", linewidth=0.8,
+        linestyle=(0, (2, 2)), zorder=1, label=label,
+    )  # fmt: skip
+    pf.set_gid("pareto-front")
+
+
+def draw_ideals(ax: Any, ideals: list[tuple[float, float]]) -> None:
+    """Each distinct ideal point ``(f_sft*, f_pref*)`` as a star labelled "ideal" (SVG ids
+    ``ideal0``, ``ideal1``, ...); several ideals (runs that disagree on it) are labelled with
+    their coordinates."""
+    distinct = sorted(set(ideals))
+    for k, (ix, iy) in enumerate(distinct):
+        (star,) = ax.plot(
+            ix, iy, linestyle="none", marker="*", markersize=16, markerfacecolor="gold",
+            markeredgecolor="black", markeredgewidth=0.9, zorder=6,
+            label="ideal (f_sft*, f_pref*)" if k == 0 else None,
+        )  # fmt: skip
+        star.set_gid(f"ideal{k}")
+        text = "ideal" if len(distinct) == 1 else f"ideal ({ix:.3g}, {iy:.3g})"
+        ax.annotate(
+            text, (ix, iy), xytext=(8, 6), textcoords="offset points", fontsize=9,
+            fontweight="bold",
+        )  # fmt: skip
+
+
+def new_figure(width: float = 7.5, height: float = 5.5) -> Figure:
+    """A figure on its own Agg canvas (no pyplot, no global backend)."""
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig: Figure, out_stem: Path) -> list[Path]:
+    """Write ``out_stem.png`` (150 dpi) and ``out_stem.svg`` (text kept as text, fixed ids, no
+    date: the same input gives the same bytes); returns both paths."""
+    out_stem = Path(out_stem)
+    out_stem.parent.mkdir(parents=True, exist_ok=True)
+    png, svg = out_stem.with_suffix(".png"), out_stem.with_suffix(".svg")
+    with matplotlib.rc_context({"svg.hashsalt": "unitune", "svg.fonttype": "none"}):
+        fig.savefig(png, dpi=150, metadata={"Software": None})
+        fig.savefig(svg, metadata={"Date": None})
+    return [png, svg]
+
+
+def axis_label(runs: list[Any], key: str, default: str) -> str:
     """`key: what it measures`, from the runs' summaries; runs that measure `key` differently
-    (another `eval.beta`, pairs against unpaired data) are not comparable in one plot."""
+    (another `eval.beta`, pairs against unpaired data) are not comparable in one plot.
+
+    ``runs``: anything with ``.summary`` (a summary.json dict) and ``.run_dir``, such as
+    `RunTrajectory`."""
     found = {r.summary["measures"][key]: r for r in runs if key in r.summary.get("measures", {})}
     if len(found) > 1:
         lines = "; ".join(f"{r.run_dir}: {m}" for m, r in found.items())
@@ -311,13 +367,6 @@ def plot_runs(run_dirs: list[Path], out_stem: Path, *, title: str | None = None)
     if not run_dirs:
         raise ValueError("plot_runs: no run directories given")
     runs = [load_run(Path(d)) for d in run_dirs]
-    out_stem = Path(out_stem)
-    out_stem.parent.mkdir(parents=True, exist_ok=True)
-    png, svg = out_stem.with_suffix(".png"), out_stem.with_suffix(".svg")
-    with matplotlib.rc_context({"svg.hashsalt": "unitune", "svg.fonttype": "none"}):
-        fig = Figure(figsize=(7.5, 5.5), layout="constrained")
-        FigureCanvasAgg(fig)
-        _draw(fig, runs, title)
-        fig.savefig(png, dpi=150, metadata={"Software": None})
-        fig.savefig(svg, metadata={"Date": None})
-    return [png, svg]
+    fig = new_figure()
+    _draw(fig, runs, title)
+    return save_figure(fig, out_stem)

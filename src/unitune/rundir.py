@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,11 +93,18 @@ class MetricsLog:
 
     Opened with `keep=n` (a resumed run: the line count its checkpoint recorded), lines beyond the
     first `n` (written after that checkpoint) are cut, so the log is the whole history with no
-    step twice. `keep=0` starts a new log.
+    step twice. `keep=0` starts a new log. `sink` (the experiment trackers, `trackers.sink`) gets
+    every record written, the one place metrics reach them.
     """
 
-    def __init__(self, path: Path, keep: int = 0, enabled: bool = True):
-        self.path, self.lines, self.file = path, keep, None
+    def __init__(
+        self,
+        path: Path,
+        keep: int = 0,
+        enabled: bool = True,
+        sink: Callable[[dict[str, Any]], None] | None = None,
+    ):
+        self.path, self.lines, self.file, self.sink = path, keep, None, sink
         if not enabled:  # another process writes the log; this one only counts
             return
         if keep:
@@ -110,6 +118,8 @@ class MetricsLog:
         if self.file is not None:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+            if self.sink is not None:
+                self.sink(record)
         self.lines += 1
 
     def close(self) -> None:

@@ -24,6 +24,9 @@ from unitune.batches import AUX_INPUTS, collate_items, flatten, item_length, loa
 from unitune.config import Config
 from unitune.data import Items, Sequence, collate, length_batches
 from unitune.delta_l1 import DeltaL1
+from unitune.evaluation import generation_eval, judge_for, run_prompts
+from unitune.generate import EvalPrompt, generate
+from unitune.judges import Judge
 from unitune.logprobs import sequence_logps
 from unitune.metrics import Ideal
 from unitune.models import (
@@ -37,6 +40,7 @@ from unitune.models import (
 from unitune.objectives import REGISTRY, FeedbackLogps, PairLogps, SeqLogps
 from unitune.objectives.types import desirable
 from unitune.refcache import RefKey, RefStore, Shard, compute_logps, reference_logps
+from unitune.retention import run_retention
 from unitune.rundir import report_data
 
 # a held-out split's sequences scored once per evaluation: "main" (its items, flattened as a batch
@@ -69,6 +73,16 @@ class PolicyLogps(nn.Module):
             self.model, input_ids, attention_mask, target_mask,
             chunk_size=self.chunk_size, packed=self.packed,
         )  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """`eval.generate`'s fixed inputs: the held-out prompts with their references, the judge,
+    and (`eval.win_rate_against: base`) the starting model's responses."""
+
+    prompts: list[EvalPrompt]
+    judge: Judge
+    base: list[str] | None = None
 
 
 class Run:
@@ -141,7 +155,48 @@ class Run:
         self.l1 = DeltaL1(self.model) if cfg.schedule.l1 > 0 else None
         self.refs = RefStore()
         self.extras: dict[str, dict[str, float]] = {}  # per-slot figures of the last step
+        self.generation = self._generation_setup()
         self.compute_references(initial=True)
+
+    def _generation_setup(self) -> Generation | None:
+        """`eval.generate`: the held-out prompts with their references, and the judge, set up
+        before training (a bad prompt or judge spec stops the run now, not at its first eval)."""
+        ev = self.cfg.eval
+        for key, wanted in (("generate", ev.generate), ("retention_tasks", ev.retention_tasks)):
+            if wanted and self.engine.shards_parameters:
+                raise engines.EngineError(
+                    f"eval.{key}: it runs on one process's full model, and "
+                    f"{self.engine.describe()} shards it; evaluate the saved model with "
+                    "`unitune eval RUN_DIR` instead"
+                )
+        if not ev.generate:
+            return None
+        prompts, judge = run_prompts(self.cfg, max_samples=ev.generate_samples), judge_for(ev)
+        base = None
+        if ev.win_rate_against == "base":  # the starting model's responses, once per run
+            self.console.log(f"eval.generate: the starting model's responses ({len(prompts)})")
+            with reference_mode(self.model), self.acc.autocast():
+                base = generate(
+                    self.model, self.tokenizer, [p.prompt for p in prompts],
+                    max_new_tokens=ev.max_new_tokens, batch_size=self.cfg.train.eval_batch_size,
+                )  # fmt: skip
+        return Generation(prompts, judge, base)
+
+    def retention(self) -> dict[str, dict[str, float]]:
+        """`eval.retention_tasks` on the current model (lm-evaluation-harness, `retention.py`):
+        `{task: {metric: value}}`, in the training precision; `{}` without tasks."""
+        ev = self.cfg.eval
+        if not ev.retention_tasks:
+            return {}
+        self.console.log(f"retention: {', '.join(ev.retention_tasks)} (lm-evaluation-harness)")
+        with self.acc.autocast():
+            return run_retention(
+                self.acc.unwrap_model(self.policy).model,
+                self.tokenizer,
+                ev.retention_tasks,
+                ev.retention_limit,
+                batch_size=self.cfg.train.eval_batch_size,
+            )
 
     def compute_references(self, *, initial: bool, model_fp: str | None = None) -> str | None:
         """Reference log-probs into `self.refs`: for the training sets whose objective needs them;
@@ -288,7 +343,7 @@ class Run:
         return self.acc.reduce(t.to(self.device), reduction="sum").to(t.device)
 
     # ------------------------------------------------------------------ eval
-    def evaluate(self, *, at_start: bool = False) -> dict[str, float]:
+    def evaluate(self, *, at_start: bool = False, step: int | None = None) -> dict[str, float]:
         """Held-out metrics (`metrics.py`) and each objective's own held-out loss, from one
         forward per held-out sequence: the own losses reuse the metrics' log-probs (only an
         objective with its own model pass, IFT, runs it again). In inference mode (no autograd
@@ -297,7 +352,10 @@ class Run:
 
         `at_start`: the policy is still the model the initial references were computed from
         (step 0 of a fresh run), so its held-out log-probs are those references, computed by the
-        same pass (same batches, precision and order): they are reused and no forward runs."""
+        same pass (same batches, precision and order): they are reused and no forward runs.
+
+        `eval.generate`: also the win rate of greedy responses to held-out prompts (`_generate`;
+        `step` names its generations file)."""
         self.policy.eval()
         out: dict[str, float] = {}
         quiet = torch.no_grad if self.engine.shards_parameters else torch.inference_mode
@@ -328,7 +386,35 @@ class Run:
             out["ideal_distance"] = metrics.ideal_distance(
                 out["f_sft"], out["f_pref"], self.ideal.f_sft, self.ideal.f_pref
             )
+        if self.generation is not None:
+            out |= self._generate(step, at_start)
         return out
+
+    def _generate(self, step: int | None, at_start: bool) -> dict[str, float]:
+        """`eval.generate`: greedy responses to the held-out prompts, judged against their
+        references or the starting model's responses (`eval.win_rate_against`) as `win_rate`,
+        `win_rate_se`, in the training precision; the main process writes them to
+        `generations/step-N.jsonl`. Every process generates the same (greedy, the same weights),
+        so each logs the same figures. At the start, the starting model's responses are reused."""
+        gen, ev = self.generation, self.cfg.eval
+        prompts, judge = gen.prompts, gen.judge
+        path = None
+        if self.main and step is not None:
+            path = self.out / "generations" / f"step-{step:08d}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+        with self.acc.autocast():
+            return generation_eval(
+                self.acc.unwrap_model(self.policy).model,
+                self.tokenizer,
+                [p.prompt for p in prompts],
+                [p.reference for p in prompts],
+                judge,
+                max_new_tokens=ev.max_new_tokens,
+                batch_size=self.cfg.train.eval_batch_size,
+                out_path=path,
+                opponents=gen.base,
+                responses=gen.base if at_start else None,
+            )
 
     def _score(self, slot: str, at_start: bool = False) -> Scored:
         """Policy log-probs of every held-out sequence of `slot` (and of its objective's auxiliary

@@ -24,11 +24,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers import get_scheduler
 
-from unitune import checkpoint
+from unitune import checkpoint, trackers, usage
 from unitune.batches import BatchStream
 from unitune.config import Config, dump_config
+from unitune.hub import push_model, require_token
 from unitune.interrupts import Interrupted, Interrupts
 from unitune.metrics import Ideal
+from unitune.modelcard import write_model_card
 from unitune.models import save_model, trainable_parameters
 from unitune.rundir import MetricsLog, atomic_write, report_dict, run_summary
 from unitune.schedules import Schedule, build_schedule
@@ -38,6 +40,10 @@ from unitune.session import Run
 RESUMABLE_CHANGES = (
     "name", "output_dir", "cache_dir", "train.max_steps", "train.eval_every",
     "train.save_every", "train.keep_last", "train.on_nonfinite", "train.save_model",
+    "train.report_to", "train.push_to_hub", "train.hub_private",
+    # generation and retention are measured, not trained on
+    "eval.generate", "eval.judge", "eval.judge_url", "eval.judge_key_env", "eval.win_rate_against",
+    "eval.generate_samples", "eval.max_new_tokens", "eval.retention_tasks", "eval.retention_limit",
 )  # fmt: skip
 
 
@@ -114,11 +120,15 @@ def train(
     (unless `train.on_nonfinite: skip`), `ResumeError`, `checkpoint.CheckpointError`.
     """
     t_start, tc = time.time(), cfg.train
+    if tc.push_to_hub:
+        require_token()  # before anything is trained
+    usage.reset_peaks()  # this run's own peak RSS, also when a process runs several
     run = Run(cfg, console, progress)
     con, out = run.console, run.out
     with Interrupts() as stop:
         run.poll = stop.check
         run.setup()
+        usage.reset_peaks(run.device)  # accelerator memory: from the first training step
         run.ideal = ideal
         state = new_state(run, ideal)
         ckpt = find_checkpoint(out, resume, con) if resume else None
@@ -131,7 +141,9 @@ def train(
         global_batch = tc.batch_size * world * tc.grad_accum
         con.log(f"{run.engine.describe()}; batch: {tc.batch_size} per process x {world} "
                 f"processes x {tc.grad_accum} accumulation = {global_batch} per step")  # fmt: skip
-        log = MetricsLog(out / "metrics.jsonl", keep=state.metrics_lines, enabled=run.main)
+        trackers.start(run.acc, cfg, resumed_at=state.step if ckpt is not None else None)
+        log = MetricsLog(out / "metrics.jsonl", keep=state.metrics_lines, enabled=run.main,
+                         sink=trackers.sink(run.acc))  # fmt: skip
         items_log = batch_log(run, state)
         t_session = time.time()
         bar, task = progress_bar(con, progress and run.main, cfg.name or cfg.schedule.name,
@@ -145,6 +157,8 @@ def train(
                     evaluate(run, state, log, t_session)
                 while state.step < tc.max_steps:
                     if state.schedule.resets_reference(state.step):
+                        if state.last_eval.get("step") != state.step:  # the stage's end point
+                            evaluate(run, state, log, t_session)
                         switch_reference(run, state, log, t_session)
                     plan, losses, tok_s = train_step(run, state, log, items_log)
                     if eval_due(cfg, state):
@@ -162,13 +176,18 @@ def train(
         finally:
             log.close()
             items_log.close()
+            trackers.finish(run.acc)
+    train_s = state.train_s + time.time() - t_session
+    retention = run.retention()  # eval.retention_tasks on the final model
     summary = run_summary(
         cfg,
         ideal,
         state.last_eval,
         wall_s=time.time() - t_start,
-        train_s=state.train_s + time.time() - t_session,
+        train_s=train_s,
         eval_s=round(state.eval_s, 2),
+        **usage.costs(state.tokens, train_s - state.eval_s, run.device),
+        **({"retention": retention} if retention else {}),
         steps=dict(state.steps),
         data={k: report_dict(s) for k, s in run.data.items()},
         skipped_nonfinite=state.skipped,
@@ -184,9 +203,13 @@ def train(
             weights = {k.removeprefix("model."): v for k, v in full.items()} if full else None
             save_model(run.acc.unwrap_model(run.policy).model, run.tokenizer, out / "model",
                        merge_lora=merge, state_dict=weights)  # fmt: skip
+            write_model_card(out / "model", cfg, summary)  # README.md, beside the weights
     if run.main:
         atomic_write(out / "summary.json", json.dumps(summary, indent=2))
     run.acc.wait_for_everyone()
+    if tc.push_to_hub and tc.save_model and run.main:  # a failure: HubError, the model kept here
+        url = push_model(out / "model", tc.push_to_hub, private=tc.hub_private, run_dir=out)
+        con.log(f"pushed {out / 'model'} to {url}")
     return summary
 
 
@@ -288,7 +311,7 @@ def eval_due(cfg: Config, state: TrainState) -> bool:
 def evaluate(run: Run, state: TrainState, log: MetricsLog, t_session: float) -> None:
     t0 = time.time()
     # a fresh run's first evaluation: the policy is the reference model, no forward needed
-    figures = run.evaluate(at_start=state.step == 0 and state.reference_fp is None)
+    figures = run.evaluate(at_start=state.step == 0 and state.reference_fp is None, step=state.step)
     state.eval_s += time.time() - t0
     rec = {"type": "eval", "step": state.step, **figures, "steps_sft": state.steps["sft"],
            "steps_pref": state.steps["pref"], "eval_s": round(time.time() - t0, 3),
@@ -344,7 +367,7 @@ def restore(run: Run, state: TrainState, ckpt: checkpoint.Checkpoint, con: Conso
     the config differs from the checkpoint's only where that cannot change the run."""
     t0 = time.time()
     saved = json.loads((ckpt.path / "state.json").read_text())
-    changed = config_changes(saved["config"], run.cfg.model_dump(mode="json"))
+    changed = config_changes(with_defaults(saved["config"]), run.cfg.model_dump(mode="json"))
     if changed:
         raise ResumeError(
             f"--resume {ckpt.path}: the config differs from the checkpoint's in "
@@ -397,6 +420,15 @@ def load(run: Run, state: TrainState, ckpt: checkpoint.Checkpoint) -> tuple[dict
     if sharded:
         run.acc.load_state(str(ckpt.path / checkpoint.ENGINE_DIR))
     return saved
+
+
+def with_defaults(saved: dict) -> dict:
+    """A checkpoint's config with the defaults of keys added since it was written (a key that
+    did not exist then had its default's effect), as far as it still validates."""
+    try:
+        return Config.model_validate(saved).model_dump(mode="json")
+    except ValueError:
+        return saved
 
 
 def config_changes(saved: dict, now: dict, prefix: str = "") -> list[str]:

@@ -1,0 +1,55 @@
+"""What a run costs in memory: the peak resident set of this process and the peak accelerator
+memory, measured from a reset at the run's start (so that runs in one process, a sweep or the
+demo, each get their own figure)."""
+
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
+
+
+def reset_peaks(device: torch.device | None = None) -> None:
+    """Start measuring peaks from now: Linux resets the process's high-water mark (VmHWM) when
+    "5" is written to /proc/self/clear_refs; CUDA its allocator's peak statistics. Elsewhere the
+    RSS peak is the process's since it started (`getrusage`)."""
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        pass
+    if device is not None and device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size since `reset_peaks` (Linux) or since the process started, MiB."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+def peak_accelerator_mb(device: torch.device | None) -> float | None:
+    """Peak memory the CUDA allocator held since `reset_peaks`, MiB; None on CPU."""
+    if device is None or device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+
+
+def costs(tokens: int, train_s: float, device: torch.device | None) -> dict[str, float | None]:
+    """The cost figures of summary.json: tokens trained on, tokens per training second, peaks."""
+    return {
+        "tokens": tokens,
+        "tokens_per_s": round(tokens / train_s, 1) if train_s > 0 else None,
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_accelerator_mb": peak_accelerator_mb(device),
+    }

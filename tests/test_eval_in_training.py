@@ -1,0 +1,67 @@
+"""`eval.generate` and `eval.retention_tasks` during training: the win rate at every evaluation
+(generations saved beside the metrics), retention on the final model in summary.json."""
+
+import json
+
+import pytest
+from conftest import run_records
+
+from unitune.config import parse_config
+from unitune.jobs import train
+
+
+@pytest.fixture
+def generating(tiny_config):
+    raw = tiny_config("mix", max_steps=2, eval_every=1)
+    raw["eval"] = {"generate": True, "judge": "demo", "generate_samples": 3, "max_new_tokens": 4,
+                   "retention_tasks": ["unitune_mc"], "retention_limit": 4}  # fmt: skip
+    return raw
+
+
+def test_win_rate_at_every_evaluation_and_retention_at_the_end(generating, tmp_path):
+    summary = train(parse_config(generating), progress=False)
+    out = tmp_path / "runs" / "mix"
+    evals = [r for r in run_records(out) if r["type"] == "eval"]
+    assert [e["step"] for e in evals] == [0, 1, 2]
+    for e in evals:
+        assert 0.0 <= e["win_rate"] <= 1.0 and e["win_rate_se"] >= 0.0
+        rows = [json.loads(x) for x in (out / "generations" / f"step-{e['step']:08d}.jsonl").open()]
+        assert len(rows) == 3 and all({"prompt", "response", "reference"} <= set(r) for r in rows)
+    # the references are the held-out pairs' chosen responses
+    assert rows[0]["reference"] == "A hen is a WONDERFUL animal!"
+    assert summary["final"]["win_rate"] == evals[-1]["win_rate"]
+    acc = summary["retention"]["unitune_mc"]["acc"]
+    assert 0.0 <= acc <= 1.0
+
+
+def test_a_bad_judge_stops_before_training(generating):
+    from unitune.config import ConfigError
+
+    generating["eval"]["judge"] = "nonsense:thing"
+    with pytest.raises(ConfigError, match="judge 'nonsense:thing': unknown kind"):
+        parse_config(generating)
+
+
+def test_win_rate_against_the_starting_model(generating, tmp_path):
+    """`eval.win_rate_against: base`: judged against the starting model's own responses, the
+    start is exactly a tie (its responses are reused, not generated again)."""
+    generating["eval"] |= {"win_rate_against": "base", "retention_tasks": []}
+    train(parse_config(generating), progress=False)
+    out = tmp_path / "runs" / "mix"
+    evals = [r for r in run_records(out) if r["type"] == "eval"]
+    assert evals[0]["win_rate"] == 0.5 and evals[0]["win_rate_se"] == 0.0
+    assert all(0.0 <= e["win_rate"] <= 1.0 for e in evals[1:])
+
+
+def test_pointwise_win_rate_against_opponents_scores_both_on_the_references():
+    from unitune.judges import make_judge, win_rate
+
+    judge = make_judge("demo")
+    prompts = [[{"role": "user", "content": "Who resigned?"}]] * 2
+    gold = ["Ahoy! Richard Nixon, matey!"] * 2
+    ours = ["Ahoy! Richard Nixon, matey!", "Nixon"]
+    base = ["Richard Nixon", "Richard Nixon"]
+    got = win_rate(judge, prompts, ours, gold, opponents=base)
+    # styled and right beats plain and right; half the content and no style loses to it
+    assert got.outcomes == (1.0, 0.0) and got.win_rate == 0.5
+    assert win_rate(judge, prompts, ours, gold).outcomes == (0.5, 0.0)  # against the gold itself

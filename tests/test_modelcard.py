@@ -1,0 +1,98 @@
+"""The model card (RUN_DIR/model/README.md): Hugging Face front matter that parses, the run's
+settings, and the final metrics of summary.json; no secrets, no home paths."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from unitune.config import parse_config
+from unitune.jobs import train
+from unitune.modelcard import front_matter, model_card
+
+
+def metrics_table(card: str) -> dict[str, float]:
+    """The rows of the card's final-metrics table: metric -> value."""
+    section = card.split("## Final metrics", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| (\w+) \| ([-\d.e+]+) \|", section, re.MULTILINE)
+    return {k: float(v) for k, v in rows}
+
+
+def test_card_of_a_tiny_run(tiny_config):
+    cfg = parse_config(tiny_config("alright"))
+    summary = train(cfg, progress=False)
+    out = Path(cfg.output_dir)
+    card = (out / "model" / "README.md").read_text()
+    meta = front_matter(card)
+    assert card.startswith("---\n") and meta
+    assert meta["library_name"] == "transformers"
+    assert meta["tags"] == ["unitune", "sft", "dpo", "alright"]
+    assert meta["datasets"] == ["sft_train.jsonl", "pref_train.jsonl"]
+    assert "base_model" not in meta and "license" not in meta  # builtin:tiny: random, no hub id
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["final"] == summary["final"]
+    table = metrics_table(card)
+    want = {k: v for k, v in saved["final"].items()
+            if k in ("f_sft", "f_pref", "reward_acc", "reward_margin", "deviation",
+                     "ideal_distance")}  # fmt: skip
+    assert set(want) <= set(table)
+    for k, v in want.items():
+        assert table[k] == pytest.approx(v, abs=5e-5), k
+    for text in ("`alright`", "| lam (weight of the preference objective) | 0.5 |", "| seed | 0 |",
+                 f"sft: {saved['steps']['sft']}, pref: {saved['steps']['pref']}",
+                 "AutoModelForCausalLM.from_pretrained", "unitune 0.1.0"):  # fmt: skip
+        assert text in card, text
+    assert str(Path(cfg.data.sft.train).parent) not in card  # data named by file name only
+
+
+SUMMARY = {
+    "name": "card",
+    "final": {"step": 8, "f_sft": 3.25, "f_pref": 0.125, "reward_acc": 1.0, "eval_s": 0.5},
+    "measures": {"f_sft": "held-out NLL per response token"},
+    "steps": {"sft": 4, "pref": 4},
+    "data": {"sft": {"kind": "sft", "train": 10, "eval": 2}},
+}
+
+
+def card_for(tiny_config, **model) -> tuple[str, dict]:
+    raw = tiny_config("mix")
+    raw["model"].update(model)
+    card = model_card(parse_config(raw), SUMMARY)
+    return card, front_matter(card)
+
+
+def test_builtin_smollm2_names_its_hub_base_and_license(tiny_config):
+    card, meta = card_for(tiny_config, name="builtin:smollm2-135m")
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert meta["license"] == "apache-2.0"
+    assert metrics_table(card) == {"f_sft": 3.25, "f_pref": 0.125, "reward_acc": 1.0}
+
+
+def test_hub_base_lora_adapter(tiny_config):
+    card, meta = card_for(tiny_config, name="org/base-model", lora={"r": 4})
+    assert meta["base_model"] == "org/base-model" and "license" not in meta
+    assert meta["library_name"] == "peft" and "lora" in meta["tags"]
+    assert "AutoPeftModelForCausalLM" in card and "| LoRA | r=4" in card
+
+
+def test_local_base_by_name_with_its_license(tiny_config, tmp_path):
+    base = tmp_path / "models" / "my-base"
+    base.mkdir(parents=True)
+    (base / "README.md").write_text("---\nlicense: mit\n---\n# my base\n")
+    card, meta = card_for(tiny_config, name=str(base))
+    assert "base_model" not in meta and meta["license"] == "mit"
+    assert "`my-base`" in card and str(base) not in card
+
+
+def test_no_secrets_and_no_home(tiny_config, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "wandbkey-0123456789")
+    raw = tiny_config("mix", push_to_hub="someone/card")
+    raw["name"] = "run-wandbkey-0123456789"
+    raw["data"]["sft"]["train"] = str(Path.home() / "secret-dir" / "sft.jsonl")
+    card = model_card(parse_config(raw), {**SUMMARY, "name": raw["name"]})
+    assert "wandbkey-0123456789" not in card and "run-***" in card
+    assert str(Path.home()) not in card and "secret-dir" not in card
+    assert 'from_pretrained("someone/card")' in card
