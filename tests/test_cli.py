@@ -85,7 +85,9 @@ def test_demo_over_seeds_ends_with_the_report(tmp_path, monkeypatch):
     groups = list(csv.DictReader((out / "report" / "groups.csv").open()))
     assert sorted(g["schedule"] for g in groups) == ["alright", "mix"]
     assert all(g["n"] == "2" for g in groups)
-    assert "win_rate" in result.output and "retention" in result.output and "±" in result.output
+    for col in ("f_sft", "win_rate", "retention:unitune_mc:acc"):
+        assert all(g[f"{col}_n"] == "2" and g[f"{col}_std"] for g in groups), col
+    assert "±" in result.output  # the means with their spread, on the console too
     assert (out / "report" / "index.html").exists() and "index.html" in result.output
     for run in ("mix-seed0", "alright-seed1"):
         summary = json.loads((out / run / "summary.json").read_text())

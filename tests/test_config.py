@@ -68,5 +68,12 @@ def test_ideal_config_needs_both_stars():
     "path", sorted((Path(__file__).parents[1] / "examples").glob("*.yaml")), ids=lambda p: p.name
 )
 def test_every_example_config_is_valid(path):
-    cfg = load_config(path)
-    assert cfg.data.sft is not None or cfg.data.pref is not None
+    if path.name.startswith("sweep-"):  # a sweep file: every run's config must be valid
+        from unitune.sweep import load_sweep
+
+        configs = [r.cfg for r in load_sweep(path).runs]
+        assert len(configs) > 1
+    else:
+        configs = [load_config(path)]
+    for cfg in configs:
+        assert cfg.data.sft is not None or cfg.data.pref is not None

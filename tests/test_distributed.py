@@ -167,14 +167,16 @@ def assert_like_one_process(name: str, raw: dict, tmp_path: Path) -> None:
     train(parse_config(one), progress=False)
     # the reference pass ran once (one file per entry), split across the processes, and gave
     # the very values of one process: each batch is the same forward on either side (only
-    # sequential's switched reference comes from weights that differ by rounding)
+    # sequential's switched reference comes from weights that may differ by rounding: with one
+    # thread per process they come out bitwise equal, with several they need not)
     refs1, refs2 = (
         {f.name: load_file(f)["logp"] for f in (Path(c) / "refs").iterdir()}
         for c in (one["cache_dir"], raw["cache_dir"])
     )
     switched = schedule == "sequential"
     same = set(refs1) & set(refs2)
-    assert len(same) == len(refs2) - switched == len(refs1) - switched, name
+    assert len(refs1) == len(refs2), name
+    assert len(same) in {len(refs2), len(refs2) - switched}, name
     for entry in same:
         assert torch.equal(refs1[entry], refs2[entry]), name
     # PAFT: each branch is a run on both processes; the merge, on the main one, merges those
