@@ -51,6 +51,20 @@ def test_win_rate_against_the_starting_model(generating, tmp_path):
     evals = [r for r in run_records(out) if r["type"] == "eval"]
     assert evals[0]["win_rate"] == 0.5 and evals[0]["win_rate_se"] == 0.0
     assert all(0.0 <= e["win_rate"] <= 1.0 for e in evals[1:])
+    # generated once, cached by the starting weights, precision, prompts and settings: a second
+    # run with another schedule reuses them and gives the same start
+    cached = list((tmp_path / "cache" / "generations").glob("*.json"))
+    assert len(cached) == 1 and len(json.loads(cached[0].read_text())) == 3
+    other = {
+        **generating,
+        "schedule": {"name": "alright", "lam": 0.5},
+        "output_dir": str(out) + "2",
+    }
+    train(parse_config(other), progress=False)
+    assert list((tmp_path / "cache" / "generations").glob("*.json")) == cached
+    assert [r for r in run_records(out.with_name("mix2")) if r["type"] == "eval"][0][
+        "win_rate"
+    ] == 0.5
 
 
 def test_pointwise_win_rate_against_opponents_scores_both_on_the_references():

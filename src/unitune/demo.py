@@ -152,7 +152,7 @@ def demo_config(
                 "judge": DEMO_JUDGE,
                 "win_rate_against": "base",
                 "generate_samples": generate_samples,
-                "max_new_tokens": 48,
+                "max_new_tokens": 32,  # every held-out chosen response is at most 27 tokens
                 "retention_tasks": DEMO_RETENTION,
             },
             "output_dir": str(out_dir / name),

@@ -9,6 +9,9 @@ metrics (`metrics.py`). The loop that drives it is `trainer.py`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -172,15 +175,40 @@ class Run:
         if not ev.generate:
             return None
         prompts, judge = run_prompts(self.cfg, max_samples=ev.generate_samples), judge_for(ev)
-        base = None
-        if ev.win_rate_against == "base":  # the starting model's responses, once per run
-            self.console.log(f"eval.generate: the starting model's responses ({len(prompts)})")
-            with reference_mode(self.model), self.acc.autocast():
-                base = generate(
-                    self.model, self.tokenizer, [p.prompt for p in prompts],
-                    max_new_tokens=ev.max_new_tokens, batch_size=self.cfg.train.eval_batch_size,
-                )  # fmt: skip
+        base = self._base_responses(prompts) if ev.win_rate_against == "base" else None
         return Generation(prompts, judge, base)
+
+    def _base_responses(self, prompts: list[EvalPrompt]) -> list[str]:
+        """The starting model's greedy responses to `prompts` (`eval.win_rate_against: base`),
+        cached under the cache dir by the starting weights, the precision, the prompts and the
+        generation settings: the runs of a sweep or of the demo generate them once."""
+        ev, bs = self.cfg.eval, self.cfg.train.eval_batch_size
+        texts = [p.prompt for p in prompts]
+        key = hashlib.sha256(
+            json.dumps(
+                [self.fingerprint(adapters=False), self.acc.mixed_precision, texts,
+                 ev.max_new_tokens, bs],
+                sort_keys=True,
+            ).encode()
+        ).hexdigest()[:32]  # fmt: skip
+        path = self.cache_dir / "generations" / f"{key}.json"
+        if path.is_file():
+            cached = json.loads(path.read_text())
+            if isinstance(cached, list) and len(cached) == len(texts):
+                self.console.log("eval.generate: the starting model's responses: cache hit")
+                return cached
+        self.console.log(f"eval.generate: the starting model's responses ({len(texts)})")
+        with reference_mode(self.model), self.acc.autocast():
+            base = generate(
+                self.model, self.tokenizer, texts, max_new_tokens=ev.max_new_tokens,
+                batch_size=bs,
+            )  # fmt: skip
+        if self.main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(base))
+            os.replace(tmp, path)
+        return base
 
     def retention(self) -> dict[str, dict[str, float]]:
         """`eval.retention_tasks` on the current model (lm-evaluation-harness, `retention.py`):
