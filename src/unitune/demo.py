@@ -198,6 +198,22 @@ def comparison_table(summaries: list[dict]) -> Table:
     return table
 
 
+def start_retention(cfg: Config) -> str:
+    """The starting model's score on the demo's retention task, the yardstick of the column, in
+    the runs' precision."""
+    import torch
+
+    from unitune.models import load_model
+    from unitune.retention import run_retention
+
+    model, tokenizer = load_model(cfg.model)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.autocast(device, dtype=half or torch.float32, enabled=half is not None):
+        scores = run_retention(model.to(device), tokenizer, DEMO_RETENTION)[DEMO_RETENTION[0]]
+    return f"{DEMO_RETENTION[0]} acc {scores['acc']:.2f}"
+
+
 def _retention(summary: dict | None) -> str:
     """The demo's retention figure: accuracy on the shipped multiple-choice task."""
     acc = ((summary or {}).get("retention") or {}).get(DEMO_RETENTION[0], {}).get("acc")
@@ -254,6 +270,7 @@ def run_demo(
     summaries = [jobs_train(c, console=console, progress=progress, ideal=star) for c in cfgs]
     if seeds == 1:
         console.print(comparison_table(summaries))
+    console.print(f"retention of the starting model: {start_retention(cfgs[0])}")
     files = plot_runs(
         [Path(c.output_dir) for c in cfgs],
         out_dir / "trajectories",
