@@ -28,6 +28,20 @@ def tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg)
 
 
+def perturbed_tiny():
+    """builtin:tiny with its weights perturbed (seeded): the plain one greedily writes only
+    newlines, this one varied tokens (generation tests)."""
+    from unitune.config import ModelConfig
+    from unitune.models import load_model
+
+    model, tok = load_model(ModelConfig(name="builtin:tiny"))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model, tok
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     """Rows are dicts (dumped as JSON) or raw str/bytes lines written as they are."""
     with open(path, "wb") as fh:

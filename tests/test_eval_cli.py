@@ -4,15 +4,14 @@ training loop's `generation_eval`, a run's held-out prompts, and the one-line er
 import json
 
 import pytest
-import torch
 import yaml
-from conftest import write_jsonl
+from conftest import perturbed_tiny, write_jsonl
 from judge_server import JudgeServer, closed_port
 from typer.testing import CliRunner
 
 from unitune.chat import chat_loop
 from unitune.cli import app
-from unitune.config import ModelConfig, dump_config, parse_config
+from unitune.config import dump_config, parse_config
 from unitune.data.holdout import split_holdout
 from unitune.evaluation import generation_eval, load_target, run_prompts
 from unitune.generate import generate, load_prompts
@@ -32,14 +31,7 @@ def no_proxy(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny():
-    """builtin:tiny with its weights perturbed (seeded): the plain one greedily writes only
-    newlines, this one varied tokens."""
-    model, tok = load_model(ModelConfig(name="builtin:tiny"))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.3)
-    return model, tok
+    return perturbed_tiny()
 
 
 @pytest.fixture

@@ -5,9 +5,8 @@ import json
 
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import perturbed_tiny, write_jsonl
 
-from unitune.config import ModelConfig
 from unitune.data import DataError
 from unitune.generate import (
     GenerationError,
@@ -16,7 +15,6 @@ from unitune.generate import (
     render_prompt,
     write_generations,
 )
-from unitune.models import load_model
 
 PROMPTS = [
     [{"role": "user", "content": "Hi"}],
@@ -30,14 +28,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def tiny():
-    """builtin:tiny with its weights perturbed (seeded): the plain one greedily writes only
-    newlines, this one varied tokens."""
-    model, tok = load_model(ModelConfig(name="builtin:tiny"))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.3)
-    return model, tok
+    return perturbed_tiny()
 
 
 def test_generation_is_deterministic_and_batching_does_not_change_it(tiny):

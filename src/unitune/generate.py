@@ -38,6 +38,7 @@ from unitune.data.validation import (
     validate_preference,
     validate_sft,
 )
+from unitune.models import eval_mode
 
 Message = dict[str, Any]
 Prompt = list[Message] | str
@@ -116,7 +117,7 @@ def generate(
     options = _generation_config(model, tokenizer, max_new_tokens, do_sample, temperature, top_p)
     device = _device(model)
     out: list[str] = [""] * len(prompts)
-    with _eval_mode(model), _forked_rng(device, seed), _bar(progress, console, len(prompts)) as bar:
+    with eval_mode(model), _forked_rng(device, seed), _bar(progress, console, len(prompts)) as bar:
         for batch in batches:
             ids, mask = _left_pad([encoded[i] for i in batch], tokenizer.pad_token_id, device)
             with torch.inference_mode():
@@ -181,16 +182,6 @@ def _device(model: Any) -> torch.device:
         return next(model.parameters()).device
     except StopIteration:
         return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def _eval_mode(model: Any) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 @contextlib.contextmanager

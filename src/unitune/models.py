@@ -429,6 +429,17 @@ def _is_peft(model: Any) -> bool:
 
 
 @contextlib.contextmanager
+def eval_mode(model: Any) -> Iterator[None]:
+    """`model` in eval mode for the block, then back in the mode it had."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
 def reference_mode(model: Any) -> Iterator[Any]:
     """Run the reference policy inside this block.
 

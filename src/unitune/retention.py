@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from unitune.models import eval_mode
+
 TASKS_DIR = Path(__file__).resolve().parent / "eval_tasks"
 SHIPPED = ("unitune_mc",)
 SHIPPED_PREFIX = "unitune_"  # names looked up among the shipped tasks only (no lm-eval index)
@@ -73,7 +75,7 @@ def run_retention(
         include_path=str(TASKS_DIR),
         include_defaults=not all(t.startswith(SHIPPED_PREFIX) for t in tasks),
     )
-    with _quiet(), _no_env_report(), _restored_rng(), _eval_mode(base):
+    with _quiet(), _no_env_report(), _restored_rng(), eval_mode(base):
         lm = hflm(pretrained=base, tokenizer=tokenizer, batch_size=batch_size)
         try:
             results = lm_eval.simple_evaluate(
@@ -169,16 +171,6 @@ def _restored_rng() -> Iterator[None]:
         finally:
             random.setstate(py)
             np.random.set_state(npy)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: Any) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def lm_eval_available() -> bool:
