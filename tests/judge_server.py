@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import pytest
+
 
 def prefers_good(content: str) -> str:
     """The verdict of an honest judge: the response containing GOOD is better."""
@@ -83,3 +85,12 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def no_proxy(monkeypatch):
+    """The local judge server is reached directly, whatever proxy the environment sets
+    (autouse in the test modules that import it)."""
+    for name in ("http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)

@@ -6,7 +6,7 @@ import json
 import pytest
 import yaml
 from conftest import perturbed_tiny, write_jsonl
-from judge_server import JudgeServer, closed_port
+from judge_server import JudgeServer, closed_port, no_proxy  # noqa: F401 (autouse)
 from typer.testing import CliRunner
 
 from unitune.chat import chat_loop
@@ -19,14 +19,6 @@ from unitune.models import load_model, save_model
 
 runner = CliRunner()
 KEY = "sk-cli-SECRET-777"
-
-
-@pytest.fixture(autouse=True)
-def no_proxy(monkeypatch):
-    """The local judge server is reached directly, whatever proxy the environment sets."""
-    for name in ("http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.upper(), raising=False)
 
 
 @pytest.fixture(scope="module")

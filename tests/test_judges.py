@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from judge_server import JudgeServer, closed_port
+from judge_server import JudgeServer, closed_port, no_proxy  # noqa: F401 (autouse)
 
 from unitune.config import ConfigError, parse_config
 from unitune.judges import (
@@ -29,14 +29,6 @@ from unitune.models import ModelLoadError, tiny_tokenizer
 
 DEMO = Path(__file__).resolve().parents[1] / "src" / "unitune" / "demo_data"
 KEY = "sk-test-SECRET-4242"
-
-
-@pytest.fixture(autouse=True)
-def no_proxy(monkeypatch):
-    """The local judge server is reached directly, whatever proxy the environment sets."""
-    for name in ("http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.upper(), raising=False)
 
 
 PROMPT = [{"role": "user", "content": "Who was the only US President to resign?"}]
