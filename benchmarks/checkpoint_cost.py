@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 from harness import cpu_name
 
-DEMO = Path(__file__).resolve().parents[1] / "src" / "unitune" / "demo_data"
+DEMO = Path(__file__).resolve().parents[1] / "src" / "unitune" / "study" / "demo_data"
 SAVE = re.compile(r"checkpoint step (\d+): \S+ \(([\d.]+) MB, ([\d.]+) s\)")
 LOAD = re.compile(r"resumed from \S+ at step \d+ \(([\d.]+) s\)")
 

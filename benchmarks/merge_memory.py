@@ -121,7 +121,7 @@ def main() -> None:
         measure(args.measure)
         return
 
-    from unitune.models import BUILTIN_SMOLLM2, model_dir
+    from unitune.models.load import BUILTIN_SMOLLM2, model_dir
 
     base = model_dir(BUILTIN_SMOLLM2)
     size_mb = sum(f.stat().st_size for f in base.glob("*.safetensors")) / 2**20
@@ -132,7 +132,7 @@ def main() -> None:
     try:
         models = make_variants(base, root / "inputs")
         rows = []
-        floor = [sys.executable, "-c", "import unitune.cli, unitune.merge, transformers"]
+        floor = [sys.executable, "-c", "import unitune.cli, unitune.merge.merge, transformers"]
         rows.append(("import floor", "unitune", run_measured(floor, args.threads)))
         if use_mergekit:
             floor = [sys.executable, "-c", "import mergekit.merge, mergekit.scripts.run_yaml"]

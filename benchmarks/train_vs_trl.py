@@ -11,13 +11,14 @@ by `wait4`), one after the other, so nothing else competes for the cores:
   allocator settings, as for any user); step times are the `step_s` of `metrics.jsonl`.
 - TRL 1.16: `DPOTrainer` / `SFTTrainer` / `KTOTrainer` with their defaults for the reference
   (a reference model run every step), step times from a `TrainerCallback`; the same allocator
-  settings (`unitune.allocator.tune()`).
+  settings (`unitune.core.allocator.tune()`).
 
 Both train SmolLM2-135M-Instruct (the embedded default, full fine-tuning, fp32 unless
-`--precision bf16`) on the demo data (`src/unitune/demo_data`), AdamW at lr 1e-6, clipping 1.0,
-`--batch-size` examples (pairs for DPO) per step, no evaluation while training, for two epochs
-of `--examples` examples. Only the second epoch is timed (the first warms up), so both frameworks
-are timed on exactly the same examples and tokens whatever order they batch them in (unitune
+`--precision bf16`) on the demo data (`src/unitune/study/demo_data`), AdamW at lr 1e-6,
+clipping 1.0, `--batch-size` examples (pairs for DPO) per step, no evaluation while training,
+for two epochs of `--examples` examples. Only the second epoch is timed (the first warms up),
+so both frameworks are timed on exactly the same examples and tokens
+whatever order they batch them in (unitune
 groups by length, TRL shuffles): the epoch's time, its real tokens per second (unitune's count of
 those examples' tokens), and the mean step time. "MFU" is 6 x non-embedding parameters x
 tokens/s (the usual training-FLOPs estimate; no reference pass counted) over the median GFLOP/s
@@ -44,7 +45,7 @@ from pathlib import Path
 from harness import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "src" / "unitune" / "demo_data"
+DEMO = ROOT / "src" / "unitune" / "study" / "demo_data"
 PARAMS = 106_203_456  # SmolLM2-135M without its (tied) 49152 x 576 embedding
 MARK_START, MARK_END = "<!-- bench:train_vs_trl -->", "<!-- /bench:train_vs_trl -->"
 
@@ -178,8 +179,8 @@ def trl_worker(job: str, args) -> None:
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-    from unitune.allocator import tune
-    from unitune.models import smollm2_cache_dir
+    from unitune.core.allocator import tune
+    from unitune.models.load import smollm2_cache_dir
 
     tune()  # the same allocator settings unitune's CLI applies
     torch.manual_seed(0)

@@ -1,11 +1,12 @@
-"""Build the demo datasets in ``src/unitune/demo_data/`` from two installed offline corpora.
+"""Build the demo datasets in ``src/unitune/study/demo_data/`` from two installed offline corpora.
 
-    .venv/bin/python scripts/build_demo_data.py            # rewrites src/unitune/demo_data/*.jsonl
+    .venv/bin/python scripts/build_demo_data.py   # rewrites src/unitune/study/demo_data/*.jsonl
     .venv/bin/python scripts/build_demo_data.py --out DIR  # writes the four files into DIR
 
-Sources (see ``src/unitune/demo_data/PROVENANCE.md``): ``chatterbot-corpus`` (BSD-3-Clause, the
-English YAML dialogues) and ``chitchat-dataset`` (MIT, ``dataset.json``). The output is a pure
-function of the installed corpora and the constants below: same inputs, byte-identical files.
+Sources (see ``src/unitune/study/demo_data/PROVENANCE.md``): ``chatterbot-corpus``
+(BSD-3-Clause, the English YAML dialogues) and ``chitchat-dataset`` (MIT, ``dataset.json``).
+The output is a pure function of the installed corpora and the constants below:
+same inputs, byte-identical files.
 
 Design: every record is a short chat exchange whose assistant reply is the corpus reply, untouched
 apart from whitespace/punctuation normalisation ("plain style"). SFT records teach the plain style.
@@ -51,7 +52,7 @@ MAX_REPLY_WORDS = 18
 MAX_TURN_CHARS_2T = 48  # each message of a 2-turn conversation
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO_ROOT / "src" / "unitune" / "demo_data"
+DEFAULT_OUT = REPO_ROOT / "src" / "unitune" / "study" / "demo_data"
 STATS: dict[str, int] = {}  # candidate/used counts of the last build, for the provenance notes
 FILES = ("sft_train.jsonl", "sft_eval.jsonl", "pref_train.jsonl", "pref_eval.jsonl")
 

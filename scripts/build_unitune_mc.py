@@ -1,5 +1,5 @@
-"""Write `src/unitune/eval_tasks/unitune_mc.jsonl`, the offline multiple-choice task of
-`unitune eval --tasks unitune_mc` (lm-evaluation-harness, `unitune.retention`).
+"""Write `src/unitune/eval/tasks/unitune_mc.jsonl`, the offline multiple-choice task of
+`unitune eval --tasks unitune_mc` (lm-evaluation-harness, `unitune.eval.retention`).
 
 80 simple questions with 4 choices each, from this file's own tables (written for unitune, no
 outside source; Apache-2.0 like the code): arithmetic, opposites, days and months, counts,
@@ -18,7 +18,9 @@ import random
 from pathlib import Path
 
 SEED = 20240607
-OUT = Path(__file__).resolve().parents[1] / "src" / "unitune" / "eval_tasks" / "unitune_mc.jsonl"
+OUT = (
+    Path(__file__).resolve().parents[1] / "src" / "unitune" / "eval" / "tasks" / "unitune_mc.jsonl"
+)
 
 OPPOSITES = [
     ("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("happy", "sad"),

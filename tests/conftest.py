@@ -32,7 +32,7 @@ def perturbed_tiny():
     """builtin:tiny with its weights perturbed (seeded): the plain one greedily writes only
     newlines, this one varied tokens (generation tests)."""
     from unitune.config import ModelConfig
-    from unitune.models import load_model
+    from unitune.models.load import load_model
 
     model, tok = load_model(ModelConfig(name="builtin:tiny"))
     gen = torch.Generator().manual_seed(0)

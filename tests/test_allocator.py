@@ -10,7 +10,7 @@ import pytest
 
 PROBE = """
 import ctypes, json, sys
-from unitune.allocator import tune
+from unitune.core.allocator import tune
 
 class Info(ctypes.Structure):  # glibc's struct mallinfo2
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",

@@ -14,8 +14,10 @@ import torch
 from safetensors import safe_open
 from transformers import get_scheduler
 
-from unitune import checkpoint as ck
-from unitune.checkpoint import (
+from unitune.config import ModelConfig
+from unitune.models.load import load_model
+from unitune.train import checkpoint as ck
+from unitune.train.checkpoint import (
     Checkpoint,
     CheckpointError,
     latest_checkpoint,
@@ -24,8 +26,6 @@ from unitune.checkpoint import (
     save_checkpoint,
     verify,
 )
-from unitune.config import ModelConfig
-from unitune.models import load_model
 
 LORA = {"r": 4, "alpha": 8}
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -284,7 +284,7 @@ CHILD = """
 import sys, time
 from pathlib import Path
 import torch
-from unitune import checkpoint
+from unitune.train import checkpoint
 
 model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)

@@ -55,7 +55,7 @@ def test_objectives_lists_the_registry():
 
 
 def test_demo_uses_the_precision_it_is_given(tmp_path, monkeypatch):
-    from unitune.demo import default_precision
+    from unitune.study.demo import default_precision
 
     precision = "no" if default_precision() == "bf16" else "bf16"  # not what it would pick
     monkeypatch.setenv("UNITUNE_CACHE", str(tmp_path / "cache"))
@@ -98,7 +98,7 @@ def test_auto_precision_follows_the_measured_bf16_speed(monkeypatch):
     """bf16 is chosen because it is fast here, not because the CPU lists bf16 instructions."""
     import torch
 
-    from unitune import demo
+    from unitune.study import demo
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(demo, "bf16_speedup", lambda: 0.4)  # AVX2: bf16 emulated, slower

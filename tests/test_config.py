@@ -69,7 +69,7 @@ def test_ideal_config_needs_both_stars():
 )
 def test_every_example_config_is_valid(path):
     if path.name.startswith("sweep-"):  # a sweep file: every run's config must be valid
-        from unitune.sweep import load_sweep
+        from unitune.study.sweep import load_sweep
 
         configs = [r.cfg for r in load_sweep(path).runs]
         assert len(configs) > 1

@@ -20,7 +20,7 @@ from unitune.data import (
     load_sft,
     split_holdout,
 )
-from unitune.models import CHATML_TEMPLATE, tiny_tokenizer
+from unitune.models.load import CHATML_TEMPLATE, tiny_tokenizer
 
 EOS = "<|im_end|>"
 
@@ -573,7 +573,7 @@ def test_collate_real_pairs(tok):
 
 def test_columns_map_source_fields_to_standard_ones(tmp_path):
     from unitune.data import load_sft
-    from unitune.models import tiny_tokenizer
+    from unitune.models.load import tiny_tokenizer
 
     path = tmp_path / "alpaca.jsonl"
     path.write_text('{"instruction": "Say hi.", "output": "Hi!"}\n')
@@ -634,8 +634,8 @@ def test_alpaca_records_without_the_format_say_how_to_read_them(tok):
 
 
 def test_alpaca_format_from_the_config(tiny_config, tmp_path):
-    from unitune.batches import load_data
     from unitune.config import parse_config
+    from unitune.train.batches import load_data
 
     rows = [{"instruction": f"Name animal {i}.", "input": a, "output": a} for i, a in
             enumerate(["cat", "dog", "owl", "fox"])]  # fmt: skip

@@ -29,7 +29,7 @@ from unitune.data import (
 )
 from unitune.data import load as load_module
 from unitune.data.tokenize import Encoder
-from unitune.models import tiny_tokenizer
+from unitune.models.load import tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -230,8 +230,8 @@ def test_a_cache_entry_holds_compact_arrays_not_python_objects(tok, tmp_path):
 
 
 def test_held_out_sets_can_be_capped_and_data_options_reach_the_loader(tiny_config, tmp_path):
-    from unitune.batches import load_data
     from unitune.config import parse_config
+    from unitune.train.batches import load_data
 
     raw = tiny_config("alright")
     raw["data"]["sft"]["eval_max_samples"] = 2

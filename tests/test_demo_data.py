@@ -11,7 +11,7 @@ import pytest
 
 import unitune
 
-DATA_DIR = Path(unitune.__file__).parent / "demo_data"
+DATA_DIR = Path(unitune.__file__).parent / "study" / "demo_data"
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build_demo_data.py"
 COUNTS = {
     "sft_train.jsonl": 800,

@@ -14,9 +14,9 @@ import yaml
 from conftest import ANIMALS, TIMING, final_weights, write_jsonl
 from safetensors.torch import load_file
 
-from unitune.batches import BatchStream
 from unitune.config import parse_config
 from unitune.jobs import train
+from unitune.train.batches import BatchStream
 
 
 def test_ranks_draw_disjoint_batches_that_together_are_one_process_in_order():
@@ -240,7 +240,8 @@ def test_deepspeed_zero_is_one_process_and_resumes_exactly(engine, tiny_config, 
 
 SKEWED = """
 import json, os, sys
-from unitune import schedules, session
+from unitune.schedules import registry as schedules
+from unitune.train import session
 from unitune.config import load_config
 from unitune.jobs import train
 

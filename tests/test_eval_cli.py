@@ -9,13 +9,13 @@ from conftest import perturbed_tiny, write_jsonl
 from judge_server import JudgeServer, closed_port, no_proxy  # noqa: F401 (autouse)
 from typer.testing import CliRunner
 
-from unitune.chat import chat_loop
 from unitune.cli import app
 from unitune.config import dump_config, parse_config
 from unitune.data.holdout import split_holdout
-from unitune.evaluation import generation_eval, load_target, run_prompts
-from unitune.generate import generate, load_prompts
-from unitune.models import load_model, save_model
+from unitune.eval.chat import chat_loop
+from unitune.eval.evaluate import generation_eval, load_target, run_prompts
+from unitune.eval.generate import generate, load_prompts
+from unitune.models.load import load_model, save_model
 
 runner = CliRunner()
 KEY = "sk-cli-SECRET-777"
@@ -77,7 +77,7 @@ def test_generation_eval_for_the_training_loop(tiny, tiny_data, tmp_path):
     assert 0.0 <= out["win_rate"] <= 0.5  # the demo judge: at best a tie with its reference
     assert len((tmp_path / "g.jsonl").read_text().splitlines()) == 3
     # a perfect "model" (its responses are the references) ties every prompt
-    from unitune.judges import make_judge, win_rate
+    from unitune.judges.registry import make_judge, win_rate
 
     assert win_rate(make_judge("demo"), prompts, refs, refs).win_rate == 0.5
 

@@ -7,7 +7,7 @@ from conftest import ANIMALS, write_jsonl
 
 from unitune.config import parse_config
 from unitune.data import length_batches
-from unitune.session import Run
+from unitune.train.session import Run
 
 CASES = {  # objective whose own loss is not a metric, and its data
     "ipo": {"objectives": {"pref": {"name": "ipo"}}},

@@ -16,12 +16,12 @@ import yaml
 from conftest import final_weights, run_records
 from typer.testing import CliRunner
 
-from unitune import checkpoint
 from unitune.cli import app
 from unitune.config import parse_config
 from unitune.jobs import train
-from unitune.session import Run
-from unitune.trainer import NonFiniteError
+from unitune.train import checkpoint
+from unitune.train.loop import NonFiniteError
+from unitune.train.session import Run
 
 
 def same_run(a: Path, b: Path) -> None:
@@ -81,7 +81,7 @@ def test_sigterm_checkpoints_and_the_resumed_run_matches_the_uninterrupted_one(
 
 KILL_DURING_SAVE = """
 import sys, time
-from unitune import checkpoint
+from unitune.train import checkpoint
 write = checkpoint._write_safetensors
 def slow(path, tensors, metadata=None):
     info = write(path, tensors, metadata)
@@ -183,7 +183,7 @@ def test_a_signal_during_an_evaluation_is_answered_and_the_eval_redone_on_resume
 ):
     """Evaluation polls the signal between batches (a run that never looked would train on);
     the step is checkpointed without save_every, and the resumed run redoes that evaluation."""
-    from unitune.interrupts import Interrupted
+    from unitune.core.interrupts import Interrupted
 
     raw = tiny_config("mix", max_steps=4, eval_every=2)
     original, calls = Run.evaluate, {"n": 0}

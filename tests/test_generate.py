@@ -8,7 +8,7 @@ import torch
 from conftest import perturbed_tiny, write_jsonl
 
 from unitune.data import DataError
-from unitune.generate import (
+from unitune.eval.generate import (
     GenerationError,
     generate,
     load_prompts,

@@ -7,7 +7,7 @@ from conftest import final_weights
 
 from unitune.config import parse_config
 from unitune.jobs import train
-from unitune.session import Run
+from unitune.train.session import Run
 
 # config, and the share of the layer forwards that run with grad (IFT's first pass, which only
 # predicts the tokens fed to the second, runs without: nothing of it to recompute)

@@ -3,7 +3,7 @@ import torch
 from conftest import tiny_llama
 from peft import LoraConfig, get_peft_model
 
-from unitune.logprobs import sequence_logps
+from unitune.models.logprobs import sequence_logps
 from unitune.objectives import REGISTRY, SeqLogps, TokenLogps
 from unitune.objectives.ift import (
     discounted_suffix_sum,
@@ -248,7 +248,7 @@ def test_registry_loss_and_validation():
 def test_builtin_tiny_model_runs():
     from unitune.config import ModelConfig
     from unitune.data import Sequence, collate
-    from unitune.models import load_model
+    from unitune.models.load import load_model
 
     model, tok = load_model(ModelConfig(name="builtin:tiny"))
     seqs = [

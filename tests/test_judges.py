@@ -12,7 +12,7 @@ import torch
 from judge_server import JudgeServer, closed_port, no_proxy  # noqa: F401 (autouse)
 
 from unitune.config import ConfigError, parse_config
-from unitune.judges import (
+from unitune.judges.registry import (
     JudgeError,
     OpenAIJudge,
     ProgrammaticJudge,
@@ -25,9 +25,9 @@ from unitune.judges import (
     token_f1,
     win_rate,
 )
-from unitune.models import ModelLoadError, tiny_tokenizer
+from unitune.models.load import ModelLoadError, tiny_tokenizer
 
-DEMO = Path(__file__).resolve().parents[1] / "src" / "unitune" / "demo_data"
+DEMO = Path(__file__).resolve().parents[1] / "src" / "unitune" / "study" / "demo_data"
 KEY = "sk-test-SECRET-4242"
 
 
@@ -259,7 +259,7 @@ def test_reward_model_load_errors(tmp_path):
     with pytest.raises(ModelLoadError, match="pickle"):
         make_judge(f"rm:{pickles}")
     from unitune.config import ModelConfig
-    from unitune.models import load_model, save_model
+    from unitune.models.load import load_model, save_model
 
     model, tok = load_model(ModelConfig(name="builtin:tiny"))
     lm = save_model(model, tok, tmp_path / "lm")

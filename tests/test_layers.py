@@ -1,7 +1,10 @@
-"""The layout shows the data flow and imports only go down: data → models → logprobs →
-objectives → schedules → config → batches/metrics → session → trainer → ... → cli. A module may
-import only from layers below its own (imports for type checking only are exempt); a strict
-order also rules out any cycle."""
+"""The tree shows the data flow and imports only go down.
+
+The packages of `src/unitune`, in the order data moves through them: infrastructure, records,
+models, losses, schedules, scorers, the config, evaluation, training, merging, the jobs, studies,
+the command line. A module may import only from its own package or from packages below it
+(imports for type checking only are exempt), and inside a package the imports between its modules
+form no cycle."""
 
 import ast
 from pathlib import Path
@@ -9,49 +12,29 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "unitune"
 
 LAYERS = [
-    {
-        "data",
-        "model_source",
-        "checkpoint",
-        "interrupts",
-        "plots",
-        "allocator",
-        "usage",
-        "redact",
-    },  # no imports
-    {"models"},
-    {"logprobs"},
-    {"objectives"},
-    {"schedules"},
-    {"judges"},  # below config: eval.judge is validated by the judge registry
-    {"config"},  # validates objectives' and schedules' options by their registries
-    {"trackers"},  # train.report_to (Accelerate's trackers), for engines
-    {"batches", "metrics", "delta_l1", "refcache", "merge", "engines"},
-    {"rundir"},
-    {"generate", "retention"},  # generation-based evaluation: generation, lm-eval retention
-    {"chat", "evaluation"},  # `unitune chat`; win rate + retention of a model (`unitune eval`)
-    {"modelcard"},  # the saved model's README.md
-    {"hub"},  # push_to_hub, unitune push
-    {"report"},  # unitune report: reads run directories (plots), no training
-    {"session"},
-    {"trainer"},
-    {"calibration"},
-    {"parallel"},
-    {"jobs"},
-    {"sweep"},
-    {"demo"},
-    {"cli"},
+    "core",  # atomic I/O, progress, allocator, secrets, resource usage, signals: imports nothing
+    "data",  # records -> validated, tokenized token arrays
+    "models",  # source, loading, LoRA, saving, fingerprints, log-probs
+    "objectives",  # pure losses + registry
+    "schedules",  # which objectives train at each step
+    "judges",  # scorers of generated answers (eval.judge is validated by their registry)
+    "config",  # the run's config, validated by the registries below
+    "eval",  # held-out metrics, generation, win rate, retention, chat
+    "train",  # batches, references, policy, the loop, state, checkpoints, run directory
+    "merge",  # merge methods, PAFT (two training runs + a merge)
+    "jobs",  # what `unitune train` runs
+    "study",  # sweeps, reports, plots, the demo
+    "cli",
 ]
+EXEMPT = {"__init__", "api"}  # the package's public API: lazy re-exports of every layer
 
 
-def layer_of(name: str) -> int:
-    for i, layer in enumerate(LAYERS):
-        if name in layer:
-            return i
-    raise AssertionError(f"unitune.{name} is in no layer: add it to tests/test_layers.py")
+def unit(rel: Path) -> str:
+    return rel.parts[0].removesuffix(".py")
 
 
 def unitune_imports(path: Path) -> set[str]:
+    """Dotted module names (below `unitune.`) that `path` imports, outside TYPE_CHECKING."""
     tree = ast.parse(path.read_text())
     skip = {  # `if TYPE_CHECKING:` blocks
         id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
@@ -63,30 +46,65 @@ def unitune_imports(path: Path) -> set[str]:
         if id(node) in skip:
             continue
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("unitune"):
-            parts = node.module.split(".")
-            out |= {parts[1]} if len(parts) > 1 else {a.name for a in node.names}
+            mod = node.module.removeprefix("unitune").removeprefix(".")
+            for a in node.names:
+                sub = f"{mod}.{a.name}" if mod else a.name
+                out.add(sub if (SRC / sub.replace(".", "/")).with_suffix(".py").exists() else mod)
         elif isinstance(node, ast.Import):
-            out |= {a.name.split(".")[1] for a in node.names if a.name.startswith("unitune.")}
+            out |= {
+                a.name.removeprefix("unitune.") for a in node.names if a.name.startswith("unitune.")
+            }
+    return {m for m in out if m}
+
+
+def modules() -> list[tuple[Path, str]]:
+    out = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC)
+        out.append((rel, ".".join(rel.with_suffix("").parts)))
     return out
+
+
+def test_every_package_has_a_layer():
+    for path in SRC.iterdir():
+        if path.suffix == ".py" and path.stem not in EXEMPT:
+            assert path.stem in LAYERS, f"unitune.{path.stem} is in no layer"
+        elif path.is_dir() and (path / "__init__.py").exists():
+            assert path.name in LAYERS, f"unitune.{path.name} is in no layer"
 
 
 def test_imports_only_go_down():
     bad = []
-    for path in sorted(SRC.rglob("*.py")):
-        rel = path.relative_to(SRC)
-        if rel == Path("__init__.py"):
+    for rel, _ in modules():
+        if rel.parts[0].removesuffix(".py") in EXEMPT:
             continue
-        top = rel.parts[0].removesuffix(".py")
-        for dep in unitune_imports(path) - {top}:
-            if layer_of(dep) >= layer_of(top):
+        top = unit(rel)
+        for dep in unitune_imports(SRC / rel):
+            dep_top = dep.split(".")[0]
+            if dep_top != top and LAYERS.index(dep_top) > LAYERS.index(top):
                 bad.append(f"{rel} imports unitune.{dep}")
     assert not bad, "imports that do not go down:\n" + "\n".join(bad)
 
 
-def test_every_module_has_a_layer():
-    for path in SRC.glob("*.py"):
-        if path.name != "__init__.py":
-            layer_of(path.stem)
-    for path in SRC.iterdir():
-        if path.is_dir() and (path / "__init__.py").exists():
-            layer_of(path.name)
+def test_no_cycle_inside_a_package():
+    graph: dict[str, set[str]] = {}
+    for rel, name in modules():
+        top = unit(rel)
+        deps = {d for d in unitune_imports(SRC / rel) if d.split(".")[0] == top and d != name}
+        # a package's __init__ re-exports its modules; importing the package means its __init__
+        graph[name] = {d if (SRC / d.replace(".", "/")).with_suffix(".py").exists()
+                       else f"{d}.__init__" for d in deps}  # fmt: skip
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " -> ".join([*path, node, nxt]))
+            if nxt not in state:
+                visit(nxt, [*path, node])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])

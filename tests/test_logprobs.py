@@ -4,7 +4,7 @@ from conftest import tiny_llama
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM
 
-from unitune.logprobs import naive_sequence_logps, sequence_logps
+from unitune.models.logprobs import naive_sequence_logps, sequence_logps
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,12 @@ import torch
 from conftest import ANIMALS, write_jsonl
 from rich.console import Console
 
-from unitune.calibration import calibrate
 from unitune.config import ConfigError, parse_config
+from unitune.eval.heldout import feedback_metrics
 from unitune.jobs import train
-from unitune.metrics import feedback_metrics
 from unitune.objectives import SeqLogps
-from unitune.plots import plot_runs
+from unitune.study.plots import plot_runs
+from unitune.train.calibration import calibrate
 
 
 def evals_of(cfg) -> list[dict]:
@@ -115,7 +115,7 @@ def test_unpaired_f_pref_is_the_logistic_loss_at_eval_beta():
 def test_calibration_cache_follows_the_data_and_the_model(tiny_config, tiny_data, tmp_path):
     """Editing a data file or a local model in place must not reuse a stale ideal point."""
     from unitune.config import ModelConfig
-    from unitune.models import load_model, save_model
+    from unitune.models.load import load_model, save_model
 
     model_path = tmp_path / "local-model"
     model, tok = load_model(ModelConfig(name="builtin:tiny"))

@@ -14,10 +14,10 @@ import yaml
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from unitune import merge as merge_mod
 from unitune.cli import app
 from unitune.config import MergeConfig, MergeOptions
-from unitune.merge import (
+from unitune.merge import merge as merge_mod
+from unitune.merge.merge import (
     DeltaStats,
     MergeError,
     combine,
@@ -27,7 +27,7 @@ from unitune.merge import (
     merge,
     trim,
 )
-from unitune.models import BUILTIN_TINY, _load_tiny, model_dir
+from unitune.models.load import BUILTIN_TINY, _load_tiny, model_dir
 
 # --------------------------------------------------------------------------------------------
 # Helpers and fixtures

@@ -1,4 +1,4 @@
-"""Tests for unitune.models: loading, LoRA, reference mode, fingerprints and saving."""
+"""Tests for unitune.models.load: loading, LoRA, reference mode, fingerprints and saving."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from unitune import models
 from unitune.config import LoraConfig, ModelConfig
-from unitune.models import (
+from unitune.models import load as models
+from unitune.models.load import (
     ModelLoadError,
     describe,
     load_model,

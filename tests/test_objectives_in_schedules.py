@@ -10,7 +10,7 @@ from conftest import ANIMALS, write_jsonl
 from unitune.config import parse_config
 from unitune.jobs import train
 from unitune.objectives import REGISTRY
-from unitune.session import Run
+from unitune.train.session import Run
 
 SFT_FAMILY = [n for n, o in REGISTRY.items() if o.data == "demonstrations" and n != "sft"]
 PAIR_FAMILY = [n for n, o in REGISTRY.items() if o.data == "pairs" and n != "dpo"]
@@ -118,7 +118,7 @@ def test_pair_objective_refuses_unpaired_data(tiny_config, feedback_files):
 
 @pytest.mark.parametrize("name", ["simpo", "orpo"])
 def test_reference_free_objectives_compute_no_training_reference(tiny_config, monkeypatch, name):
-    import unitune.session as trainer
+    import unitune.train.session as trainer
 
     computed = []
     original = trainer.reference_logps

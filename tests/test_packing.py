@@ -15,10 +15,10 @@ from torch.nn import functional as F
 from transformers import AttentionInterface
 from typer.testing import CliRunner
 
-from unitune import logprobs
 from unitune.cli import app
-from unitune.logprobs import naive_sequence_logps, pack, sequence_logps
-from unitune.models import enable_gradient_checkpointing
+from unitune.models import logprobs
+from unitune.models.load import enable_gradient_checkpointing
+from unitune.models.logprobs import naive_sequence_logps, pack, sequence_logps
 
 VOCAB = 311
 LENGTHS = [3, 61, 1, 17, 2, 40, 9]  # very different lengths, one of a single token

@@ -9,10 +9,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from unitune.config import ConfigError, LoraConfig, parse_config
-from unitune.delta_l1 import DeltaL1
 from unitune.jobs import train
-from unitune.models import _load_tiny
-from unitune.plots import load_run, plot_runs
+from unitune.merge.l1 import DeltaL1
+from unitune.models.load import _load_tiny
+from unitune.study.plots import load_run, plot_runs
 
 
 def test_delta_l1_full_weights_is_the_l1_norm_of_the_delta_and_its_gradient_the_sign():
@@ -48,7 +48,7 @@ def test_delta_l1_follows_a_model_moved_or_cast_after_it_was_built():
 
 
 def test_delta_l1_lora_is_the_l1_norm_of_the_lora_products():
-    from unitune.models import _add_lora
+    from unitune.models.load import _add_lora
 
     model, _ = _load_tiny(torch.float32)
     model = _add_lora(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))

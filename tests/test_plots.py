@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from unitune.plots import load_run, pareto_front, plot_runs
+from unitune.study.plots import load_run, pareto_front, plot_runs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

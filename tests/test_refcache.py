@@ -2,9 +2,9 @@ import torch
 
 from unitune.config import ModelConfig
 from unitune.data import Sequence
-from unitune.models import load_model, model_fingerprint
-from unitune.refcache import reference_logps
-from unitune.session import PolicyLogps
+from unitune.models.load import load_model, model_fingerprint
+from unitune.train.references import reference_logps
+from unitune.train.session import PolicyLogps
 
 
 def seqs(offset=0):

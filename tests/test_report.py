@@ -20,9 +20,9 @@ from typer.testing import CliRunner
 
 from unitune import cli
 from unitune.cli import app
-from unitune.report import ReportError, build_report
-from unitune.report.collect import find_runs, group_runs, read_run
-from unitune.report.stats import compute, mean_std, pareto_groups
+from unitune.study.report import ReportError, build_report
+from unitune.study.report.collect import find_runs, group_runs, read_run
+from unitune.study.report.stats import compute, mean_std, pareto_groups
 
 runner = CliRunner()
 STAR = (1.5, 0.1)

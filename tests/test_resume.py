@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import ANIMALS, TIMING, final_weights, run_records, write_jsonl
 
-from unitune import checkpoint
 from unitune.config import parse_config
 from unitune.jobs import train
-from unitune.trainer import ResumeError
+from unitune.train import checkpoint
+from unitune.train.loop import ResumeError
 
 T = 8  # steps; batch 4 of 24 items: an epoch is 6 batches
 
@@ -165,7 +165,7 @@ def test_parallel_resumes_branch_by_branch(tiny_config, label_files):
 
 def test_a_checkpoint_from_before_a_new_key_resumes_with_its_default(tiny_config, label_files):
     """A key added after a checkpoint was written had its default's effect then: no change."""
-    from unitune.trainer import config_changes, with_defaults
+    from unitune.train.loop import config_changes, with_defaults
 
     now = parse_config(config(tiny_config, label_files, "mix", 1)).model_dump(mode="json")
     old = json.loads(json.dumps(now))

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from unitune.config import ModelConfig
-from unitune.models import load_model
-from unitune.retention import TASKS_DIR, RetentionError, run_retention
+from unitune.eval.retention import TASKS_DIR, RetentionError, run_retention
+from unitune.models.load import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from unitune.schedules import SCHEDULES, Alright, Maxright, Mix, Sequential, build_schedule
+from unitune.schedules.registry import SCHEDULES, Alright, Maxright, Mix, Sequential, build_schedule
 
 
 @pytest.mark.parametrize("lam", [0.25, 0.5, 0.75])

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from unitune.cli import app
 from unitune.config import ConfigError, load_config
-from unitune.sweep import commands, load_sweep, run_name, run_sweep
+from unitune.study.sweep import commands, load_sweep, run_name, run_sweep
 
 
 def write_sweep(tmp_path, tiny_config, **spec) -> str:
@@ -86,8 +86,8 @@ def test_bad_sweeps_name_the_file_run_and_key(tmp_path, tiny_config, spec, messa
 
 
 def test_an_interrupted_sweep_reruns_only_what_is_missing(tmp_path, tiny_config, monkeypatch):
-    from unitune.interrupts import Interrupted
-    from unitune.session import Run
+    from unitune.core.interrupts import Interrupted
+    from unitune.train.session import Run
 
     path = write_sweep(tmp_path, tiny_config, grid={"train.seed": [0, 1, 2]})
     sweep = load_sweep(path)

@@ -12,11 +12,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from unitune import trackers
 from unitune.cli import app
 from unitune.config import ConfigError, parse_config
-from unitune.engines import EngineError
 from unitune.jobs import train
+from unitune.train import trackers
+from unitune.train.engines import EngineError
 
 SKIP = ("type", "objective", "step")
 

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from unitune.config import ConfigError, parse_config
 from unitune.jobs import train
-from unitune.session import Run
+from unitune.train.session import Run
 
 SCHEDULES = ["sft", "pref", "sequential", "mix", "alright", "maxright"]
 
@@ -134,7 +134,7 @@ def test_ideal_from_config_and_distance(tiny_config):
 def test_calibrate_is_cached(tiny_config, capsys):
     from rich.console import Console
 
-    from unitune.calibration import calibrate
+    from unitune.train.calibration import calibrate
 
     cfg = parse_config(tiny_config("maxright", max_steps=2))
     cfg.schedule.calibration_steps = 2
@@ -167,7 +167,7 @@ def test_runs_with_different_precisions_in_one_process(tiny_config):
 def test_a_new_schedule_is_one_class_and_one_registry_line(tiny_config):
     """No trainer or config edit: the class's options come from its signature and its state goes
     through checkpoints like the built-in ones."""
-    from unitune.schedules import SCHEDULES, Stateless, register_schedule
+    from unitune.schedules.registry import SCHEDULES, Stateless, register_schedule
 
     @register_schedule
     class EveryOther(Stateless):

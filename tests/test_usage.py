@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from unitune.usage import costs, peak_accelerator_mb, reset_peaks
+from unitune.core.usage import costs, peak_accelerator_mb, reset_peaks
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the per-run reset needs /proc/self/clear_refs")
@@ -16,7 +16,7 @@ def test_peak_rss_is_measured_from_the_last_reset():
     settings, would absorb the allocation)."""
     code = """
 import numpy as np
-from unitune.usage import peak_rss_mb, reset_peaks
+from unitune.core.usage import peak_rss_mb, reset_peaks
 reset_peaks(); before = peak_rss_mb()
 big = np.ones(300 * 2**20 // 8)  # 300 MiB, touched
 during = peak_rss_mb()

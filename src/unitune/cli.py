@@ -22,7 +22,7 @@ console = Console()
 @app.callback()
 def _start() -> None:
     """SFT and preference optimization, jointly, in one run."""
-    from unitune.allocator import tune
+    from unitune.core.allocator import tune
 
     tune()  # glibc's allocator kept from mmap/munmap churn (`allocator.py`)
 
@@ -37,7 +37,7 @@ def _fail(msg: str) -> None:
 def _check_model(spec, label: str = "model.name") -> None:
     """Fail in one line, before any data is read or any directory is written, when the model
     cannot be loaded (`models.check_model_source`)."""
-    from unitune.models import ModelLoadError, check_model_source
+    from unitune.models.load import ModelLoadError, check_model_source
 
     try:
         check_model_source(spec, label=label)
@@ -67,14 +67,14 @@ def train(
     ),
 ) -> None:
     """Train with the config's objectives and schedule."""
-    from unitune.checkpoint import CheckpointError
+    from unitune.core.interrupts import Interrupted
     from unitune.data import DataError
-    from unitune.engines import EngineError
-    from unitune.hub import HubError
-    from unitune.interrupts import Interrupted
     from unitune.jobs import train as run_train
-    from unitune.models import ModelLoadError
-    from unitune.trainer import NonFiniteError, ResumeError
+    from unitune.models.load import ModelLoadError
+    from unitune.train.checkpoint import CheckpointError
+    from unitune.train.engines import EngineError
+    from unitune.train.hub import HubError
+    from unitune.train.loop import NonFiniteError, ResumeError
 
     cfg = _load(config, set_)
     _check_model(cfg.model)
@@ -127,8 +127,8 @@ def sweep(
     are skipped and interrupted ones resume, so a sweep can be stopped and rerun."""
     from rich.table import Table
 
-    from unitune.interrupts import Interrupted
-    from unitune.sweep import RUN_ERRORS, commands, load_sweep, run_sweep
+    from unitune.core.interrupts import Interrupted
+    from unitune.study.sweep import RUN_ERRORS, commands, load_sweep, run_sweep
 
     if not sweep_file.exists():
         _fail(f"{sweep_file}: no such file")
@@ -180,7 +180,7 @@ def push(
     private: bool = typer.Option(True, "--private/--public", help="a new repo's visibility"),
 ) -> None:
     """Upload a run's saved model, with its model card, to the Hugging Face Hub (HF_TOKEN)."""
-    from unitune.hub import HubError, push_run
+    from unitune.train.hub import HubError, push_run
 
     try:
         url = push_run(run_dir, repo_id, private=private)
@@ -195,9 +195,9 @@ def calibrate(
     set_: list[str] = typer.Option(None, "--set", help="override: key.path=value (repeatable)"),
 ) -> None:
     """Estimate the ideal point (f_sft*, f_pref*) by short single-objective runs (cached)."""
-    from unitune.calibration import calibrate as run_calibrate
     from unitune.data import DataError
-    from unitune.models import ModelLoadError
+    from unitune.models.load import ModelLoadError
+    from unitune.train.calibration import calibrate as run_calibrate
 
     cfg = _load(config, set_)
     _check_model(cfg.model)
@@ -219,7 +219,7 @@ def plot(
     title: str = typer.Option(None, "--title"),
 ) -> None:
     """Trajectories of runs in the (f_sft, f_pref) plane, as PNG and SVG."""
-    from unitune.plots import plot_runs
+    from unitune.study.plots import plot_runs
 
     try:
         files = plot_runs(run_dirs, out, title=title)
@@ -237,7 +237,7 @@ def report(
     group (mean ± std)."""
     from rich.text import Text
 
-    from unitune.report import ReportError, build_report, rich_tables
+    from unitune.study.report import ReportError, build_report, rich_tables
 
     try:
         result = build_report(dirs, out)
@@ -277,7 +277,7 @@ def demo(
     """Compare the joint schedules and parallel (PAFT) on the embedded model and the demo data,
     then report them: table, win rate, retention, Pareto plot, HTML."""
     from unitune.config import ModelConfig
-    from unitune.demo import run_demo
+    from unitune.study.demo import run_demo
 
     if precision not in ("auto", "no", "bf16", "fp16"):
         _fail(f"--precision {precision!r}: expected auto, no, bf16 or fp16")
@@ -352,9 +352,9 @@ def merge(
     from rich.table import Table
 
     from unitune.config import load_merge_config
-    from unitune.merge import MergeError
-    from unitune.merge import merge as run_merge
-    from unitune.models import ModelLoadError
+    from unitune.merge.merge import MergeError
+    from unitune.merge.merge import merge as run_merge
+    from unitune.models.load import ModelLoadError
 
     if not config.exists():
         _fail(f"{config}: no such file")
@@ -409,11 +409,11 @@ def eval_(
     """Generate on held-out prompts, judge against the references (win rate), and measure
     benchmark retention (lm-eval); writes generations.jsonl and eval.json."""
     from unitune.data import DataError
-    from unitune.evaluation import check_target, evaluate, is_run_dir, load_target, run_prompts
-    from unitune.generate import GenerationError, load_prompts
-    from unitune.judges import DEFAULT_KEY_ENV, JudgeError, make_judge
-    from unitune.models import ModelLoadError
-    from unitune.retention import RetentionError
+    from unitune.eval.evaluate import check_target, evaluate, is_run_dir, load_target, run_prompts
+    from unitune.eval.generate import GenerationError, load_prompts
+    from unitune.eval.retention import RetentionError
+    from unitune.judges.registry import DEFAULT_KEY_ENV, JudgeError, make_judge
+    from unitune.models.load import ModelLoadError
 
     errors = (ConfigError, DataError, ModelLoadError, JudgeError, GenerationError, RetentionError)
     run = is_run_dir(target)
@@ -498,10 +498,10 @@ def chat(
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
 ) -> None:
     """Talk to a model through its chat template: one reply (--prompt) or a conversation."""
-    from unitune.chat import chat_loop, reply
-    from unitune.evaluation import load_target
-    from unitune.generate import GenerationError
-    from unitune.models import ModelLoadError
+    from unitune.eval.chat import chat_loop, reply
+    from unitune.eval.evaluate import load_target
+    from unitune.eval.generate import GenerationError
+    from unitune.models.load import ModelLoadError
 
     try:
         loaded = load_target(target)

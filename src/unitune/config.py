@@ -156,7 +156,9 @@ class ScheduleConfig(BaseModel):
     `k` (recompute both gaps every k steps, default 10)."""
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
-    name: str = "alright"  # a registered schedule (unitune.schedules.SCHEDULES) or "parallel"
+    name: str = (
+        "alright"  # a registered schedule (unitune.schedules.registry.SCHEDULES) or "parallel"
+    )
     lam: float = Field(0.5, ge=0.0, le=1.0)  # weight / probability of the preference objective
     ideal: Literal["zero", "config", "calibrate"] = "zero"  # where f_sft*, f_pref* come from
     f_sft_star: float | None = None  # optima of the metrics f_sft, f_pref (ideal distance)
@@ -175,7 +177,7 @@ class ScheduleConfig(BaseModel):
 
     @model_validator(mode="after")
     def _ideal(self) -> ScheduleConfig:
-        from unitune.schedules import SCHEDULES
+        from unitune.schedules.registry import SCHEDULES
 
         known = [*SCHEDULES, "parallel"]
         if self.name not in known:
@@ -280,7 +282,7 @@ class EvalConfig(Strict):
     """How held-out figures are measured, the same whatever the objectives (docs/methods.md)."""
 
     beta: float = Field(0.1, gt=0.0)  # f_pref, reward margin: DPO (or unpaired logistic) at beta
-    # generation-based evaluation (unitune.evaluation): generate on held-out prompts and judge
+    # generation-based evaluation (unitune.eval.evaluate): generate on held-out prompts and judge
     # them against the references (win rate) at each evaluation
     generate: bool = False
     judge: str = "demo"  # demo | rm:PATH_OR_ID | openai:MODEL | a registered programmatic judge
@@ -296,7 +298,7 @@ class EvalConfig(Strict):
 
     @model_validator(mode="after")
     def _judge(self) -> EvalConfig:
-        from unitune.judges import parse_judge_spec
+        from unitune.judges.registry import parse_judge_spec
 
         kind, _ = parse_judge_spec(self.judge)  # raises, naming what is expected
         if self.judge_url is not None:

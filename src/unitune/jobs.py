@@ -7,11 +7,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from unitune.calibration import resolve_ideal
 from unitune.config import Config
-from unitune.metrics import Ideal
-from unitune.parallel import train_parallel
-from unitune.trainer import train as train_loop
+from unitune.eval.heldout import Ideal
+from unitune.merge.paft import train_parallel
+from unitune.train.calibration import resolve_ideal
+from unitune.train.loop import train as train_loop
 
 
 def train(

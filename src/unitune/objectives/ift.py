@@ -64,7 +64,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from unitune.logprobs import _decoder_and_head, token_logps
+from unitune.models.logprobs import _decoder_and_head, token_logps
 from unitune.objectives.types import TokenLogps
 
 _BLOCK = 256  # block size of the discounted suffix sum (powers gamma^(0..255) stay representable)

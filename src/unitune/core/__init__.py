@@ -1,0 +1,1 @@
+"""Infrastructure every layer uses: atomic I/O, the allocator, secrets, resource usage, signals."""

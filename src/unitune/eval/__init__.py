@@ -1,0 +1,1 @@
+"""Evaluation: held-out metrics, generation, win rate, retention, chat."""

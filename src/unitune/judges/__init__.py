@@ -1,0 +1,1 @@
+"""Judges: score or compare generated answers (reward models, programmatic, OpenAI-compatible)."""

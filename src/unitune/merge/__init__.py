@@ -1,0 +1,1 @@
+"""Merging models (TIES, DARE, task arithmetic) and PAFT's parallel training + merge."""

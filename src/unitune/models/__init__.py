@@ -1,0 +1,1 @@
+"""Models: where they come from, loading, LoRA, saving, fingerprints, per-sequence log-probs."""

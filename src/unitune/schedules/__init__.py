@@ -1,0 +1,1 @@
+"""Schedules: which objectives train at each step."""

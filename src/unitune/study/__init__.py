@@ -1,0 +1,1 @@
+"""Studies: sweeps, reports, plots and the demo."""

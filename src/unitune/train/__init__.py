@@ -1,0 +1,1 @@
+"""Training: batches, references, the policy, the loop, its state, checkpoints and run directory."""

@@ -1,0 +1,133 @@
+"""A run directory: the resolved config, the metrics log, the summary and the data report.
+
+Every file is written so that a crash never leaves it half-written: `summary.json` through a
+temporary file and a rename; `metrics.jsonl` line by line, flushed, and cut back to a checkpoint's
+line count on resume, so that the log holds the whole history with no step twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from unitune.config import Config
+from unitune.data import format_unused
+from unitune.eval import heldout as metrics
+from unitune.eval.heldout import Ideal
+from unitune.train.batches import Split
+
+
+def run_summary(
+    cfg: Config,
+    star: Ideal,
+    final: dict,
+    *,
+    wall_s: float,
+    train_s: float,
+    steps: dict[str, int],
+    data: dict,
+    **extra,
+) -> dict:
+    """A run's summary.json (docs/ARCHITECTURE.md, "Run directory"); `extra` keys go after
+    `final`."""
+    sc = cfg.schedule
+    return {
+        "name": cfg.name or sc.name,
+        "schedule": sc.name,
+        "lam": sc.lam,
+        "seed": cfg.train.seed,
+        "sft_objective": cfg.objectives.sft.name,
+        "pref_objective": cfg.objectives.pref.name,
+        "f_sft_star": star.f_sft,
+        "f_pref_star": star.f_pref,
+        "loss_sft_star": star.loss_sft,
+        "loss_pref_star": star.loss_pref,
+        "measures": metrics.measures(data.get("pref", {}).get("kind"), cfg.eval.beta),
+        "final": {k: v for k, v in final.items() if k != "type"},
+        **extra,
+        "wall_s": round(wall_s, 2),
+        "train_s": round(train_s, 2),
+        "steps": steps,
+        "data": data,
+    }
+
+
+def report_dict(split: Split) -> dict:
+    out = {"kind": split.kind, "train": len(split.train), "eval": len(split.eval)}
+    for name, rep in (("train_report", split.report), ("eval_report", split.eval_report)):
+        if rep is not None:
+            out[name] = {
+                "records": rep.n_records,
+                "kept": rep.n_kept,
+                "skipped": rep.skipped,
+                "truncated": rep.truncated,
+                "unused_columns": dict(rep.unused_columns),
+            }
+    return out
+
+
+def report_data(data: dict[str, Split], console: Console, max_length: int) -> None:
+    """Log what was loaded, skipped, truncated or left unused, per dataset."""
+    for kind, split in data.items():
+        for rep in (split.report, split.eval_report):
+            if rep is None:
+                continue
+            msg = f"{kind}: {rep.source}: {rep.n_kept}/{rep.n_records} records"
+            if rep.skipped:
+                msg += f", skipped {sum(rep.skipped.values())} ({dict(rep.skipped)})"
+            if rep.truncated:
+                msg += f", truncated {rep.truncated} to max_length={max_length}"
+            if rep.unused_columns:
+                msg += f", unused columns: {format_unused(rep.unused_columns)}"
+            console.log(msg)
+        console.log(f"{kind}: {len(split.train)} train / {len(split.eval)} eval")
+
+
+class MetricsLog:
+    """`metrics.jsonl`: one JSON object per line, flushed as written; `lines` counts them.
+
+    Opened with `keep=n` (a resumed run: the line count its checkpoint recorded), lines beyond the
+    first `n` (written after that checkpoint) are cut, so the log is the whole history with no
+    step twice. `keep=0` starts a new log. `sink` (the experiment trackers, `trackers.sink`) gets
+    every record written, the one place metrics reach them.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        keep: int = 0,
+        enabled: bool = True,
+        sink: Callable[[dict[str, Any]], None] | None = None,
+    ):
+        self.path, self.lines, self.file, self.sink = path, keep, None, sink
+        if not enabled:  # another process writes the log; this one only counts
+            return
+        if keep:
+            old = path.read_text().splitlines(keepends=True) if path.exists() else []
+            if len(old) < keep:
+                raise ValueError(f"{path}: {len(old)} lines, but the checkpoint recorded {keep}")
+            atomic_write(path, "".join(old[:keep]))
+        self.file = path.open("a" if keep else "w")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+            if self.sink is not None:
+                self.sink(record)
+        self.lines += 1
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
