@@ -17,16 +17,10 @@ from typer.testing import CliRunner
 from unitune.cli import app
 from unitune.config import MergeConfig, MergeOptions
 from unitune.merge import merge as merge_mod
-from unitune.merge.merge import (
-    DeltaStats,
-    MergeError,
-    combine,
-    dare_drop,
-    dare_mask,
-    delta_sparsity,
-    merge,
-    trim,
-)
+from unitune.merge.errors import MergeError
+from unitune.merge.merge import merge
+from unitune.merge.methods import combine, dare_drop, dare_mask, trim
+from unitune.merge.sparsity import DeltaStats, delta_sparsity
 from unitune.models.load import BUILTIN_TINY, _load_tiny, model_dir
 
 # --------------------------------------------------------------------------------------------
@@ -462,9 +456,9 @@ def test_a_failing_merge_leaves_a_previous_output_intact(models, broken, tmp_pat
         calls.append(1)
         if len(calls) == 5:
             raise RuntimeError("disk on fire")
-        return merge_mod.combine(*args, **kwargs)
+        return combine(*args, **kwargs)
 
-    monkeypatch.setattr(merge_mod, "_combine", failing)
+    monkeypatch.setattr(merge_mod, "combine_owned", failing)
     with pytest.raises(RuntimeError, match="disk on fire"):
         merge(config(out, [models["m0"]]), progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -22,7 +22,8 @@ from mergekit.options import MergeOptions as MergekitOptions  # noqa: E402
 from mergekit.sparsify import rescaled_masked_tensor  # noqa: E402
 
 from unitune.config import MergeConfig  # noqa: E402
-from unitune.merge.merge import dare_mask, merge  # noqa: E402
+from unitune.merge.merge import merge  # noqa: E402
+from unitune.merge.methods import dare_mask  # noqa: E402
 from unitune.models.load import BUILTIN_TINY, model_dir  # noqa: E402
 
 WEIGHTS = [1.0, 0.5, 0.8]

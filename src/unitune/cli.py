@@ -352,7 +352,7 @@ def merge(
     from rich.table import Table
 
     from unitune.config import load_merge_config
-    from unitune.merge.merge import MergeError
+    from unitune.merge.errors import MergeError
     from unitune.merge.merge import merge as run_merge
     from unitune.models.load import ModelLoadError
 

@@ -24,7 +24,8 @@ from rich.table import Table
 from unitune.config import Config, MergeConfig, ModelConfig, dump_config
 from unitune.core import usage
 from unitune.eval.heldout import Ideal
-from unitune.merge.merge import merge, stored_dtypes
+from unitune.merge.merge import merge
+from unitune.merge.readers import stored_dtypes
 from unitune.models.load import load_model, model_dir, save_model
 from unitune.train import checkpoint
 from unitune.train.calibration import resolve_ideal
