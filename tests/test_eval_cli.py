@@ -77,7 +77,8 @@ def test_generation_eval_for_the_training_loop(tiny, tiny_data, tmp_path):
     assert 0.0 <= out["win_rate"] <= 0.5  # the demo judge: at best a tie with its reference
     assert len((tmp_path / "g.jsonl").read_text().splitlines()) == 3
     # a perfect "model" (its responses are the references) ties every prompt
-    from unitune.judges.registry import make_judge, win_rate
+    from unitune.judges.registry import make_judge
+    from unitune.judges.winrate import win_rate
 
     assert win_rate(make_judge("demo"), prompts, refs, refs).win_rate == 0.5
 

@@ -68,7 +68,8 @@ def test_win_rate_against_the_starting_model(generating, tmp_path):
 
 
 def test_pointwise_win_rate_against_opponents_scores_both_on_the_references():
-    from unitune.judges.registry import make_judge, win_rate
+    from unitune.judges.registry import make_judge
+    from unitune.judges.winrate import win_rate
 
     judge = make_judge("demo")
     prompts = [[{"role": "user", "content": "Who resigned?"}]] * 2

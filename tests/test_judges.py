@@ -12,19 +12,12 @@ import torch
 from judge_server import JudgeServer, closed_port, no_proxy  # noqa: F401 (autouse)
 
 from unitune.config import ConfigError, parse_config
-from unitune.judges.registry import (
-    JudgeError,
-    OpenAIJudge,
-    ProgrammaticJudge,
-    demo_score,
-    demo_style,
-    make_judge,
-    parse_judge_spec,
-    parse_verdict,
-    register_judge,
-    token_f1,
-    win_rate,
-)
+from unitune.judges.base import JudgeError
+from unitune.judges.demo import demo_score, demo_style, token_f1
+from unitune.judges.openai import OpenAIJudge, parse_verdict
+from unitune.judges.programmatic import ProgrammaticJudge, register_judge
+from unitune.judges.registry import make_judge, parse_judge_spec
+from unitune.judges.winrate import win_rate
 from unitune.models.load import ModelLoadError, tiny_tokenizer
 
 DEMO = Path(__file__).resolve().parents[1] / "src" / "unitune" / "study" / "demo_data"

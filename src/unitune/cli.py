@@ -412,7 +412,8 @@ def eval_(
     from unitune.eval.evaluate import check_target, evaluate, is_run_dir, load_target, run_prompts
     from unitune.eval.generate import GenerationError, load_prompts
     from unitune.eval.retention import RetentionError
-    from unitune.judges.registry import DEFAULT_KEY_ENV, JudgeError, make_judge
+    from unitune.judges.base import DEFAULT_KEY_ENV, JudgeError
+    from unitune.judges.registry import make_judge
     from unitune.models.load import ModelLoadError
 
     errors = (ConfigError, DataError, ModelLoadError, JudgeError, GenerationError, RetentionError)

@@ -295,12 +295,12 @@ class EvalConfig(Strict):
 
     @model_validator(mode="after")
     def _judge(self) -> EvalConfig:
-        from unitune.judges.registry import parse_judge_spec
+        from unitune.judges.registry import takes_url, url_kinds
 
-        kind, _ = parse_judge_spec(self.judge)  # raises, naming what is expected
+        url = takes_url(self.judge)  # raises, naming what is expected
         if self.judge_url is not None:
-            if kind != "openai":
-                raise ValueError("judge_url is for an openai:MODEL judge")
+            if not url:
+                raise ValueError(f"judge_url is for an {url_kinds()} judge")
             if not self.judge_url.startswith(("http://", "https://")):
                 raise ValueError(f"judge_url {self.judge_url!r}: not an http(s) URL")
         if not self.judge_key_env.strip() or "=" in self.judge_key_env:

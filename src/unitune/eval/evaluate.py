@@ -31,7 +31,9 @@ from unitune.eval.generate import (
     write_generations,
 )
 from unitune.eval.retention import run_retention
-from unitune.judges.registry import Judge, WinRate, make_judge, win_rate
+from unitune.judges.base import Judge
+from unitune.judges.registry import make_judge
+from unitune.judges.winrate import WinRate, win_rate
 from unitune.models.load import ModelLoadError, check_model_source, load_model
 
 if TYPE_CHECKING:
