@@ -43,17 +43,17 @@ def grads(model):
 
 def test_registered():
     obj = REGISTRY["ift"]
-    assert obj.kind == "sft" and obj.data == "demonstrations" and not obj.needs_ref
+    assert obj.slot == "sft" and obj.data == "demonstrations" and not obj.needs_ref
     assert obj.forward is ift_forward
-    assert obj.defaults == {"lam": 0.2, "gamma": 0.95, "detach_weights": False}
+    assert obj.defaults == {"embed_mix": 0.2, "gamma": 0.95, "detach_weights": False}
 
 
 def test_lam0_gamma0_is_exactly_sft_value_and_gradients(model):
     """IFT(0, 0) = per-sequence token-mean NLL, averaged over sequences (the reference's SFT)."""
     ids, am, tm = batch()
     model.zero_grad()
-    lp = ift_forward(model, ids, am, tm, lam=0.0, chunk_size=5)
-    got = ift(lp, lam=0.0, gamma=0.0)
+    lp = ift_forward(model, ids, am, tm, embed_mix=0.0, chunk_size=5)
+    got = ift(lp, embed_mix=0.0, gamma=0.0)
     got.backward()
     g_ift = grads(model)
 
@@ -79,10 +79,10 @@ def test_lam0_gamma0_is_exactly_sft_value_and_gradients(model):
 def test_lam0_gamma0_differs_from_batch_token_mean_under_unequal_lengths(model):
     ids, am, tm = batch()
     with torch.no_grad():
-        lp = ift_forward(model, ids, am, tm, lam=0.0)
+        lp = ift_forward(model, ids, am, tm, embed_mix=0.0)
         logp, n = sequence_logps(model, ids, am, tm)
     batch_mean = REGISTRY["sft"].loss(SeqLogps(logp, n))
-    assert not torch.allclose(ift(lp, lam=0.0, gamma=0.0), batch_mean)
+    assert not torch.allclose(ift(lp, embed_mix=0.0, gamma=0.0), batch_mean)
 
 
 def test_weights_hand_computed_gamma_half():
@@ -168,7 +168,7 @@ def _capture_embeds(model, fn):
 def test_lam_positive_mixes_response_positions_only(model):
     ids, am, tm = batch(3)
     lam = 0.3
-    lp, seen = _capture_embeds(model, lambda: ift_forward(model, ids, am, tm, lam=lam))
+    lp, seen = _capture_embeds(model, lambda: ift_forward(model, ids, am, tm, embed_mix=lam))
     embeds = seen["embeds"]
     assert embeds is not None
     E = model.get_input_embeddings()
@@ -186,14 +186,14 @@ def test_lam_positive_mixes_response_positions_only(model):
     torch.testing.assert_close(embeds[scored], want[scored].detach())
     assert (preds[scored] != ids[scored]).any()  # a random model: some guesses are wrong
 
-    sft_lp = ift_forward(model, ids, am, tm, lam=0.0)
+    sft_lp = ift_forward(model, ids, am, tm, embed_mix=0.0)
     assert torch.equal(lp.mask, sft_lp.mask)
     diff = (lp.logp - sft_lp.logp).abs()
     assert diff.max() > 1e-4
     # the first response token of each span after the prompt has a clean prefix: same as SFT
     assert diff[0, 5] < 1e-5 and diff[3, 2] < 1e-5
     # and the loss is differentiable to the embeddings
-    ift(lp, lam=lam).backward()
+    ift(lp, embed_mix=lam).backward()
     assert E.weight.grad is not None and E.weight.grad.abs().sum() > 0
     model.zero_grad()
 
@@ -204,9 +204,9 @@ def test_lam0_skips_the_greedy_pass(model):
     h = model.get_decoder().register_forward_pre_hook(lambda m, a: calls.append(1))
     try:
         with torch.no_grad():
-            ift_forward(model, ids, am, tm, lam=0.0)
+            ift_forward(model, ids, am, tm, embed_mix=0.0)
             assert len(calls) == 1
-            ift_forward(model, ids, am, tm, lam=0.2)
+            ift_forward(model, ids, am, tm, embed_mix=0.2)
             assert len(calls) == 3
     finally:
         h.remove()
@@ -219,28 +219,28 @@ def test_works_through_peft(model):
     for n, p in lora.named_parameters():
         if "lora_B" in n:  # non-zero adapters, so that LoRA matters
             torch.nn.init.normal_(p, std=0.1)
-    lp = ift_forward(lora, ids, am, tm, lam=0.2, gamma=0.95, detach_weights=False)
-    loss = ift(lp, lam=0.2, gamma=0.95)
+    lp = ift_forward(lora, ids, am, tm, embed_mix=0.2, gamma=0.95, detach_weights=False)
+    loss = ift(lp, embed_mix=0.2, gamma=0.95)
     loss.backward()
     trained = [p for n, p in lora.named_parameters() if p.requires_grad]
     assert trained and all(p.grad is not None for p in trained)
     # lam = 0, gamma = 0 through peft is still SFT
     with torch.no_grad():
-        lp0 = ift_forward(lora, ids, am, tm, lam=0.0)
+        lp0 = ift_forward(lora, ids, am, tm, embed_mix=0.0)
         logp, n = sequence_logps(lora, ids, am, tm)
-    torch.testing.assert_close(ift(lp0, lam=0.0, gamma=0.0), (-logp / n).mean())
+    torch.testing.assert_close(ift(lp0, embed_mix=0.0, gamma=0.0), (-logp / n).mean())
 
 
 def test_registry_loss_and_validation():
     logp = torch.tensor([[0.0, -1.0, -2.0]])
     mask = torch.tensor([[0, 1, 1]])
     obj = REGISTRY["ift"]
-    params = obj.params(lam=0.0, gamma=0.0)
+    params = obj.params(embed_mix=0.0, gamma=0.0)
     torch.testing.assert_close(obj.loss(TokenLogps(logp, mask), params), torch.tensor(1.5))
     with pytest.raises(ValueError, match="gamma"):
         ift(TokenLogps(logp, mask), gamma=1.5)
-    with pytest.raises(ValueError, match="lam"):
-        ift(TokenLogps(logp, mask), lam=-0.1)
+    with pytest.raises(ValueError, match="embed_mix"):
+        ift(TokenLogps(logp, mask), embed_mix=-0.1)
     with pytest.raises(Exception):  # noqa: B017 - unknown keys are config errors
         obj.params(beta=1.0)
 
@@ -256,7 +256,7 @@ def test_builtin_tiny_model_runs():
         Sequence(input_ids=(5, 6, 7), target_mask=(0, 1, 1)),
     ]
     b = collate(seqs, tok.pad_token_id)
-    lp = ift_forward(model, **b, lam=0.2)
+    lp = ift_forward(model, **b, embed_mix=0.2)
     loss = ift(lp)
     assert torch.isfinite(loss)
     loss.backward()

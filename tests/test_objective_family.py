@@ -189,7 +189,7 @@ def test_orpo_hand_computed_and_reference_free():
     ratio = (
         -logsig(_log_odds(-0.5) - _log_odds(-2.0)) - logsig(_log_odds(-1.5) - _log_odds(-1.0))
     ) / 2
-    assert loss("orpo", lp, lam=0.25) == pytest.approx(nll + 0.25 * ratio, rel=1e-12)
+    assert loss("orpo", lp, odds_ratio_weight=0.25) == pytest.approx(nll + 0.25 * ratio, rel=1e-12)
     assert loss("orpo", lp) == pytest.approx(nll + 0.1 * ratio, rel=1e-12)
     assert not REGISTRY["orpo"].needs_ref
 
@@ -200,7 +200,7 @@ def test_orpo_with_lam_0_is_sft_on_chosen():
     lp = PairLogps(
         SeqLogps(-torch.rand(5, dtype=D) * n_w, n_w), SeqLogps(-torch.rand(5, dtype=D) * n_l, n_l)
     )
-    orpo_0 = REGISTRY["orpo"].loss(lp, REGISTRY["orpo"].params(lam=0.0))
+    orpo_0 = REGISTRY["orpo"].loss(lp, REGISTRY["orpo"].params(odds_ratio_weight=0.0))
     assert orpo_0.item() == pytest.approx(REGISTRY["sft"].loss(lp.chosen).item(), rel=1e-12)
     assert REGISTRY["orpo"].loss(lp).item() > orpo_0.item()
 
@@ -227,7 +227,7 @@ def test_una_pair_equals_dpo():
 def test_preference_registry_metadata():
     for name in ("ipo", "minor_dpo", "una_pair", "simpo", "orpo"):
         obj = REGISTRY[name]
-        assert obj.data == "pairs" and obj.kind == "pref" and obj.summary
+        assert obj.data == "pairs" and obj.slot == "pref" and obj.summary
     assert {n: REGISTRY[n].needs_ref for n in ("ipo", "minor_dpo", "una_pair")} == dict.fromkeys(
         ("ipo", "minor_dpo", "una_pair"), True
     )
@@ -326,7 +326,7 @@ def test_hyper_parameter_validation():
         "undesirable_weight": 1.0,
     }
     assert REGISTRY["minor_sft"].defaults == {"beta": 0.1, "length_normalize": False}
-    assert REGISTRY["orpo"].defaults == {"lam": 0.1}
+    assert REGISTRY["orpo"].defaults == {"odds_ratio_weight": 0.1}
 
 
 def test_one_desirability_rule_target_at_least_one_half():

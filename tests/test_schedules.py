@@ -2,7 +2,11 @@ import json
 
 import pytest
 
-from unitune.schedules.registry import SCHEDULES, Alright, Maxright, Mix, Sequential, build_schedule
+from unitune.schedules.alright import Alright
+from unitune.schedules.maxright import Maxright
+from unitune.schedules.mix import Mix
+from unitune.schedules.registry import SCHEDULES, build_schedule
+from unitune.schedules.sequential import Sequential
 
 
 @pytest.mark.parametrize("lam", [0.25, 0.5, 0.75])

@@ -213,7 +213,7 @@ def test_orpo_agrees_with_trl_orpo_trainer(lam):
     losses, *_ = trainer.odds_ratio_loss(lp.chosen.avg_logp, lp.rejected.avg_logp)
     nll = -lp.chosen.logp.sum() / lp.chosen.n_tokens.sum()  # response-only, see module docstring
     trl_total = nll - losses.mean()  # ORPOTrainer.get_batch_loss_metrics
-    ours = REGISTRY["orpo"].loss(lp, REGISTRY["orpo"].params(lam=lam))
+    ours = REGISTRY["orpo"].loss(lp, REGISTRY["orpo"].params(odds_ratio_weight=lam))
     # TRL's odds_ratio_loss upcasts to float32
     torch.testing.assert_close(ours, trl_total.to(D), rtol=1e-5, atol=1e-6)
     assert ours.item() - nll.item() > 1e-3  # the odds-ratio term is active

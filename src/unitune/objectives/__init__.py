@@ -2,15 +2,23 @@
 
 from unitune.objectives.ift import ift, ift_forward
 from unitune.objectives.preference import dpo, ipo, minor_dpo, orpo, simpo, una_pair
-from unitune.objectives.registry import REGISTRY, Objective, register
+from unitune.objectives.registry import (
+    DEFAULT_OBJECTIVE,
+    REGISTRY,
+    Objective,
+    register,
+    renamed_problem,
+    slot_problem,
+)
 from unitune.objectives.sft import minor_sft, sft, uft
 from unitune.objectives.types import FeedbackLogps, PairLogps, SeqLogps, TokenLogps, desirable
 from unitune.objectives.unpaired import kto, una_binary, una_score
 
 # fmt: off
 register(sft, name="sft", data="demonstrations", needs_ref=False, source="standard",
-         summary="mean NLL over all response tokens of the batch")
+         metric="f_sft", summary="mean NLL over all response tokens of the batch")
 register(dpo, name="dpo", data="pairs", needs_ref=True, source="DPO, arXiv 2305.18290",
+         metric="f_pref",
          summary="-logsigmoid(beta * (r(y_w) - r(y_l)))")
 register(minor_sft, name="minor_sft", data="demonstrations", needs_ref=True,
          source="MinorSFT, arXiv 2408.10642",
@@ -26,8 +34,10 @@ register(minor_dpo, name="minor_dpo", data="pairs", needs_ref=True,
 register(simpo, name="simpo", data="pairs", needs_ref=False, source="SimPO, arXiv 2405.14734",
          summary="-logsigmoid(beta * (avg_logp(y_w) - avg_logp(y_l)) - gamma)")
 register(orpo, name="orpo", data="pairs", needs_ref=False, source="ORPO, arXiv 2403.07691",
-         summary="NLL(y_w) + lam * -logsigmoid(log_odds(y_w) - log_odds(y_l))")
+         renamed={"lam": "odds_ratio_weight"},
+         summary="NLL(y_w) + odds_ratio_weight * -logsigmoid(log_odds(y_w) - log_odds(y_l))")
 register(una_pair, name="una_pair", data="pairs", needs_ref=True, source="UNA, arXiv 2408.15339",
+         metric="f_pref",
          summary="-logsigmoid(beta * (r(y_w) - r(y_l))) (= dpo)")
 register(kto, name="kto", data="unpaired", needs_ref=True, inputs=("kl",), needs_labels=True,
          source="KTO, arXiv 2402.01306",
@@ -39,11 +49,14 @@ register(una_score, name="una_score", data="unpaired", needs_ref=True,
          source="UNA, arXiv 2408.15339", summary="(sigma(beta * r) - score)^2")
 register(ift, name="ift", data="demonstrations", needs_ref=False, forward=ift_forward,
          source="IFT, arXiv 2405.11870; TsinghuaC3I/Intuitive-Fine-Tuning",
-         summary="mix (1-lam)*E(y_t) + lam*E(greedy p_t) into the inputs; sum_t l_t*w_t/T, "
+         renamed={"lam": "embed_mix"},
+         summary="mix (1-embed_mix)*E(y_t) + embed_mix*E(greedy p_t) into the inputs; "
+                 "sum_t l_t*w_t/T, "
                  "w_t = T*s_t/sum(s), s_t = sum_{k>=t} gamma^(k-t) l_k; mean over sequences")
 # fmt: on
 
 __all__ = [
+    "DEFAULT_OBJECTIVE",
     "REGISTRY",
     "FeedbackLogps",
     "Objective",
@@ -52,4 +65,6 @@ __all__ = [
     "TokenLogps",
     "desirable",
     "register",
+    "renamed_problem",
+    "slot_problem",
 ]

@@ -17,15 +17,16 @@ token `y_t`, scored from the hidden state at `t - 1`, as everywhere in unitune.
    `cat(input_ids[:, :1], argmax(logits)[:, :-1])` — then keeps it only where `labels != -100`:
    the same `p_t`.)
 2. Pass 2, with grad: the input embedding at each response position `t` becomes
-   `(1 - lam) * E(y_t) + lam * E(p_t)`, i.e. the embedding of the ground-truth input token mixed
-   with the model's own guess for that position made from `t - 1`; prompt and padding positions
-   keep exactly `E(x_t)` (in the reference they are `(1-lam)*E(x_t) + lam*E(x_t)`, equal up to
-   rounding). The decoder runs on these `inputs_embeds` and the ground-truth labels are scored:
+   `(1 - embed_mix) * E(y_t) + embed_mix * E(p_t)` (`embed_mix` is the paper's lambda), i.e. the
+   embedding of the ground-truth input token mixed with the model's own guess for that position
+   made from `t - 1`; prompt and padding positions keep exactly `E(x_t)` (in the reference they
+   are `(1-embed_mix)*E(x_t) + embed_mix*E(x_t)`, equal up to rounding).
+   The decoder runs on these `inputs_embeds` and the ground-truth labels are scored:
    `l_t = -log p(y_t | mixed prefix)`.
-   With `lam == 0` pass 1 is skipped and pass 2 runs on `input_ids`: exactly the SFT forward.
+   With `embed_mix == 0` pass 1 is skipped and pass 2 runs on `input_ids`: exactly the SFT forward.
    Both passes run in the model's current mode (train mode: dropout in pass 1 too, as in the
-   reference). The reference's optional `lam` schedule and noise (`lambda_schedule`,
-   `lambda_disturb`; off in its config) are not implemented: `lam` is a constant.
+   reference). The reference's optional `embed_mix` schedule and noise (`lambda_schedule`,
+   `lambda_disturb`; off in its config) are not implemented: `embed_mix` is a constant.
    Both passes run on the padded batch, also with `train.packing` (which packs only the plain
    log-prob passes, `logprobs.sequence_logps`).
 
@@ -33,7 +34,7 @@ token `y_t`, scored from the hidden state at `t - 1`, as everywhere in unitune.
    embedding matrix gets gradients through both `E(y_t)` and `E(p_t)`. The reference instead embeds
    with a frozen copy of the table (`self.embed_tokens`, `requires_grad_(False)`, re-synced after
    every optimizer step), so there the input embeddings get no gradient from the input side. Ours
-   keeps `lam = 0` identical to SFT in the gradients too.
+   keeps `embed_mix = 0` identical to SFT in the gradients too.
 
 Loss (`ift`), per sequence with `T` = its number of response tokens (reference: `propagation_type
 'loss'`, `propagation_side 'left'` — which calls `discounted_cumsum_right`, the suffix sum
@@ -50,9 +51,9 @@ response (two spans) discounts by its length, as the reference's per-position cu
 `gamma == 0` is a special case, not the limit of the formula: read literally, `gamma -> 0` gives
 `w_t = T * l_t / sum_j l_j`, which up-weights hard tokens and is *not* SFT. The reference returns
 uniform weights for `gamma == 0` (`if gamma == 0: return torch.ones_like(logps)`), so `w_t = 1`
-and `loss = mean over sequences of (sum_t l_t / T)`. With `lam = 0` as well this is exactly the
-reference's own SFT loss (`_get_batch_logps(..., average_log_prob=True)`, `-logps.mean()`) — the
-*per-sequence* token mean, averaged over sequences. It equals unitune's `sft` (batch-level token
+and `loss = mean over sequences of (sum_t l_t / T)`. With `embed_mix = 0` as well this is exactly
+the reference's own SFT loss (`_get_batch_logps(..., average_log_prob=True)`, `-logps.mean()`) —
+the *per-sequence* token mean, averaged over sequences. It equals unitune's `sft` (batch-level token
 mean) only when every row has the same number of response tokens.
 
 [choice] The weights are not detached (the reference computes them from `logps_further` with
@@ -102,7 +103,7 @@ def ift_forward(
     attention_mask: Tensor,
     target_mask: Tensor,
     *,
-    lam: float,
+    embed_mix: float,
     chunk_size: int = 1024,
     **_,
 ) -> TokenLogps:
@@ -112,13 +113,13 @@ def ift_forward(
     `t >= 1`), 0 elsewhere; see the module docstring for the mixing. Other objective parameters
     (`gamma`, `detach_weights`) are accepted and ignored.
     """
-    _check_unit("lam", lam)
+    _check_unit("embed_mix", embed_mix)
     decoder, head = _decoder_and_head(model)
     scored = target_mask[:, 1:].bool() & attention_mask[:, 1:].bool()
     positions = scored.nonzero()  # [N, 2]: (row, t - 1) for each response token y_t
     rows, cols = positions[:, 0], positions[:, 1] + 1  # (row, t)
     targets = input_ids[rows, cols]
-    if lam == 0:
+    if embed_mix == 0:
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     else:
         preds = greedy_predictions(
@@ -126,7 +127,7 @@ def ift_forward(
         )
         embed = model.get_input_embeddings()
         embeds = embed(input_ids)
-        mixed = (1 - lam) * embeds[rows, cols] + lam * embed(preds).to(embeds.dtype)
+        mixed = (1 - embed_mix) * embeds[rows, cols] + embed_mix * embed(preds).to(embeds.dtype)
         embeds = embeds.index_put((rows, cols), mixed)
         hidden = decoder(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
     softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
@@ -178,15 +179,16 @@ def propagation_weights(nll: Tensor, mask: Tensor, gamma: float) -> Tensor:
 
 
 def ift(
-    lp: TokenLogps, *, lam: float = 0.2, gamma: float = 0.95, detach_weights: bool = False
+    lp: TokenLogps, *, embed_mix: float = 0.2, gamma: float = 0.95, detach_weights: bool = False
 ) -> Tensor:
     """IFT loss: per sequence `sum_t l_t * w_t / T`, mean over sequences (`w`: see the module).
 
-    `lam` (the embedding mix of the second pass) is used by `ift_forward`; it is accepted here so
-    that it is part of the objective's config. `lam = 0, gamma = 0` is exactly the per-sequence
-    token-mean SFT loss averaged over sequences. See the module docstring.
+    `embed_mix` (the embedding mix of the second pass, the paper's lambda) is used by
+    `ift_forward`; it is accepted here so that it is part of the objective's config.
+    `embed_mix = 0, gamma = 0` is exactly the per-sequence token-mean SFT loss averaged over
+    sequences. See the module docstring.
     """
-    _check_unit("lam", lam)
+    _check_unit("embed_mix", embed_mix)
     _check_unit("gamma", gamma)
     m = lp.mask.to(lp.logp.dtype)
     nll = -lp.logp * m

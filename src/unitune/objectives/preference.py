@@ -55,21 +55,22 @@ def simpo(lp: PairLogps, *, beta: float = 2.0, gamma: float = 0.5) -> Tensor:
     return -F.logsigmoid(beta * margin - gamma).mean()
 
 
-def orpo(lp: PairLogps, *, lam: float = 0.1) -> Tensor:
+def orpo(lp: PairLogps, *, odds_ratio_weight: float = 0.1) -> Tensor:
     """ORPO (Hong et al., 2024, arXiv 2403.07691, eqs. 4-7; code xfactlab/orpo). No reference.
 
-    `loss = NLL(y_w) + lam * mean(-logsigmoid(log_odds(y_w) - log_odds(y_l)))` with
-    `log_odds = avg_logp - log(1 - exp(avg_logp))` (odds of the length-normalised likelihood).
+    `loss = NLL(y_w) + odds_ratio_weight * mean(-logsigmoid(log_odds(y_w) - log_odds(y_l)))`
+    with `log_odds = avg_logp - log(1 - exp(avg_logp))` (odds of the length-normalised likelihood).
     `NLL(y_w)` is the token-mean NLL over the chosen *responses* of the batch, i.e. `sft` on the
     chosen; prompt tokens are never scored (as the reference code's `disable_prompt_loss`; TRL's
-    ORPOTrainer instead includes prompt tokens in its NLL term). `lam` is TRL's `beta`.
+    ORPOTrainer instead includes prompt tokens in its NLL term). `odds_ratio_weight` is the
+    paper's lambda and TRL's `beta`.
     `log(1 - exp(x))` is computed stably; `avg_logp` is capped at `-1e-6` so that a response of
     probability 1 cannot produce an infinite log-odds (a numerical guard only).
     """
     nll = sft(lp.chosen)
     log_odds_w = _log_odds(lp.chosen.avg_logp)
     log_odds_l = _log_odds(lp.rejected.avg_logp)
-    return nll + lam * (-F.logsigmoid(log_odds_w - log_odds_l)).mean()
+    return nll + odds_ratio_weight * (-F.logsigmoid(log_odds_w - log_odds_l)).mean()
 
 
 def una_pair(lp: PairLogps, *, beta: float = 0.1) -> Tensor:

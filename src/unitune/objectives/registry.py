@@ -5,6 +5,10 @@ The function takes the log-probs of its data kind — `SeqLogps` (demonstrations
 declares its own `forward` (IFT) — and keyword-only hyper-parameters with defaults; the config
 model for those hyper-parameters is derived from the signature and its type hints, so unknown or
 mistyped keys are config errors.
+
+Each objective declares the facts that the config and the trainer ask of it: its `slot` (`sft` or
+`pref`, from its data kind), and `metric`, the held-out metric its own loss equals (`f_sft`,
+`f_pref`) or None. An objective with a `beta` equals its metric only at `beta == eval.beta`.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,14 +25,16 @@ from torch import Tensor
 
 from unitune.objectives.types import FeedbackLogps, PairLogps, SeqLogps
 
-Kind = Literal["sft", "pref"]
+Slot = Literal["sft", "pref"]
 Data = Literal["demonstrations", "pairs", "unpaired"]
+Metric = Literal["f_sft", "f_pref"]
+SLOT_OF_DATA: dict[str, Slot] = {"demonstrations": "sft", "pairs": "pref", "unpaired": "pref"}
 
 
 @dataclass(frozen=True)
 class Objective:
     name: str
-    kind: Kind  # "sft": demonstrations; "pref": preference pairs
+    slot: Slot  # "sft": demonstrations; "pref": pairs or unpaired feedback
     fn: Callable[..., Tensor]
     params: type[BaseModel]
     needs_ref: bool  # needs reference log-probs (cached before training)
@@ -44,6 +50,12 @@ class Objective:
     # unpaired: trains on binary labels (desirable / undesirable), so score data is refused unless
     # `data.pref.label_threshold` turns it into labels at load time
     needs_labels: bool = False
+    # the held-out metric this objective's loss equals (docs/methods.md, "Held-out metrics"), at
+    # `beta == eval.beta` when it has a `beta`; None: its own loss is reported as `loss_<name>`
+    metric: Metric | None = None
+    # hyper-parameters renamed since an earlier release, old -> new: the old key in a config is
+    # an error naming the new one
+    renamed: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def loss(self, logps, params: BaseModel | None = None) -> Tensor:
         p = params if params is not None else self.params()
@@ -52,6 +64,12 @@ class Objective:
     @property
     def defaults(self) -> dict:
         return self.params().model_dump()
+
+    def equals_metric(self, params: BaseModel, eval_beta: float) -> bool:
+        """Whether this objective, with `params`, trains on exactly its held-out metric."""
+        if self.metric is None:
+            return False
+        return getattr(params, "beta", eval_beta) == eval_beta
 
 
 REGISTRY: dict[str, Objective] = {}
@@ -68,6 +86,8 @@ def register(
     forward: Callable | None = None,
     inputs: tuple[str, ...] = (),
     needs_labels: bool = False,
+    metric: Metric | None = None,
+    renamed: dict[str, str] | None = None,
 ) -> Callable[..., Tensor]:
     """Register `fn` under `name`; its keyword-only arguments become validated config keys."""
     hints = typing.get_type_hints(fn)
@@ -78,12 +98,41 @@ def register(
     params = create_model(
         f"{name}_params", __config__=ConfigDict(extra="forbid", strict=False), **fields
     )
-    kind: Kind = "sft" if data == "demonstrations" else "pref"
+    slot = SLOT_OF_DATA[data]
+    if metric is not None and metric != f"f_{slot}":
+        raise ValueError(f"{name}: a {slot} objective cannot equal {metric}")
     bundle = {"demonstrations": SeqLogps, "pairs": PairLogps, "unpaired": FeedbackLogps}[data]
     unknown = [i for i in inputs if i not in {f.name for f in dataclasses.fields(bundle)}]
     if unknown:  # an auxiliary input fills the bundle's field of its name
         raise ValueError(f"{name}: {bundle.__name__} has no field for inputs {unknown}")
     REGISTRY[name] = Objective(
-        name, kind, fn, params, needs_ref, source, data, forward, summary, inputs, needs_labels
-    )
+        name, slot, fn, params, needs_ref, source, data=data, forward=forward, summary=summary,
+        inputs=inputs, needs_labels=needs_labels, metric=metric, renamed=renamed or {},
+    )  # fmt: skip
     return fn
+
+
+# the objective a config's slot gets when it names none
+DEFAULT_OBJECTIVE: dict[Slot, str] = {"sft": "sft", "pref": "dpo"}
+
+
+def renamed_problem(name: str, keys: Iterable[str]) -> str | None:
+    """An error naming the new key when `keys` holds a renamed hyper-parameter of `name`."""
+    old = [k for k in keys if k in REGISTRY[name].renamed]
+    if not old:
+        return None
+    return "; ".join(f"{k}: renamed {REGISTRY[name].renamed[k]!r} ({name})" for k in old)
+
+
+def slot_problem(name: str, slot: str) -> str | None:
+    """What is wrong with objective `name` in config slot `slot`, or None."""
+    if name not in REGISTRY:
+        return f"unknown objective {name!r}; known: {', '.join(sorted(REGISTRY))}"
+    obj = REGISTRY[name]
+    if obj.slot != slot:
+        fits = sorted(n for n, o in REGISTRY.items() if o.slot == slot)
+        return (
+            f"{name!r} is a {obj.slot} objective (it trains on {obj.data}), not a {slot} one; "
+            f"{slot} objectives: {', '.join(fits)}"
+        )
+    return None

@@ -1,7 +1,13 @@
-"""Schedules: each step, which objectives run and with what weight.
+"""Schedules by name: each step, which objectives run and with what weight.
 
 `lam` is the weight / probability of the preference objective (as in heshandevaka/XRIGHT);
-`1 - lam` belongs to SFT. A schedule is one class plus `@register_schedule`:
+`1 - lam` belongs to SFT. A schedule is one file (one class with `@register_schedule`) plus its
+import line in `schedules/__init__.py`. The class declares its facts:
+
+- `slots`: the objective slots it trains (`("sft",)`, `("pref",)` or both); the config asks the
+  data of exactly these;
+- `depends_on_total_steps`: whether its plan depends on `train.max_steps` (sequential's switch
+  step), so that a resumed run may not change it;
 
 - `plan(step, probe)` returns `{"sft": w}`, `{"pref": w}` or both; `probe()` gives the no-grad
   losses of both objectives on the current batches (only MAXRIGHT calls it);
@@ -24,7 +30,6 @@ import typing
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import torch
 from pydantic import ConfigDict, create_model
 
 Plan = dict[str, float]
@@ -34,6 +39,8 @@ CONTEXT = ("lam", "total_steps", "seed", "loss_sft_star", "loss_pref_star")
 
 class Schedule(Protocol):
     name: str
+    slots: tuple[str, ...]
+    depends_on_total_steps: bool
 
     def plan(self, step: int, probe: LossProbe) -> Plan: ...
     def observe(self, losses: dict[str, float]) -> None: ...
@@ -47,6 +54,9 @@ SCHEDULES: dict[str, type] = {}
 
 def register_schedule(cls: type) -> type:
     """Register `cls` under `cls.name`; its non-context keyword-only parameters become options."""
+    bad = [s for s in getattr(cls, "slots", ()) if s not in ("sft", "pref")]
+    if not getattr(cls, "slots", ()) or bad:
+        raise ValueError(f"schedule {cls.name!r}: slots must be 'sft' and/or 'pref', got {bad}")
     hints = typing.get_type_hints(cls.__init__)
     fields = {
         p.name: (hints.get(p.name, Any), p.default)
@@ -72,8 +82,21 @@ def build_schedule(name: str, options: dict[str, Any] | None = None, **context: 
     return cls(**wanted, **cls.options(**(options or {})).model_dump())
 
 
+def context_of(name: str) -> set[str]:
+    """The run values (`CONTEXT`) that schedule `name` takes, e.g. MAXRIGHT's own-loss optima."""
+    params = inspect.signature(SCHEDULES[name].__init__).parameters
+    return {k for k in CONTEXT if k in params}
+
+
+# the schedule of a config that names none
+DEFAULT_SCHEDULE = "alright"
+
+
 class Stateless:
-    """The defaults of a schedule that keeps no state and never resets the reference."""
+    """The defaults of a schedule that keeps no state, never resets the reference and whose plan
+    does not depend on the run's length."""
+
+    depends_on_total_steps = False
 
     def observe(self, losses: dict[str, float]) -> None:
         pass
@@ -86,125 +109,3 @@ class Stateless:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
-
-
-@register_schedule
-class SFTOnly(Stateless):
-    name = "sft"
-
-    def plan(self, step: int, probe: LossProbe) -> Plan:
-        return {"sft": 1.0}
-
-
-@register_schedule
-class PrefOnly(Stateless):
-    name = "pref"
-
-    def plan(self, step: int, probe: LossProbe) -> Plan:
-        return {"pref": 1.0}
-
-
-@register_schedule
-class Sequential(Stateless):
-    """SFT for the first `round((1 - lam) * T)` steps, then preference for the rest.
-
-    At `switch_step` the training reference becomes the model at the end of the SFT stage
-    (`resets_reference`), with its reference log-probs recomputed.
-    """
-
-    name = "sequential"
-
-    def __init__(self, *, lam: float, total_steps: int):
-        self.switch_step = round((1.0 - lam) * total_steps)
-
-    def plan(self, step: int, probe: LossProbe) -> Plan:
-        return {"sft": 1.0} if step < self.switch_step else {"pref": 1.0}
-
-    def resets_reference(self, step: int) -> bool:
-        return step == self.switch_step and step > 0
-
-
-@register_schedule
-class Mix(Stateless):
-    """`(1 - lam) * f_sft + lam * f_pref` on one SFT batch and one preference batch (both run).
-
-    An objective whose weight is 0 (`lam` of 0 or 1) is not computed at all.
-    """
-
-    name = "mix"
-
-    def __init__(self, *, lam: float):
-        self.lam = lam
-
-    def plan(self, step: int, probe: LossProbe) -> Plan:
-        plan = {"sft": 1.0 - self.lam, "pref": self.lam}
-        return {kind: w for kind, w in plan.items() if w > 0}
-
-
-@register_schedule
-class Alright(Stateless):
-    """ALRIGHT (arXiv 2410.15483): each step, `u ~ Bernoulli(lam)`; preference if `u`, else SFT.
-
-    The generator is seeded from the run seed only, so every process draws the same sequence
-    and all ranks step on the same objective without communicating. Its state is saved.
-    """
-
-    name = "alright"
-
-    def __init__(self, *, lam: float, seed: int):
-        self.lam = lam
-        self.generator = torch.Generator(device="cpu").manual_seed(seed + 1_000_003)
-
-    def plan(self, step: int, probe: LossProbe) -> Plan:
-        u = torch.rand((), generator=self.generator).item() < self.lam
-        return {"pref": 1.0} if u else {"sft": 1.0}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state().tolist()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
-
-
-@register_schedule
-class Maxright(Stateless):
-    """MAXRIGHT (arXiv 2410.15483): step on the objective with the larger weighted gap.
-
-    Stale gaps `g_sft = (1 - lam) * (l_sft - l_sft*)`, `g_pref = lam * (l_pref - l_pref*)`, each in
-    the objective's own loss against that loss's optimum. Both are initialised from one no-grad
-    probe and recomputed under no-grad on the current batches every `k` steps (at steps 0, k, 2k,
-    ...); the objective stepped on is refreshed from the loss just computed.
-    """
-
-    name = "maxright"
-
-    def __init__(
-        self, *, lam: float, loss_sft_star: float, loss_pref_star: float, k: int = 10
-    ) -> None:
-        if k < 1:
-            raise ValueError(f"maxright: k must be >= 1, got {k}")
-        self.lam, self.k = lam, k
-        self.star = {"sft": loss_sft_star, "pref": loss_pref_star}
-        self.weight = {"sft": 1.0 - lam, "pref": lam}
-        self.gaps: dict[str, float] = {}
-        self.probes = 0
-
-    def _gap(self, kind: str, loss: float) -> float:
-        return self.weight[kind] * (loss - self.star[kind])
-
-    def plan(self, step: int, probe: LossProbe) -> Plan:
-        if step % self.k == 0 or not self.gaps:
-            self.gaps = {kind: self._gap(kind, v) for kind, v in probe().items()}
-            self.probes += 1
-        kind = "sft" if self.gaps["sft"] >= self.gaps["pref"] else "pref"
-        return {kind: 1.0}
-
-    def observe(self, losses: dict[str, float]) -> None:
-        for kind, v in losses.items():
-            self.gaps[kind] = self._gap(kind, v)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"gaps": dict(self.gaps), "probes": self.probes}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.gaps, self.probes = dict(state["gaps"]), int(state["probes"])
