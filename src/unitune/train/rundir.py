@@ -1,4 +1,9 @@
-"""A run directory: the resolved config, the metrics log, the summary and the data report.
+"""A run directory: its lock, the resolved config, the metrics log, the summary and the data report.
+
+One run at a time holds a directory: `lock_output_dir` takes an exclusive `flock` on
+`<output_dir>/.lock` before anything else is written there, and a second run is refused naming the
+holder. The kernel drops the lock when its process ends, however it ends, so a killed run never
+leaves a lock that blocks its resume.
 
 Every file is written so that a crash never leaves it half-written: `summary.json` through a
 temporary file and a rename; `metrics.jsonl` line by line, flushed, and cut back to a checkpoint's
@@ -7,8 +12,11 @@ line count on resume, so that the log holds the whole history with no step twice
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +24,7 @@ from typing import Any
 from rich.console import Console
 
 from unitune.config import Config
+from unitune.core.io import atomic_write
 from unitune.data import format_unused
 from unitune.eval import heldout as metrics
 from unitune.eval.heldout import Ideal
@@ -127,7 +136,65 @@ class MetricsLog:
             self.file.close()
 
 
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+LOCK_FILE = ".lock"
+
+
+class RunDirLocked(RuntimeError):
+    """Another live process holds the run directory's lock."""
+
+
+class RunLock:
+    """The held lock of a run directory (`lock_output_dir`); `release()` or leave its `with`."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path, self.fd = path, fd
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = -1
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def lock_output_dir(output_dir: str | Path) -> RunLock:
+    """Take the exclusive lock of `output_dir` (created if missing), or raise `RunDirLocked`
+    naming the process that holds it. The lock file records this process's pid, host and start
+    time; the lock itself is the `flock`, which dies with its process.
+
+    In a distributed launch only the main process (`RANK` 0) locks; the others get a lock that
+    holds nothing (they write nothing to the directory that the main process does not own)."""
+    out = Path(output_dir)
+    if os.environ.get("RANK", "0") != "0":
+        return RunLock(out / LOCK_FILE, -1)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise RunDirLocked(f"{out}: cannot create the run directory's lock: {e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+        os.close(fd)
+        raise RunDirLocked(
+            f"{out}: in use by another run ({_describe(holder)}); wait for it to finish, stop it, "
+            "or choose another output_dir"
+        ) from None
+    started = time.strftime("%Y-%m-%d %H:%M:%S %z")
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "started": started}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+    return RunLock(out / LOCK_FILE, fd)
+
+
+def _describe(holder: str) -> str:
+    try:
+        info = json.loads(holder)
+        return f"pid {info['pid']} on host {info['host']}, started {info['started']}"
+    except (ValueError, KeyError, TypeError):
+        return "a process that has not yet written its pid"
