@@ -240,21 +240,22 @@ def test_deepspeed_zero_is_one_process_and_resumes_exactly(engine, tiny_config, 
 
 SKEWED = """
 import json, os, sys
-from unitune.schedules import registry as schedules
-from unitune.train import session
+from unitune.schedules import maxright as schedules
+from unitune.train import policy
 from unitune.config import load_config
 from unitune.jobs import train
 
 rank = int(os.environ["RANK"])
-loss = session.Run.loss
+loss = policy.Policy.loss
 
 
 def skewed(self, kind, idx):  # SFT loss 1 lower on rank 0, 1 higher on rank 1: the same mean
-    value, n = loss(self, kind, idx)
-    return (value + (2.0 * rank - 1.0) if kind == "sft" else value), n
+    out = loss(self, kind, idx)
+    value = out.value + (2.0 * rank - 1.0) if kind == "sft" else out.value
+    return policy.Loss(value, out.tokens, out.figures)
 
 
-session.Run.loss = skewed
+policy.Policy.loss = skewed
 plan, seen = schedules.Maxright.plan, []
 
 

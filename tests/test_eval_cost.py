@@ -4,10 +4,10 @@ a forward per batch gives."""
 
 import pytest
 from conftest import ANIMALS, write_jsonl
+from run_parts import Parts, build
 
 from unitune.config import parse_config
 from unitune.data import length_batches
-from unitune.train.session import Run
 
 CASES = {  # objective whose own loss is not a metric, and its data
     "ipo": {"objectives": {"pref": {"name": "ipo"}}},
@@ -16,12 +16,11 @@ CASES = {  # objective whose own loss is not a metric, and its data
 }
 
 
-def forwards_and_losses(raw: dict) -> tuple[Run, int, dict]:
-    run = Run(parse_config(raw), progress=False)
-    run.setup()
+def forwards_and_losses(raw: dict) -> tuple[Parts, int, dict]:
+    run = build(parse_config(raw))
     calls = []
-    run.policy.register_forward_hook(lambda *a: calls.append(1))
-    out = run.evaluate()
+    run.policy.module.register_forward_hook(lambda *a: calls.append(1))
+    out = run.evaluator.evaluate()
     return run, len(calls), out
 
 
@@ -43,20 +42,20 @@ def test_one_forward_per_held_out_sequence(case, tiny_config, tmp_path):
         )
         raw["data"]["pref"] = {"train": str(train), "eval": str(held)}
     run, calls, out = forwards_and_losses(raw)
-    sft, pref = run.data["sft"].eval, run.data["pref"].eval
+    sft, pref = run.session.data["sft"].eval, run.session.data["pref"].eval
     # eval_batch_size 2: one pass over each set of held-out sequences, nothing more
     passes = [len(sft)]
-    if run.data["pref"].kind == "pairs":
+    if run.session.data["pref"].kind == "pairs":
         passes.append(2 * len(pref))  # chosen and rejected
     else:
         passes += [len(pref), len(pref)]  # the items, and KTO's mismatched pair of each
     assert calls == sum(batches(k, 2) for k in passes)
-    key = run.cfg.own_loss_key("pref")
+    key = run.session.cfg.own_loss_key("pref")
     # the value a forward per batch gives (the pre-reuse way)
-    obj, params, split = run.objectives["pref"]
+    obj, params, split = run.session.objectives["pref"]
     want = sum(
-        float(obj.loss(run.objective_input("pref", "eval", idx), params)) * len(idx)
-        for idx in run._eval_batches(split.eval)
+        float(obj.loss(run.policy.objective_input("pref", "eval", idx), params)) * len(idx)
+        for idx in run.session.eval_batches(split.eval)
     ) / len(split.eval)
     assert out[key] == pytest.approx(want, rel=1e-5)
 
@@ -77,8 +76,8 @@ def test_the_first_evaluation_reuses_the_references(case, tiny_config, tmp_path)
         }
     run, _, computed = forwards_and_losses(raw)
     calls = []
-    run.policy.register_forward_hook(lambda *a: calls.append(1))
-    reused = run.evaluate(at_start=True)
+    run.policy.module.register_forward_hook(lambda *a: calls.append(1))
+    reused = run.evaluator.evaluate(at_start=True)
     assert calls == []
     assert reused.keys() == computed.keys()
     for key, value in computed.items():

@@ -4,10 +4,15 @@
 import json
 
 import pytest
+import yaml
 from conftest import run_records
+from judge_server import JudgeServer, no_proxy  # noqa: F401 (autouse)
+from typer.testing import CliRunner
 
+from unitune.cli import app
 from unitune.config import parse_config
 from unitune.jobs import train
+from unitune.train import checkpoint
 
 
 @pytest.fixture
@@ -80,3 +85,50 @@ def test_pointwise_win_rate_against_opponents_scores_both_on_the_references():
     # styled and right beats plain and right; half the content and no style loses to it
     assert got.outcomes == (1.0, 0.0) and got.win_rate == 0.5
     assert win_rate(judge, prompts, ours, gold).outcomes == (0.5, 0.0)  # against the gold itself
+
+
+def test_a_judge_that_fails_during_training_checkpoints_the_step_first(
+    generating, tmp_path, monkeypatch
+):
+    """An OpenAI-compatible judge reachable at the start and unreachable at the evaluation of
+    step 1: the step is checkpointed, then one line names the judge and the checkpoint (no
+    traceback, nonzero exit); the run resumes from it once a judge answers."""
+    from unitune.train.evaluator import Evaluator
+
+    server = JudgeServer(verdict=lambda content: "A").__enter__()
+    original = Evaluator.evaluate
+
+    def evaluate(self, **kw):
+        out = original(self, **kw)
+        server.httpd.shutdown()  # after the evaluation at the start: nothing listens any more
+        server.httpd.server_close()
+        return out
+
+    monkeypatch.setattr(Evaluator, "evaluate", evaluate)
+    monkeypatch.setenv("UNITUNE_TEST_JUDGE_KEY", "sk-test")
+    generating["eval"] |= {
+        "judge": "openai:judge-model",
+        "judge_url": server.url,
+        "judge_key_env": "UNITUNE_TEST_JUDGE_KEY",
+        "retention_tasks": [],
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(generating))
+    result = CliRunner().invoke(app, ["train", str(path), "--no-progress"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    out = tmp_path / "runs" / "mix"
+    ckpt = checkpoint.latest_checkpoint(out)
+    assert ckpt is not None and ckpt.step == 1
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    assert "eval.judge openai:judge-model" in errors[0] and str(ckpt.path) in errors[0]
+    assert "step 1 checkpointed" in errors[0]
+    # the step's evaluation was not logged; the resumed run redoes it, with a judge that answers
+    assert [r["step"] for r in run_records(out) if r["type"] == "eval"] == [0]
+    monkeypatch.setattr(Evaluator, "evaluate", original)
+    with JudgeServer(verdict=lambda content: "A") as again:
+        generating["eval"]["judge_url"] = again.url
+        path.write_text(yaml.safe_dump(generating))
+        result = CliRunner().invoke(app, ["train", str(path), "--no-progress", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert [r["step"] for r in run_records(out) if r["type"] == "eval"] == [0, 1, 2]

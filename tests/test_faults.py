@@ -20,8 +20,9 @@ from unitune.cli import app
 from unitune.config import parse_config
 from unitune.jobs import train
 from unitune.train import checkpoint
+from unitune.train.evaluator import Evaluator
 from unitune.train.loop import NonFiniteError
-from unitune.train.session import Run
+from unitune.train.policy import Loss, Policy
 
 
 def same_run(a: Path, b: Path) -> None:
@@ -115,18 +116,18 @@ def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_one(tiny_co
 
 
 def nan_at(monkeypatch, step_call: int, slot: str = "sft") -> None:
-    """Run.loss of `slot` returns NaN on its `step_call`-th call."""
-    original, calls = Run.loss, {"n": 0}
+    """Policy.loss of `slot` returns NaN on its `step_call`-th call."""
+    original, calls = Policy.loss, {"n": 0}
 
     def loss(self, kind, idx):
-        value, n = original(self, kind, idx)
+        out = original(self, kind, idx)
         if kind == slot:
             calls["n"] += 1
             if calls["n"] == step_call:
-                return value * float("nan"), n
-        return value, n
+                return Loss(out.value * float("nan"), out.tokens, out.figures)
+        return out
 
-    monkeypatch.setattr(Run, "loss", loss)
+    monkeypatch.setattr(Policy, "loss", loss)
 
 
 def test_nonfinite_loss_stops_naming_step_objective_items_and_checkpoint(tiny_config, monkeypatch):
@@ -186,7 +187,7 @@ def test_a_signal_during_an_evaluation_is_answered_and_the_eval_redone_on_resume
     from unitune.core.interrupts import Interrupted
 
     raw = tiny_config("mix", max_steps=4, eval_every=2)
-    original, calls = Run.evaluate, {"n": 0}
+    original, calls = Evaluator.evaluate, {"n": 0}
 
     def evaluate(self, **kw):
         calls["n"] += 1
@@ -194,11 +195,11 @@ def test_a_signal_during_an_evaluation_is_answered_and_the_eval_redone_on_resume
             os.kill(os.getpid(), signal.SIGTERM)
         return original(self, **kw)
 
-    monkeypatch.setattr(Run, "evaluate", evaluate)
+    monkeypatch.setattr(Evaluator, "evaluate", evaluate)
     with pytest.raises(Interrupted) as stopped:
         train(parse_config(raw), progress=False)
     assert stopped.value.checkpoint.step == 2 and stopped.value.signum == signal.SIGTERM
-    monkeypatch.setattr(Run, "evaluate", original)
+    monkeypatch.setattr(Evaluator, "evaluate", original)
     train(parse_config(raw), progress=False, resume=True)
     train(parse_config({**raw, "output_dir": str(tmp_path / "whole")}), progress=False)
     same_run(Path(raw["output_dir"]), tmp_path / "whole")

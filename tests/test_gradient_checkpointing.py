@@ -4,10 +4,10 @@ gradients are the ones without it (full fine-tuning, LoRA, and IFT's two forward
 import pytest
 import torch
 from conftest import final_weights
+from run_parts import build
 
 from unitune.config import parse_config
 from unitune.jobs import train
-from unitune.train.session import Run
 
 # config, and the share of the layer forwards that run with grad (IFT's first pass, which only
 # predicts the tokens fed to the second, runs without: nothing of it to recompute)
@@ -20,23 +20,21 @@ CASES = {
 
 def grads_and_layer_calls(raw: dict, checkpointing: bool) -> tuple[dict, int, int]:
     raw = {**raw, "train": {**raw["train"], "gradient_checkpointing": checkpointing}}
-    run = Run(parse_config(raw), progress=False)
-    run.setup()
+    run = build(parse_config(raw))
+    model = run.session.model
     layers = (
-        run.model.get_base_model().model.layers
-        if raw["model"].get("lora")
-        else (run.model.model.layers)
+        model.get_base_model().model.layers if raw["model"].get("lora") else (model.model.layers)
     )
     calls = []
     # inside the checkpointed forward, so a recompute calls it again (a pre-hook: the recompute
     # stops early, as soon as the last activation the backward needs is back)
     for layer in layers:
         layer.mlp.register_forward_pre_hook(lambda *a: calls.append(1))
-    run.policy.train()
-    loss, _ = run.loss("sft", [0, 1, 2])
+    run.policy.module.train()
+    loss = run.policy.loss("sft", [0, 1, 2]).value
     forwards = len(calls)
     loss.backward()
-    grads = {n: p.grad.clone() for n, p in run.model.named_parameters() if p.grad is not None}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return grads, forwards, len(calls) - forwards
 
 

@@ -10,7 +10,8 @@ from conftest import ANIMALS, write_jsonl
 from unitune.config import parse_config
 from unitune.jobs import train
 from unitune.objectives import REGISTRY
-from unitune.train.session import Run
+from unitune.train.reference_set import References
+from unitune.train.session import Session
 
 SFT_FAMILY = [n for n, o in REGISTRY.items() if o.data == "demonstrations" and n != "sft"]
 PAIR_FAMILY = [n for n, o in REGISTRY.items() if o.data == "pairs" and n != "dpo"]
@@ -100,9 +101,7 @@ def test_kto_trains_on_pair_data_by_unpairing(tiny_config):
     raw = tiny_config("alright", max_steps=2, eval_every=2)
     raw["objectives"] = {"pref": {"name": "kto"}}
     cfg = parse_config(raw)
-    r = Run(cfg, progress=False)
-    r.setup()
-    split = r.data["pref"]
+    split = Session(cfg).data["pref"]
     assert split.kind == "unpaired" and len(split.train) == 2 * 24  # every pair, both sides
     assert sorted({f.target for f in split.train}) == [0.0, 1.0]
 
@@ -118,7 +117,7 @@ def test_pair_objective_refuses_unpaired_data(tiny_config, feedback_files):
 
 @pytest.mark.parametrize("name", ["simpo", "orpo"])
 def test_reference_free_objectives_compute_no_training_reference(tiny_config, monkeypatch, name):
-    import unitune.train.session as trainer
+    import unitune.train.reference_set as trainer
 
     computed = []
     original = trainer.reference_logps
@@ -130,9 +129,8 @@ def test_reference_free_objectives_compute_no_training_reference(tiny_config, mo
     monkeypatch.setattr(trainer, "reference_logps", spy)
     raw = tiny_config("alright", max_steps=2)
     raw["objectives"] = {"pref": {"name": name}}
-    r = Run(parse_config(raw), progress=False)
-    r.setup()
-    assert ("pref", "train", "main") not in r.refs and ("sft", "train", "main") not in r.refs
+    refs = References(Session(parse_config(raw)))
+    assert ("pref", "train", "main") not in refs and ("sft", "train", "main") not in refs
     # only the held-out sets, for the metrics against the starting model (3 + 2*3 sequences)
     assert sorted(computed) == [3, 6]
 

@@ -3,8 +3,8 @@ import torch
 from unitune.config import ModelConfig
 from unitune.data import Sequence
 from unitune.models.load import load_model, model_fingerprint
+from unitune.train.policy import PolicyLogps
 from unitune.train.references import reference_logps
-from unitune.train.session import PolicyLogps
 
 
 def seqs(offset=0):

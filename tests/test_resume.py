@@ -12,7 +12,7 @@ from conftest import ANIMALS, TIMING, final_weights, run_records, write_jsonl
 from unitune.config import parse_config
 from unitune.jobs import train
 from unitune.train import checkpoint
-from unitune.train.loop import ResumeError
+from unitune.train.resume import ResumeError
 
 T = 8  # steps; batch 4 of 24 items: an epoch is 6 batches
 
@@ -127,6 +127,43 @@ def test_resume_refuses_a_longer_run_whose_lr_decays_to_the_old_end(tiny_config,
         train(parse_config(longer), progress=False, resume=True)
 
 
+def test_resume_refuses_a_new_max_steps_where_the_schedule_plans_by_it(tiny_config, label_files):
+    """sequential switches at round((1 - lam) * max_steps): a run stopped at step 3 of 3 (switch
+    at 2) and resumed to 6 (switch at 3) would switch its reference twice. Refused by name, from
+    the CLI as one line; the same max_steps resumes."""
+    from typer.testing import CliRunner
+
+    from unitune.cli import app
+
+    raw = config(tiny_config, label_files, "sequential", 1)
+    raw["train"]["max_steps"] = 3
+    train(parse_config(raw), progress=False)
+    longer = {**raw, "train": {**raw["train"], "max_steps": 6}}
+    want = "cannot resume: schedule sequential plans by train.max_steps (3 -> 6)"
+    with pytest.raises(ResumeError) as refused:
+        train(parse_config(longer), progress=False, resume=True)
+    assert str(refused.value) == want
+    path = Path(raw["output_dir"]).parent / "longer.yaml"
+    path.write_text(json.dumps(longer))
+    result = CliRunner().invoke(app, ["train", str(path), "--resume", "--no-progress"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert want in " ".join(result.output.split())
+    assert train(parse_config(raw), progress=False, resume=True)["final"]["step"] == 3
+
+
+def test_resumable_fields_are_declared_by_the_config():
+    """Which keys a resumed run may change is each field's own declaration (config.py), read by
+    the diff; a section's fields are found by their dotted path."""
+    from unitune.train.resume import resumable, resumable_keys
+
+    keys = resumable_keys()
+    assert {"name", "output_dir", "cache_dir", "train.max_steps", "train.save_every",
+            "eval.judge", "eval.retention_tasks"} <= set(keys)  # fmt: skip
+    assert not {"train.lr", "train.seed", "eval.beta", "schedule.lam", "model.name"} & set(keys)
+    assert resumable("train.keep_last") and not resumable("train.batch_size")
+    assert not resumable("schedule.k") and not resumable("nothing.here")
+
+
 def test_resume_refuses_reference_log_probs_of_changed_data(tiny_config, label_files, tiny_data):
     raw = config(tiny_config, label_files, "mix", 1)
     raw["train"]["max_steps"] = 2
@@ -165,7 +202,7 @@ def test_parallel_resumes_branch_by_branch(tiny_config, label_files):
 
 def test_a_checkpoint_from_before_a_new_key_resumes_with_its_default(tiny_config, label_files):
     """A key added after a checkpoint was written had its default's effect then: no change."""
-    from unitune.train.loop import config_changes, with_defaults
+    from unitune.train.resume import config_changes, with_defaults
 
     now = parse_config(config(tiny_config, label_files, "mix", 1)).model_dump(mode="json")
     old = json.loads(json.dumps(now))

@@ -87,24 +87,24 @@ def test_bad_sweeps_name_the_file_run_and_key(tmp_path, tiny_config, spec, messa
 
 def test_an_interrupted_sweep_reruns_only_what_is_missing(tmp_path, tiny_config, monkeypatch):
     from unitune.core.interrupts import Interrupted
-    from unitune.train.session import Run
+    from unitune.train.evaluator import Evaluator
 
     path = write_sweep(tmp_path, tiny_config, grid={"train.seed": [0, 1, 2]})
     sweep = load_sweep(path)
-    evaluate = Run.evaluate
+    evaluate = Evaluator.evaluate
 
     def stop_second_run_at_step_2(self, **kw):
-        if self.cfg.train.seed == 1 and _step(self) == 2:
+        if self.session.cfg.train.seed == 1 and _step(self.session) == 2:
             os.kill(os.getpid(), signal.SIGTERM)
         return evaluate(self, **kw)
 
-    monkeypatch.setattr(Run, "evaluate", stop_second_run_at_step_2)
+    monkeypatch.setattr(Evaluator, "evaluate", stop_second_run_at_step_2)
     with pytest.raises(Interrupted):
         run_sweep(sweep, progress=False)
     assert [r.status() for r in sweep.runs] == ["done", "resume", "new"]
     first = (sweep.runs[0].out / "summary.json").stat().st_mtime_ns
 
-    monkeypatch.setattr(Run, "evaluate", evaluate)
+    monkeypatch.setattr(Evaluator, "evaluate", evaluate)
     result = CliRunner().invoke(app, ["sweep", path, "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "1 trained, 1 resumed, 1 skipped" in flat(result.output)

@@ -4,12 +4,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_parts import build
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from unitune.config import ConfigError, parse_config
 from unitune.jobs import train
-from unitune.train.session import Run
+from unitune.train.policy import Policy
+from unitune.train.reference_set import References
 
 SCHEDULES = ["sft", "pref", "sequential", "mix", "alright", "maxright"]
 
@@ -73,14 +75,13 @@ def test_mix_with_lam_zero_equals_sft(tiny_config):
 def test_mix_is_the_weighted_sum(tiny_config):
     """One mix step's gradient is (1-lam) * grad f_sft + lam * grad f_pref on the same batches."""
     cfg = parse_config(tiny_config("mix", max_steps=1))
-    run = Run(cfg, progress=False)
-    run.setup()
+    policy = build(cfg).policy
     idx = {"sft": [0, 1, 2], "pref": [0, 1]}
-    params = [p for p in run.policy.parameters() if p.requires_grad]
+    params = [p for p in policy.module.parameters() if p.requires_grad]
 
     def grad(weights):
-        run.policy.zero_grad()
-        sum(w * run.loss(k, idx[k])[0] for k, w in weights.items()).backward()
+        policy.module.zero_grad()
+        sum(w * policy.loss(k, idx[k]).value for k, w in weights.items()).backward()
         return [p.grad.clone() for p in params]
 
     g_sft, g_pref, g_mix = grad({"sft": 1.0}), grad({"pref": 1.0}), grad({"sft": 0.7, "pref": 0.3})
@@ -90,15 +91,15 @@ def test_mix_is_the_weighted_sum(tiny_config):
 
 def test_sequential_resets_the_reference_at_the_switch(tiny_config, monkeypatch):
     calls = []
-    original = Run.compute_references
+    original = References.compute
 
-    def spy(self, *, initial, **kw):
-        before = self.refs.get("pref", "train")
-        fp = original(self, initial=initial, **kw)
-        calls.append((initial, before, self.refs[("pref", "train", "main")].clone()))
+    def spy(self, module, *, initial, **kw):
+        before = self.get("pref", "train")
+        fp = original(self, module, initial=initial, **kw)
+        calls.append((initial, before, self[("pref", "train", "main")].clone()))
         return fp
 
-    monkeypatch.setattr(Run, "compute_references", spy)
+    monkeypatch.setattr(References, "compute", spy)
     cfg = parse_config(tiny_config("sequential", max_steps=4))
     train(cfg, progress=False)
     assert [c[0] for c in calls] == [True, False]
@@ -110,13 +111,13 @@ def test_sequential_resets_the_reference_at_the_switch(tiny_config, monkeypatch)
 
 def test_maxright_probes_every_k_steps(tiny_config, monkeypatch):
     probes = []
-    original = Run.probe
+    original = Policy.probe
 
     def spy(self, batches):
         probes.append(sorted(batches))
         return original(self, batches)
 
-    monkeypatch.setattr(Run, "probe", spy)
+    monkeypatch.setattr(Policy, "probe", spy)
     cfg = parse_config(tiny_config("maxright", max_steps=5))  # k = 2: steps 0, 2, 4
     train(cfg, progress=False)
     assert probes == [["pref", "sft"]] * 3

@@ -74,7 +74,8 @@ def train(
     from unitune.train.checkpoint import CheckpointError
     from unitune.train.engines import EngineError
     from unitune.train.hub import HubError
-    from unitune.train.loop import NonFiniteError, ResumeError
+    from unitune.train.loop import JudgeFailedError, NonFiniteError
+    from unitune.train.resume import ResumeError
 
     cfg = _load(config, set_)
     _check_model(cfg.model)
@@ -87,6 +88,7 @@ def train(
         ResumeError,
         CheckpointError,
         NonFiniteError,
+        JudgeFailedError,
         EngineError,
         HubError,
     ) as e:

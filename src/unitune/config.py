@@ -11,6 +11,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+# a field's json_schema_extra when a resumed run may change it: it does not change what was
+# already trained (train/resume.py reads it)
+RESUMABLE = {"resumable": True}
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -208,7 +212,7 @@ class ScheduleConfig(BaseModel):
 
 
 class TrainConfig(Strict):
-    max_steps: int = Field(100, gt=0)
+    max_steps: int = Field(100, gt=0, json_schema_extra=RESUMABLE)
     batch_size: int = Field(4, gt=0)
     grad_accum: int = Field(1, gt=0)
     lr: float = Field(5e-5, gt=0.0)
@@ -217,7 +221,7 @@ class TrainConfig(Strict):
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     seed: int = 0
-    eval_every: int = Field(10, gt=0)
+    eval_every: int = Field(10, gt=0, json_schema_extra=RESUMABLE)
     eval_batch_size: int = Field(8, gt=0)
     logprob_chunk_size: int = Field(1024, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
@@ -225,18 +229,24 @@ class TrainConfig(Strict):
     # padding-free log-probs: each batch's sequences packed into one row, block-diagonal attention
     # (logprobs.py); pays off with FlashAttention-2 on a GPU. IFT's own forward stays padded.
     packing: bool = False
-    save_model: bool = True
+    save_model: bool = Field(True, json_schema_extra=RESUMABLE)
     log_batches: bool = False  # each process's training items per step: batches/rank<r>.jsonl
-    save_every: int | None = Field(None, gt=0)  # checkpoint every N steps (and on SIGTERM/SIGINT)
-    keep_last: int = Field(2, gt=0)  # checkpoints kept (the newest ones)
-    on_nonfinite: Literal["error", "skip"] = "error"  # a NaN/inf loss or gradient norm
+    # checkpoint every N steps (and on SIGTERM/SIGINT)
+    save_every: int | None = Field(None, gt=0, json_schema_extra=RESUMABLE)
+    # checkpoints kept (the newest ones)
+    keep_last: int = Field(2, gt=0, json_schema_extra=RESUMABLE)
+    # a NaN/inf loss or gradient norm
+    on_nonfinite: Literal["error", "skip"] = Field("error", json_schema_extra=RESUMABLE)
     # experiment trackers (Accelerate's), every metrics.jsonl line logged to them; their files
     # go under <output_dir>/trackers/ (README, "Trackers")
-    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = []
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, json_schema_extra=RESUMABLE
+    )
     # after saving, upload <output_dir>/model (with its model card) to this Hugging Face Hub
     # repo, "owner/name" or "name"; the token comes from HF_TOKEN or `hf auth login`
-    push_to_hub: str | None = None
-    hub_private: bool = True  # a repo that push_to_hub creates is private
+    push_to_hub: str | None = Field(None, json_schema_extra=RESUMABLE)
+    # a repo that push_to_hub creates is private
+    hub_private: bool = Field(True, json_schema_extra=RESUMABLE)
 
     @field_validator("report_to")
     @classmethod
@@ -281,17 +291,25 @@ class EvalConfig(Strict):
     beta: float = Field(0.1, gt=0.0)  # f_pref, reward margin: DPO (or unpaired logistic) at beta
     # generation-based evaluation (unitune.eval.evaluate): generate on held-out prompts and judge
     # them against the references (win rate) at each evaluation
-    generate: bool = False
-    judge: str = "demo"  # demo | rm:PATH_OR_ID | openai:MODEL | a registered programmatic judge
-    judge_url: str | None = None  # openai: the endpoint's base URL; default OpenAI's
-    judge_key_env: str = "OPENAI_API_KEY"  # openai: the environment variable holding the key
+    generate: bool = Field(False, json_schema_extra=RESUMABLE)
+    # demo | rm:PATH_OR_ID | openai:MODEL | a registered programmatic judge
+    judge: str = Field("demo", json_schema_extra=RESUMABLE)
+    # openai: the endpoint's base URL; default OpenAI's
+    judge_url: str | None = Field(None, json_schema_extra=RESUMABLE)
+    # openai: the environment variable holding the key
+    judge_key_env: str = Field("OPENAI_API_KEY", json_schema_extra=RESUMABLE)
     # what the responses are judged against: the held-out references (the paper's win rate) or
     # the starting model's own greedy responses (did training make them better?)
-    win_rate_against: Literal["reference", "base"] = "reference"
-    generate_samples: int = Field(16, gt=0)  # held-out prompts generated on
-    max_new_tokens: int = Field(48, gt=0)
-    retention_tasks: list[str] = Field(default_factory=list)  # lm-eval tasks: unitune_mc, mmlu
-    retention_limit: int | None = Field(None, gt=0)  # documents per retention task
+    win_rate_against: Literal["reference", "base"] = Field(
+        "reference", json_schema_extra=RESUMABLE
+    )
+    # held-out prompts generated on
+    generate_samples: int = Field(16, gt=0, json_schema_extra=RESUMABLE)
+    max_new_tokens: int = Field(48, gt=0, json_schema_extra=RESUMABLE)
+    # lm-eval tasks: unitune_mc, mmlu
+    retention_tasks: list[str] = Field(default_factory=list, json_schema_extra=RESUMABLE)
+    # documents per retention task
+    retention_limit: int | None = Field(None, gt=0, json_schema_extra=RESUMABLE)
 
     @model_validator(mode="after")
     def _judge(self) -> EvalConfig:
@@ -309,15 +327,16 @@ class EvalConfig(Strict):
 
 
 class Config(Strict):
-    name: str | None = None
+    name: str | None = Field(None, json_schema_extra=RESUMABLE)
     model: ModelConfig = ModelConfig()
     data: DataConfig
     objectives: ObjectivesConfig = ObjectivesConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
-    output_dir: str = "runs/run"
-    cache_dir: str | None = None  # default: $UNITUNE_CACHE or ~/.cache/unitune
+    output_dir: str = Field("runs/run", json_schema_extra=RESUMABLE)
+    # default: $UNITUNE_CACHE or ~/.cache/unitune
+    cache_dir: str | None = Field(None, json_schema_extra=RESUMABLE)
 
     @model_validator(mode="after")
     def _data_for_schedule(self) -> Config:

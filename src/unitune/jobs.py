@@ -1,5 +1,7 @@
-"""A training job as the command line runs it: the ideal point resolved, then the trainer's loop,
-or, for `parallel`, its two branches and the merge (`parallel.py`)."""
+"""A training job as the command line runs it: the ideal point resolved, then the trainer's loop
+(with PAFT's L1 penalty when `schedule.l1` asks for it), or, for the `parallel` job, its two
+branches and the merge (`merge/paft.py`). `parallel` is dispatched here and nowhere else in
+training."""
 
 from __future__ import annotations
 
@@ -9,9 +11,10 @@ from rich.console import Console
 
 from unitune.config import Config
 from unitune.eval.heldout import Ideal
-from unitune.merge.paft import train_parallel
+from unitune.merge.paft import l1_penalty, train_parallel
 from unitune.train.calibration import resolve_ideal
 from unitune.train.loop import train as train_loop
+from unitune.train.rundir import lock_output_dir
 
 
 def train(
@@ -24,7 +27,12 @@ def train(
 ) -> dict:
     """Run the job `cfg` describes; returns the summary written to summary.json."""
     console = console or Console()
-    if cfg.schedule.name == "parallel":  # two runs and a merge, not a per-step schedule
-        return train_parallel(cfg, console=console, progress=progress, ideal=ideal, resume=resume)
-    star = ideal if ideal is not None else resolve_ideal(cfg, console)
-    return train_loop(cfg, star, console=console, progress=progress, resume=resume)
+    with lock_output_dir(cfg.output_dir):  # one run per directory; raises RunDirLocked
+        if cfg.schedule.name == "parallel":  # two runs and a merge, not a per-step schedule
+            return train_parallel(
+                cfg, console=console, progress=progress, ideal=ideal, resume=resume
+            )
+        star = ideal if ideal is not None else resolve_ideal(cfg, console)
+        return train_loop(
+            cfg, star, console=console, progress=progress, resume=resume, penalty=l1_penalty(cfg)
+        )

@@ -23,15 +23,21 @@ from rich.table import Table
 
 from unitune.config import Config, MergeConfig, ModelConfig, dump_config
 from unitune.core import usage
+from unitune.core.io import atomic_write
 from unitune.eval.heldout import Ideal
+from unitune.merge.l1 import DeltaL1
 from unitune.merge.merge import merge
 from unitune.merge.readers import stored_dtypes
 from unitune.models.load import load_model, model_dir, save_model
 from unitune.train import checkpoint
 from unitune.train.calibration import resolve_ideal
+from unitune.train.evaluator import Evaluator, retention
+from unitune.train.generation import Generation
 from unitune.train.loop import train
-from unitune.train.rundir import atomic_write, run_summary
-from unitune.train.session import Run
+from unitune.train.policy import Penalty, Policy, PolicyLogps
+from unitune.train.reference_set import References
+from unitune.train.rundir import run_summary
+from unitune.train.session import Session
 
 
 def branch_costs(branches: Iterable[dict], device: torch.device) -> dict:
@@ -86,7 +92,9 @@ def train_parallel(
             continue
         again = bool(resume) and checkpoint.list_checkpoints(out / kind) != []
         console.log(f"parallel: {kind} branch from the base for {cfg.train.max_steps} steps")
-        branches[kind] = train(sub, star, console=console, progress=progress, resume=again)
+        branches[kind] = train(
+            sub, star, console=console, progress=progress, resume=again, penalty=l1_penalty(sub)
+        )
 
     models = [out / kind / "model" for kind in ("sft", "pref")]
     tol = sc.sparsity_tol if sc.sparsity_tol is not None else cfg.train.lr
@@ -149,6 +157,13 @@ def train_parallel(
     return summary
 
 
+def l1_penalty(cfg: Config) -> Penalty | None:
+    """PAFT's L1 penalty on the SFT objective's delta from the starting weights, weighted by
+    `schedule.l1` and logged as `l1_norm`; None without one."""
+    l1 = cfg.schedule.l1
+    return Penalty("sft", l1, "l1_norm", DeltaL1) if l1 > 0 else None
+
+
 def merge_base(cfg: Config, cast_dir: Path) -> Path:
     """The base the branches' deltas are taken from: the base model's directory, or, when the
     run's `model.dtype` differs from the dtype stored there, the base cast to `model.dtype` and
@@ -169,12 +184,14 @@ def evaluate_model(
     ev = cfg.model_copy(deep=True)
     ev.model = cfg.model.model_copy(update={"lora": None})  # the base, for its reference
     ev.schedule = cfg.schedule.for_schedule("mix", l1=0.0)
-    run = Run(ev, console, progress=False)
-    run.setup()
-    run.ideal = star
+    session = Session(ev, console)
+    generation = Generation(session) if ev.eval.generate else None
+    refs = References(session)
     model, _ = load_model(ModelConfig(name=str(path), dtype=cfg.model.dtype))
-    run.policy.model = model.to(run.device)
-    return run.evaluate(), run.retention()
+    tc = cfg.train
+    module = PolicyLogps(model.to(session.device), tc.logprob_chunk_size, packed=tc.packing)
+    evaluator = Evaluator(Policy(session, module, refs), star, generation)
+    return evaluator.evaluate(), retention(session, module)
 
 
 def _first_eval(run_dir: Path) -> dict:

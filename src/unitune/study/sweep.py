@@ -40,12 +40,14 @@ from unitune.models.load import ModelLoadError
 from unitune.train.checkpoint import CheckpointError, latest_checkpoint
 from unitune.train.engines import EngineError
 from unitune.train.hub import HubError
-from unitune.train.loop import NonFiniteError, ResumeError
+from unitune.train.loop import JudgeFailedError, NonFiniteError
+from unitune.train.resume import ResumeError
 from unitune.train.rundir import atomic_write
 
 # what one run may fail with that does not stop the others (`keep_going`)
 RUN_ERRORS = (
     DataError, ModelLoadError, ResumeError, CheckpointError, NonFiniteError, EngineError, HubError,
+    JudgeFailedError,
 )  # fmt: skip
 
 SWEEP_KEYS = {"base", "config", "output_dir", "grid", "runs"}

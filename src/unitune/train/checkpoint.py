@@ -226,6 +226,11 @@ def dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def step_path(run_dir: str | Path, step: int) -> Path:
+    """Where step `step`'s checkpoint of the run in `run_dir` lives (or would)."""
+    return Path(run_dir) / CHECKPOINTS / dir_name(step)
+
+
 def _write_failure(step: int, root: Path, err: OSError) -> str:
     reason = err.strerror or str(err) or type(err).__name__
     previous = [p for p in _step_dirs(root) if (p / MANIFEST).is_file()]
