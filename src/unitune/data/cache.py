@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from unitune.core.io import fsync_dir, write_file
 from unitune.data.errors import DataReport
 from unitune.data.store import Items, TokenStore
 
@@ -135,10 +136,7 @@ def write(cache_dir: str | os.PathLike, key: str, items: Items, report: DataRepo
         for name, (field, dtype) in ARRAYS.items():
             if field in arrays:
                 data = np.ascontiguousarray(arrays[field], dtype=dtype)
-                with open(tmp / name, "wb") as fh:
-                    fh.write(memoryview(data).cast("B"))  # no copy of the array
-                    fh.flush()
-                    os.fsync(fh.fileno())
+                write_file(tmp / name, [data], digest=False)  # no copy of the array
                 lengths[name] = len(data)
         meta = {
             "layout": LAYOUT,
@@ -147,7 +145,8 @@ def write(cache_dir: str | os.PathLike, key: str, items: Items, report: DataRepo
             "lengths": lengths,
             "report": asdict(report),
         }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        write_file(tmp / "meta.json", [json.dumps(meta, indent=1).encode()], digest=False)
+        fsync_dir(tmp)
         try:
             os.replace(tmp, final)
         except OSError:  # an entry is there: another process's (keep it) or a damaged one
@@ -156,6 +155,7 @@ def write(cache_dir: str | os.PathLike, key: str, items: Items, report: DataRepo
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
         tmp = None
+        fsync_dir(final.parent)
         return final
     except OSError as err:
         log.warning("could not write the data cache entry %s: %s", final, err)

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from unitune.config import Config, ConfigError, ModelConfig, load_config
+from unitune.core.io import atomic_write
 from unitune.data.holdout import split_holdout
 from unitune.eval.generate import (
     EvalPrompt,
     Prompt,
-    atomic_write_text,
     generate,
     load_prompts,
     write_generations,
@@ -295,5 +295,5 @@ def evaluate(
     report["target"] = target.name
     report["prompts"] = prompts_source
     report["max_new_tokens"] = max_new_tokens
-    atomic_write_text(out / EVAL_JSON, json.dumps(report, indent=2) + "\n")
+    atomic_write(out / EVAL_JSON, json.dumps(report, indent=2) + "\n")
     return report

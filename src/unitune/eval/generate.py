@@ -20,14 +20,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from unitune.core.io import atomic_write
+from unitune.core.progress import ProgressBar
 from unitune.data.errors import DataError, RecordError
 from unitune.data.formats import open_source
 from unitune.data.validation import (
@@ -117,7 +118,8 @@ def generate(
     options = _generation_config(model, tokenizer, max_new_tokens, do_sample, temperature, top_p)
     device = _device(model)
     out: list[str] = [""] * len(prompts)
-    with eval_mode(model), _forked_rng(device, seed), _bar(progress, console, len(prompts)) as bar:
+    bar = ProgressBar("generating", len(prompts), console=console, enabled=progress, transient=True)
+    with eval_mode(model), _forked_rng(device, seed), bar:
         for batch in batches:
             ids, mask = _left_pad([encoded[i] for i in batch], tokenizer.pad_token_id, device)
             with torch.inference_mode():
@@ -129,7 +131,7 @@ def generate(
                 )[:, ids.shape[1] :]
             for row, i in zip(new.tolist(), batch, strict=True):
                 out[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
-            bar(len(batch))
+            bar.advance(len(batch))
     return out
 
 
@@ -191,25 +193,6 @@ def _forked_rng(device: torch.device, seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
-
-
-@contextlib.contextmanager
-def _bar(show: bool, console: Any, total: int) -> Iterator[Callable[[int], None]]:
-    if not show:
-        yield lambda n: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("generating", total=total)
-        yield lambda n: bar.advance(task, n)
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,22 +310,4 @@ def write_generations(
         json.dumps({"prompt": p, "response": r, "reference": ref}, ensure_ascii=False) + "\n"
         for p, r, ref in zip(prompts, responses, refs, strict=True)
     ]
-    return atomic_write_text(path, "".join(lines))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` to `path` through a temporary sibling file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, "".join(lines))

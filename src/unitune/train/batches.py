@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from unitune.config import Config, DatasetConfig
+from unitune.core.io import cache_dir
 from unitune.data import (
     DataError,
     DataReport,
@@ -30,7 +31,6 @@ from unitune.data import (
     mismatched,
     split_holdout,
 )
-from unitune.models.load import cache_root
 from unitune.objectives import REGISTRY
 
 
@@ -72,7 +72,7 @@ def load_data(cfg: Config, tokenizer) -> dict[str, Split]:
         "max_length": cfg.data.max_length,
         "on_bad_record": cfg.data.on_bad_record,
         "num_proc": cfg.data.num_proc,
-        "cache_dir": (cfg.cache_dir or cache_root()) if cfg.data.cache else None,
+        "cache_dir": cache_dir(cfg.cache_dir) if cfg.data.cache else None,
     }
     for slot in ("sft", "pref"):
         dcfg = getattr(cfg.data, slot)

@@ -15,12 +15,12 @@ from accelerate import PartialState
 from rich.console import Console
 
 from unitune.config import Config, dump_config
+from unitune.core.io import atomic_write, cache_dir
 from unitune.data import data_fingerprint
 from unitune.eval.heldout import Ideal
-from unitune.models.load import cache_root, load_model, model_fingerprint
+from unitune.models.load import load_model, model_fingerprint
 from unitune.train.batches import flatten, load_data
 from unitune.train.loop import train
-from unitune.train.rundir import atomic_write
 
 CALIBRATION_VERSION = "2"  # 2: own-loss optima, keyed by model and data fingerprints
 
@@ -76,8 +76,7 @@ def calibrate(cfg: Config, console: Console | None = None, progress: bool = Fals
             f"{input_fingerprint(cfg, console)}"
         ).encode()
     ).hexdigest()[:24]
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else cache_root()
-    path = cache_dir / "calibration" / f"{key}.json"
+    path = cache_dir(cfg.cache_dir) / "calibration" / f"{key}.json"
     if path.exists():
         star = Ideal(**json.loads(path.read_text()))
         console.log(f"ideal point from calibration cache: {star}")

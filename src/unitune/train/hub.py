@@ -13,9 +13,9 @@ import os
 from pathlib import Path
 
 from unitune.config import repo_id_problem
+from unitune.core.io import atomic_write
 from unitune.core.redact import redact
 from unitune.train.modelcard import card_from_run
-from unitune.train.rundir import atomic_write
 
 
 class HubError(RuntimeError):

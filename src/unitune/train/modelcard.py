@@ -19,8 +19,8 @@ import yaml
 
 import unitune
 from unitune.config import Config
+from unitune.core.io import atomic_write
 from unitune.core.redact import redact
-from unitune.train.rundir import atomic_write
 
 # the builtin models: (hub id of what they are, license) - builtin:tiny is a random model
 BUILTIN_BASES = {"builtin:smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")}

@@ -11,15 +11,15 @@ crash never leaves a truncated entry.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
+from unitune.core.io import atomic_write
 from unitune.data import Items, Sequence, collate, data_fingerprint, length_batches
 
 CACHE_VERSION = "1"
@@ -152,8 +152,6 @@ def reference_logps(
         logp_fn.train(was_training)
     if shard.rank != 0:
         return logps, False, key
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({"logp": logps}, str(tmp), metadata={"model": model_fp, "n": str(len(seqs))})
-    os.replace(tmp, path)
+    meta = {"model": model_fp, "n": str(len(seqs))}
+    atomic_write(path, save({"logp": logps}, metadata=meta))
     return logps, False, key
