@@ -130,7 +130,7 @@ def sweep(
     from rich.table import Table
 
     from unitune.core.interrupts import Interrupted
-    from unitune.study.sweep import RUN_ERRORS, commands, load_sweep, run_sweep
+    from unitune.study.sweep import RUN_ERRORS, check_models, commands, load_sweep, run_sweep
 
     if not sweep_file.exists():
         _fail(f"{sweep_file}: no such file")
@@ -148,8 +148,7 @@ def sweep(
                 table.add_row(r.name, sets, r.status())
             console.print(table)
             return
-        for r in {r.cfg.model.name: r for r in plan.runs}.values():
-            _check_model(r.cfg.model, label=f"{sweep_file}: run {r.name}: model.name")
+        check_models(plan)
         results = run_sweep(plan, console=console, progress=not no_progress, keep_going=keep_going)
     except (ConfigError, *RUN_ERRORS) as e:
         _fail(str(e))
@@ -411,60 +410,20 @@ def eval_(
     """Generate on held-out prompts, judge against the references (win rate), and measure
     benchmark retention (lm-eval); writes generations.jsonl and eval.json."""
     from unitune.data import DataError
-    from unitune.eval.evaluate import check_target, evaluate, is_run_dir, load_target, run_prompts
-    from unitune.eval.generate import GenerationError, load_prompts
+    from unitune.eval.evaluate import evaluate_target
+    from unitune.eval.generate import GenerationError
     from unitune.eval.retention import RetentionError
-    from unitune.judges.base import DEFAULT_KEY_ENV, JudgeError
-    from unitune.judges.registry import make_judge
+    from unitune.judges.base import JudgeError
     from unitune.models.load import ModelLoadError
 
     errors = (ConfigError, DataError, ModelLoadError, JudgeError, GenerationError, RetentionError)
-    run = is_run_dir(target)
-    task_list = [t.strip() for t in (tasks or "").split(",") if t.strip()]
+    task_list = None if tasks is None else [t.strip() for t in tasks.split(",") if t.strip()]
     try:
-        check_target(target)
-        cfg = None
-        if run:
-            cfg = load_config(Path(target) / "config.yaml")
-        ecfg = cfg.eval if cfg is not None else None
-        if tasks is None and ecfg is not None:
-            task_list = list(ecfg.retention_tasks)
-        if limit is None and ecfg is not None and ecfg.retention_limit is not None:
-            limit = ecfg.retention_limit
-        if limit is not None and limit >= 1:
-            limit = int(limit)
-        new_tokens = max_new_tokens or (ecfg.max_new_tokens if ecfg is not None else 48)
-        if prompts is not None:
-            if not prompts.exists():
-                _fail(f"--prompts {prompts}: no such file")
-            items = load_prompts(prompts, max_samples=max_samples)
-            source = str(prompts)
-        elif cfg is not None:
-            items = run_prompts(cfg, max_samples=max_samples)
-            source = "the run's held-out data"
-        elif task_list:
-            items, source = None, None
-        else:
-            _fail(f"TARGET {target!r} is not a run directory: give --prompts FILE (or --tasks)")
-        if out is None and not run:
-            _fail(f"TARGET {target!r} is not a run directory: give the output directory, -o DIR")
-        out_dir = out if out is not None else Path(target) / "eval"
-        the_judge = None
-        if items:
-            spec = judge or (ecfg.judge if ecfg is not None else "demo")
-            url = judge_url or (ecfg.judge_url if ecfg is not None else None)
-            key_env = judge_key_env or (ecfg.judge_key_env if ecfg is not None else DEFAULT_KEY_ENV)
-            the_judge = make_judge(
-                spec, url=url, key_env=key_env, trust_remote_code=judge_trust_remote_code,
-                label="--judge",
-            )  # fmt: skip
-            if hasattr(the_judge, "check"):
-                the_judge.check()
-        loaded = load_target(target)
-        report = evaluate(
-            loaded, out_dir, prompts=items, judge=the_judge, tasks=task_list, limit=limit,
-            max_new_tokens=new_tokens, batch_size=batch_size, progress=not no_progress,
-            console=console, prompts_source=source,
+        report, out_dir = evaluate_target(
+            target, prompts=prompts, judge=judge, judge_url=judge_url, judge_key_env=judge_key_env,
+            judge_trust_remote_code=judge_trust_remote_code, max_samples=max_samples,
+            max_new_tokens=max_new_tokens, batch_size=batch_size, tasks=task_list, limit=limit,
+            out=out, progress=not no_progress, console=console,
         )  # fmt: skip
     except errors as e:
         _fail(str(e))

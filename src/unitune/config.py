@@ -438,10 +438,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 def load_merge_config(path: str | Path, overrides: list[str] | None = None) -> MergeConfig:
     """The YAML of `unitune merge`; unknown keys are errors naming their dotted path."""
     path = Path(path)
+    return parse_merge_config(_read_yaml(path, overrides), str(path))
+
+
+def parse_merge_config(data: dict[str, Any], source: str = "merge config") -> MergeConfig:
     try:
-        return MergeConfig.model_validate(_read_yaml(path, overrides))
+        return MergeConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, str(path))) from None
+        raise ConfigError(_format_errors(err, source)) from None
 
 
 def dump_config(cfg: Config) -> str:

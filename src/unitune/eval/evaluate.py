@@ -8,7 +8,10 @@ against the references (win rate), and measure benchmark retention; what `unitun
 - `run_prompts(cfg)`: a run's held-out prompts: `data.pref` (pairs; the chosen response is the
   reference), else `data.sft`; the `eval` file, or the same seeded held-out fraction of `train`
   that training held out (exactly that one when no record was skipped).
-- `evaluate(...)`: all of it for the CLI, `generations.jsonl` and `eval.json` written atomically.
+- `evaluate(...)`: a loaded target evaluated, `generations.jsonl` and `eval.json` written
+  atomically.
+- `evaluate_target(target, ...)`: what `unitune eval` and `unitune.evaluate` run: the defaults
+  from a run directory's config, the checks before anything loads, then `evaluate`.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from unitune.eval.generate import (
     write_generations,
 )
 from unitune.eval.retention import run_retention
-from unitune.judges.base import Judge
+from unitune.judges.base import DEFAULT_KEY_ENV, Judge
 from unitune.judges.registry import make_judge
 from unitune.judges.winrate import WinRate, win_rate
 from unitune.models.load import ModelLoadError, check_model_source, load_model
@@ -297,3 +300,77 @@ def evaluate(
     report["max_new_tokens"] = max_new_tokens
     atomic_write(out / EVAL_JSON, json.dumps(report, indent=2) + "\n")
     return report
+
+
+def evaluate_target(
+    target: str | Path,
+    *,
+    prompts: str | Path | None = None,
+    judge: str | None = None,
+    judge_url: str | None = None,
+    judge_key_env: str | None = None,
+    judge_trust_remote_code: bool = False,
+    max_samples: int | None = None,
+    max_new_tokens: int | None = None,
+    batch_size: int = 8,
+    tasks: Sequence[str] | None = None,
+    limit: int | float | None = None,
+    out: str | Path | None = None,
+    progress: bool = True,
+    console: Any = None,
+) -> tuple[dict[str, Any], Path]:
+    """`unitune eval TARGET`: resolve what to evaluate on and with (a run directory's config
+    gives the defaults: its held-out data, judge, retention tasks and limit), check the target
+    and the judge before loading anything, then `evaluate`. Returns eval.json's content and the
+    directory it was written to (default `TARGET/eval`). Every failure is a one-line
+    `ConfigError`, `DataError`, `ModelLoadError`, `JudgeError`, `GenerationError` or
+    `RetentionError`."""
+    target = str(target)
+    run = is_run_dir(target)
+    check_target(target)
+    cfg = load_config(Path(target) / "config.yaml") if run else None
+    ecfg = cfg.eval if cfg is not None else None
+    task_list = list(tasks) if tasks is not None else []
+    if tasks is None and ecfg is not None:
+        task_list = list(ecfg.retention_tasks)
+    if limit is None and ecfg is not None and ecfg.retention_limit is not None:
+        limit = ecfg.retention_limit
+    if limit is not None and limit >= 1:
+        limit = int(limit)
+    new_tokens = max_new_tokens or (ecfg.max_new_tokens if ecfg is not None else 48)
+    if prompts is not None:
+        if not Path(prompts).exists():
+            raise ConfigError(f"--prompts {prompts}: no such file")
+        items = load_prompts(prompts, max_samples=max_samples)
+        source = str(prompts)
+    elif cfg is not None:
+        items = run_prompts(cfg, max_samples=max_samples)
+        source = "the run's held-out data"
+    elif task_list:
+        items, source = None, None
+    else:
+        raise ConfigError(
+            f"TARGET {target!r} is not a run directory: give --prompts FILE (or --tasks)"
+        )
+    if out is None and not run:
+        raise ConfigError(
+            f"TARGET {target!r} is not a run directory: give the output directory, -o DIR"
+        )
+    out_dir = Path(out) if out is not None else Path(target) / "eval"
+    the_judge = None
+    if items:
+        spec = judge or (ecfg.judge if ecfg is not None else "demo")
+        url = judge_url or (ecfg.judge_url if ecfg is not None else None)
+        key_env = judge_key_env or (ecfg.judge_key_env if ecfg is not None else DEFAULT_KEY_ENV)
+        the_judge = make_judge(
+            spec, url=url, key_env=key_env, trust_remote_code=judge_trust_remote_code,
+            label="--judge",
+        )  # fmt: skip
+        if hasattr(the_judge, "check"):
+            the_judge.check()
+    report = evaluate(
+        load_target(target), out_dir, prompts=items, judge=the_judge, tasks=task_list,
+        limit=limit, max_new_tokens=new_tokens, batch_size=batch_size, progress=progress,
+        console=console, prompts_source=source,
+    )  # fmt: skip
+    return report, out_dir

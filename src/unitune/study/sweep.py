@@ -36,7 +36,7 @@ from rich.console import Console
 from unitune.config import Config, ConfigError, apply_overrides, dump_config, parse_config
 from unitune.data import DataError
 from unitune.jobs import train as run_job
-from unitune.models.load import ModelLoadError
+from unitune.models.load import ModelLoadError, check_model_source
 from unitune.train.checkpoint import CheckpointError, latest_checkpoint
 from unitune.train.engines import EngineError
 from unitune.train.hub import HubError
@@ -97,6 +97,12 @@ def load_sweep(path: str | Path) -> Sweep:
         spec = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return parse_sweep(spec, path)
+
+
+def parse_sweep(spec: Any, path: Path) -> Sweep:
+    """Expand a sweep file's content (`load_sweep`); `path` names it in errors, resolves a
+    relative `base:` and gives the default output directory, runs/<its stem>."""
     if not isinstance(spec, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     unknown = set(spec) - SWEEP_KEYS
@@ -195,6 +201,13 @@ def _safe(text: str) -> str:
 
 def _ignore(_msg: str) -> None:
     pass
+
+
+def check_models(sweep: Sweep) -> None:
+    """Every model of the sweep loadable (`check_model_source`), before anything runs: a one-line
+    `ModelLoadError` naming the sweep file and a run with that model."""
+    for r in {r.cfg.model.name: r for r in sweep.runs}.values():
+        check_model_source(r.cfg.model, label=f"{sweep.path}: run {r.name}: model.name")
 
 
 def write_configs(sweep: Sweep) -> list[Path]:
