@@ -197,12 +197,6 @@ def assemble(plan: Plan, encoded: list[list[int]], encoder: Encoder, max_length:
     return _fit(ids, mask, max_length, plan.example)
 
 
-def tokenize_example(example: Example, encoder: Encoder, max_length: int) -> Sequence:
-    """Token ids and target mask of one example, fitted to `max_length` (see module docstring)."""
-    plan = plan_example(example, encoder)
-    return assemble(plan, encoder.encode_many([t for t, _ in plan.pieces]), encoder, max_length)
-
-
 def _chat_pieces(example: ChatExample, encoder: Encoder) -> list[tuple[str, int]]:
     messages = example.messages
     targets = [

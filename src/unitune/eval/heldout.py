@@ -76,9 +76,3 @@ class Ideal:
 def ideal_distance(f_sft: float, f_pref: float, f_sft_star: float, f_pref_star: float) -> float:
     """`sqrt((f_sft - f_sft*)^2 + (f_pref - f_pref*)^2)`."""
     return math.hypot(f_sft - f_sft_star, f_pref - f_pref_star)
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    t = torch.tensor(values, dtype=torch.float64)
-    return float(t.mean()), float(t.std()) if len(values) > 1 else 0.0

@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import random
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -171,10 +170,3 @@ def _restored_rng() -> Iterator[None]:
         finally:
             random.setstate(py)
             np.random.set_state(npy)
-
-
-def lm_eval_available() -> bool:
-    """Whether lm-evaluation-harness can be imported (without importing it)."""
-    import importlib.util
-
-    return "lm_eval" in sys.modules or importlib.util.find_spec("lm_eval") is not None

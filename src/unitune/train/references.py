@@ -41,9 +41,6 @@ class RefStore:
     def __getitem__(self, key: RefKey) -> torch.Tensor:
         return self.logps[key]
 
-    def __contains__(self, key: RefKey) -> bool:
-        return key in self.logps
-
     def put(self, key: RefKey, logps: torch.Tensor, entry: str) -> None:
         self.logps[key], self.entries[key] = logps, entry
 
@@ -81,7 +78,7 @@ class Shard:
 ONE = Shard()
 
 
-def cache_key(model_fp: str, data_fp: str, chunk_size: int = 0) -> str:
+def cache_key(model_fp: str, data_fp: str) -> str:
     raw = f"v{CACHE_VERSION}|{model_fp}|{data_fp}"
     return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
