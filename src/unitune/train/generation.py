@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 
 from torch import nn
 
+from unitune.core.io import atomic_write
 from unitune.eval.evaluate import generation_eval, judge_for, run_prompts
 from unitune.eval.generate import EvalPrompt, generate
 from unitune.models.load import reference_mode
@@ -54,10 +54,7 @@ class Generation:
                 s.model, s.tokenizer, texts, max_new_tokens=ev.max_new_tokens, batch_size=bs
             )
         if s.main:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(base))
-            os.replace(tmp, path)
+            atomic_write(path, json.dumps(base))
         return base
 
     def win_rate(self, model: nn.Module, step: int | None, at_start: bool) -> dict[str, float]:

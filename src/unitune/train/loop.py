@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 from transformers import get_scheduler
 
 from unitune.config import Config, dump_config
 from unitune.core import usage
 from unitune.core.interrupts import Interrupted, Interrupts
+from unitune.core.progress import ProgressBar
 from unitune.eval.heldout import Ideal
 from unitune.judges.base import JudgeError
 from unitune.models.load import trainable_parameters
@@ -107,11 +107,11 @@ def train(
                          sink=trackers.sink(session.acc))  # fmt: skip
         items_log = batch_log(session, state)
         t_session = time.time()
-        bar, task = progress_bar(con, progress and session.main, cfg.name or cfg.schedule.name,
-                                 tc.max_steps)  # fmt: skip
+        name, shown = cfg.name or cfg.schedule.name, progress and session.main
+        bar = ProgressBar(name, tc.max_steps, console=con, enabled=shown)
         try:
             with bar:
-                bar.update(task, completed=state.step)
+                bar.update(completed=state.step)
                 if not state.last_eval or (  # the start, or an eval a signal cut short
                     eval_due(cfg, state) and state.last_eval["step"] < state.step
                 ):
@@ -129,7 +129,7 @@ def train(
                         save(run, state, log, t_session)
                     if stopping:
                         raise Interrupted(stopping, checkpoint=latest(out))
-                    bar.update(task, advance=1, info=_live(losses, state.last_eval, tok_s))
+                    bar.advance(info=_live(losses, state.last_eval, tok_s))
         except Interrupted as e:
             if e.checkpoint is None and state.step > 0:  # stopped inside an eval: keep the step
                 e.checkpoint = save(run, state, log, t_session)
@@ -343,15 +343,6 @@ def adamw(params: list, **kw) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, fused=True, **kw)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.AdamW(params, **kw)
-
-
-def progress_bar(con: Console, enabled: bool, name: str, total: int):
-    bar = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=con,
-        disable=not enabled,
-    )  # fmt: skip
-    return bar, bar.add_task(name, total=total, info="")
 
 
 def _live(losses: dict, ev: dict, tok_s: float) -> str:

@@ -21,9 +21,9 @@ from rich.console import Console
 from torch import nn
 
 from unitune.config import Config
+from unitune.core.io import cache_dir
 from unitune.data import length_batches
 from unitune.models.load import (
-    cache_root,
     enable_gradient_checkpointing,
     load_model,
     model_fingerprint,
@@ -44,7 +44,7 @@ class Session:
 
     def __init__(self, cfg: Config, console: Console | None = None, *, poll: Poll | None = None):
         self.cfg, self.console, self.poll = cfg, console or Console(), poll
-        self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else cache_root()
+        self.cache_dir = cache_dir(cfg.cache_dir)
         self.out = Path(cfg.output_dir)
         set_seed(cfg.train.seed)
         # Accelerate keeps one process-wide state and refuses a second Accelerator with another
