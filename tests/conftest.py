@@ -95,31 +95,35 @@ def target_spans(tok, seq) -> list[str]:
     return spans
 
 
+def sft_records(animals: list[str]) -> list[dict]:
+    """SFT records (messages), one per animal."""
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"What does a {a} say?"},
+                {"role": "assistant", "content": f"The {a} says hello to you."},
+            ]
+        }
+        for a in animals
+    ]
+
+
+def pref_records(animals: list[str]) -> list[dict]:
+    """Preference pairs (conversational), one per animal."""
+    return [
+        {
+            "prompt": [{"role": "user", "content": f"Describe a {a}."}],
+            "chosen": [{"role": "assistant", "content": f"A {a} is a WONDERFUL animal!"}],
+            "rejected": [{"role": "assistant", "content": f"A {a} is an animal."}],
+        }
+        for a in animals
+    ]
+
+
 @pytest.fixture
 def tiny_data(tmp_path) -> dict[str, Path]:
     """Small SFT (messages) and preference (conversational) datasets, train and eval."""
-
-    def sft(animals):
-        return [
-            {
-                "messages": [
-                    {"role": "user", "content": f"What does a {a} say?"},
-                    {"role": "assistant", "content": f"The {a} says hello to you."},
-                ]
-            }
-            for a in animals
-        ]
-
-    def pref(animals):
-        return [
-            {
-                "prompt": [{"role": "user", "content": f"Describe a {a}."}],
-                "chosen": [{"role": "assistant", "content": f"A {a} is a WONDERFUL animal!"}],
-                "rejected": [{"role": "assistant", "content": f"A {a} is an animal."}],
-            }
-            for a in animals
-        ]
-
+    sft, pref = sft_records, pref_records
     return {
         "sft_train": write_jsonl(tmp_path / "sft_train.jsonl", sft(ANIMALS * 2)),
         "sft_eval": write_jsonl(tmp_path / "sft_eval.jsonl", sft(["hen", "ram", "gnu"])),

@@ -8,36 +8,13 @@ import sys
 
 import pytest
 import yaml
-from conftest import ANIMALS, TIMING, run_records, write_jsonl
+from conftest import ANIMALS, TIMING, pref_records, run_records, sft_records, write_jsonl
 from datasets import Dataset, DatasetDict
 
 import unitune
 from unitune import api
 from unitune.config import ConfigError, MergeConfig, parse_config
 from unitune.data import DataError
-
-
-def sft_records(animals):
-    return [
-        {
-            "messages": [
-                {"role": "user", "content": f"What does a {a} say?"},
-                {"role": "assistant", "content": f"The {a} says hello to you."},
-            ]
-        }
-        for a in animals
-    ]
-
-
-def pref_records(animals):
-    return [
-        {
-            "prompt": [{"role": "user", "content": f"Describe a {a}."}],
-            "chosen": [{"role": "assistant", "content": f"A {a} is a WONDERFUL animal!"}],
-            "rejected": [{"role": "assistant", "content": f"A {a} is an animal."}],
-        }
-        for a in animals
-    ]
 
 
 RECORDS = {

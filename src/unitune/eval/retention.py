@@ -32,7 +32,6 @@ import torch
 from unitune.models.load import eval_mode
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
-SHIPPED = ("unitune_mc",)
 SHIPPED_PREFIX = "unitune_"  # names looked up among the shipped tasks only (no lm-eval index)
 INSTALL = 'pip install "unitune[eval]"'
 
