@@ -16,7 +16,6 @@ from unitune import api
 from unitune.config import ConfigError, MergeConfig, parse_config
 from unitune.data import DataError
 
-
 RECORDS = {
     ("sft", "train"): sft_records(ANIMALS * 2),
     ("sft", "eval"): sft_records(["hen", "ram", "gnu"]),
