@@ -84,3 +84,14 @@ def test_an_unknown_method_is_one_line_before_anything_is_written(variants, tmp_
         " ".join(result.output.split())
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_a_parallel_run_with_an_unknown_method_stops_before_training(tiny_config, tmp_path):
+    raw = tiny_config("alright")
+    raw["schedule"] = {"name": "parallel", "merge": {"method": "tie"}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["train", str(path), "--no-progress"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "method 'tie': unknown; known: task_arithmetic" in " ".join(result.output.split())
+    assert not Path(raw["output_dir"]).exists()  # no branch trained, nothing written

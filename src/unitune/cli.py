@@ -70,6 +70,7 @@ def train(
     from unitune.core.interrupts import Interrupted
     from unitune.data import DataError
     from unitune.jobs import train as run_train
+    from unitune.merge.errors import MergeError
     from unitune.models.load import ModelLoadError
     from unitune.train.checkpoint import CheckpointError
     from unitune.train.engines import EngineError
@@ -91,6 +92,7 @@ def train(
         JudgeFailedError,
         EngineError,
         HubError,
+        MergeError,
     ) as e:
         _fail(str(e))
     except Interrupted as e:

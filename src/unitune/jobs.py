@@ -11,6 +11,7 @@ from rich.console import Console
 
 from unitune.config import Config
 from unitune.eval.heldout import Ideal
+from unitune.merge.methods import method_of
 from unitune.merge.paft import l1_penalty, train_parallel
 from unitune.train.calibration import resolve_ideal
 from unitune.train.loop import train as train_loop
@@ -27,6 +28,8 @@ def train(
 ) -> dict:
     """Run the job `cfg` describes; returns the summary written to summary.json."""
     console = console or Console()
+    if cfg.schedule.name == "parallel":
+        method_of(cfg.schedule.merge.method)  # an unknown one fails now, not after training
     with lock_output_dir(cfg.output_dir):  # one run per directory; raises RunDirLocked
         if cfg.schedule.name == "parallel":  # two runs and a merge, not a per-step schedule
             return train_parallel(

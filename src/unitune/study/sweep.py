@@ -36,6 +36,7 @@ from rich.console import Console
 from unitune.config import Config, ConfigError, apply_overrides, dump_config, parse_config
 from unitune.data import DataError
 from unitune.jobs import train as run_job
+from unitune.merge.errors import MergeError
 from unitune.models.load import ModelLoadError, check_model_source
 from unitune.train.checkpoint import CheckpointError, latest_checkpoint
 from unitune.train.engines import EngineError
@@ -47,7 +48,7 @@ from unitune.train.rundir import atomic_write
 # what one run may fail with that does not stop the others (`keep_going`)
 RUN_ERRORS = (
     DataError, ModelLoadError, ResumeError, CheckpointError, NonFiniteError, EngineError, HubError,
-    JudgeFailedError,
+    JudgeFailedError, MergeError,
 )  # fmt: skip
 
 SWEEP_KEYS = {"base", "config", "output_dir", "grid", "runs"}
