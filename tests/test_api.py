@@ -15,6 +15,7 @@ import unitune
 from unitune import api
 from unitune.config import ConfigError, MergeConfig, parse_config
 from unitune.data import DataError
+from unitune.train.rundir import RunDirLocked, lock_output_dir
 
 RECORDS = {
     ("sft", "train"): sft_records(ANIMALS * 2),
@@ -180,6 +181,10 @@ def test_errors_are_raised_as_the_cli_prints_them(runs, tmp_path):
         api.train(config(tmp_path / "dd", cache, {("sft", "train"): whole}, max_steps=1))
     with pytest.raises(ConfigError, match="data.sft.train: Input should be a valid string"):
         api.train(config(tmp_path / "list", cache, {("sft", "train"): [{"a": 1}]}))
+    busy = tmp_path / "busy"
+    with lock_output_dir(busy), pytest.raises(RunDirLocked, match="in use by another run"):
+        api.train(config(busy, cache, runs["datasets"], max_steps=1), progress=False)
+    assert not (busy / "datasets").exists()  # a running run's data is left alone
     bad = RECORDS["sft", "train"][:3] + [{"messages": [{"role": "user", "content": "hi"}]}]
     data = {
         ("sft", "train"): Dataset.from_list(bad),

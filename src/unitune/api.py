@@ -10,7 +10,8 @@ returns what that command writes: the run's summary.json, eval.json, the merge r
 sweep's per-run results. A config is a YAML path, a dict shaped like the YAML, or a `Config` /
 `MergeConfig`. Errors are the exceptions the command line turns into its one-line messages
 (`ConfigError`, `DataError`, `ModelLoadError`, ...), raised, never `sys.exit`; a run stopped by
-SIGINT / SIGTERM (a notebook's stop button) raises `Interrupted` after its checkpoint.
+SIGINT / SIGTERM (a notebook's stop button) raises `Interrupted` after its checkpoint, and a
+directory that another run is using is refused (`RunDirLocked`) before anything is written.
 
 In a dict, `data.sft` / `data.pref`'s `train` and `eval` may be a `datasets.Dataset` instead of a
 path. It is saved (`save_to_disk`) as `<output_dir>/datasets/<slot>-<train|eval>/` and the config
@@ -67,12 +68,15 @@ def train(
     """
     from unitune.jobs import train as run_job
     from unitune.models.load import check_model_source
+    from unitune.train.rundir import lock_output_dir
 
     cfg, found = _config(config, overrides)
     check_model_source(cfg.model)
-    for (slot, split), ds in found.items():
-        target = Path(cfg.output_dir) / "datasets" / f"{slot}-{split}"
-        setattr(getattr(cfg.data, slot), split, save_dataset(ds, target))
+    if found:
+        with lock_output_dir(cfg.output_dir):  # not under a run that is using the directory
+            for (slot, split), ds in found.items():
+                target = Path(cfg.output_dir) / "datasets" / f"{slot}-{split}"
+                setattr(getattr(cfg.data, slot), split, save_dataset(ds, target))
     again = resume if isinstance(resume, bool) else str(resume)
     return run_job(cfg, console=console, progress=progress, resume=again)
 
