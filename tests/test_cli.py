@@ -1,10 +1,12 @@
 import json
+import re
 from pathlib import Path
 
 import yaml
 from typer.testing import CliRunner
 
 from unitune.cli import app
+from unitune.config import parse_config
 
 runner = CliRunner()
 
@@ -126,3 +128,102 @@ def test_objectives_fit_an_80_column_terminal():
         assert any(line.startswith(f"{o.name}  (") for line in lines), o.name
         assert " ".join(o.summary.split()) in text, o.name
         assert o.source in text, o.name
+
+
+def _never_load(monkeypatch) -> None:
+    """Checking the model's source, the CLI's first step towards loading it, fails the test: an
+    error must come before it."""
+    import unitune.jobs  # noqa: F401  (imported before the patch: the trainer keeps its loader)
+    from unitune.models import source
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(source, "check_model_source", fail)
+
+
+def _one_line_error(res) -> str:
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
+    return lines[0]
+
+
+def test_an_objective_in_the_wrong_slot_is_a_config_error(tiny_config, tmp_path, monkeypatch):
+    _never_load(monkeypatch)
+    raw = tiny_config("alright")
+    raw["objectives"] = {"sft": {"name": "dpo"}}
+    line = _one_line_error(runner.invoke(app, ["train", str(write_config(tmp_path, raw))]))
+    assert "objectives.sft" in line and "'dpo' is a pref objective" in line
+    assert not Path(raw["output_dir"]).exists()
+    raw["objectives"] = {"pref": {"name": "ift"}}
+    line = _one_line_error(runner.invoke(app, ["train", str(write_config(tmp_path, raw))]))
+    assert "objectives.pref" in line and "'ift' is a sft objective" in line
+
+
+def test_a_renamed_objective_key_names_the_new_one(tiny_config, tmp_path, monkeypatch):
+    _never_load(monkeypatch)
+    raw = tiny_config("alright")
+    for slot, name, new in (("sft", "ift", "embed_mix"), ("pref", "orpo", "odds_ratio_weight")):
+        raw["objectives"] = {slot: {"name": name, "lam": 0.3}}
+        line = _one_line_error(runner.invoke(app, ["train", str(write_config(tmp_path, raw))]))
+        assert f"objectives.{slot}" in line and f"lam: renamed '{new}'" in line
+        raw["objectives"] = {slot: {"name": name, new: 0.3}}
+        cfg = parse_config(raw)
+        assert getattr(cfg.objectives, slot).params().model_dump()[new] == 0.3
+
+
+def test_a_config_path_that_is_a_directory(tmp_path, monkeypatch):
+    _never_load(monkeypatch)
+    line = _one_line_error(runner.invoke(app, ["train", str(tmp_path)]))
+    assert str(tmp_path) in line and "is a directory" in line
+
+
+def test_a_config_that_is_not_utf8(tiny_config, tmp_path, monkeypatch):
+    _never_load(monkeypatch)
+    path = tmp_path / "latin1.yaml"
+    text = yaml.safe_dump({**tiny_config("alright"), "name": "café"}, allow_unicode=True)
+    path.write_bytes(text.encode("latin-1"))
+    line = _one_line_error(runner.invoke(app, ["train", str(path)]))
+    assert str(path) in line and "not UTF-8" in line
+
+
+def _our_locations(text: str) -> set[str]:
+    """The unitune source files named as `file.py:LINE` in `text` (third-party loggers, such as
+    DeepSpeed's accelerator warning, format their own lines)."""
+    import unitune
+
+    ours = {p.name for p in Path(unitune.__file__).parent.rglob("*.py")}
+    return {m for m in re.findall(r"(\w+\.py):\d+", text) if m in ours}
+
+
+def test_log_lines_name_no_source_location_unless_verbose(tiny_config, tmp_path, monkeypatch):
+    from unitune import cli
+
+    monkeypatch.setattr(cli, "console", cli.console)  # --verbose replaces it; restored after
+    path = write_config(tmp_path, tiny_config("alright", max_steps=1))
+    res = runner.invoke(app, ["train", str(path), "--no-progress"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "records" in res.output  # the data lines are logged
+    assert not _our_locations(res.output), res.output
+    again = ["--verbose", "train", str(path), "--no-progress", "--set", "output_dir=" + str(
+        tmp_path / "verbose")]  # fmt: skip
+    res = runner.invoke(app, again, env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "rundir.py" in _our_locations(res.output), res.output
+
+
+def test_a_rerun_says_its_data_came_from_the_cache(tiny_config, tmp_path):
+    raw = tiny_config("alright", max_steps=1)
+    wide = {"COLUMNS": "300"}
+    res = runner.invoke(app, ["train", str(write_config(tmp_path, raw)), "--no-progress"], env=wide)
+    assert res.exit_code == 0, res.output
+    data_lines = [line for line in res.output.splitlines() if " records" in line]
+    assert data_lines and not any("tokenized-data cache" in line for line in data_lines)
+    raw["output_dir"] = str(tmp_path / "again")
+    res = runner.invoke(app, ["train", str(write_config(tmp_path, raw)), "--no-progress"], env=wide)
+    assert res.exit_code == 0, res.output
+    data_lines = [line for line in res.output.splitlines() if " records" in line]
+    assert len(data_lines) == 4, res.output  # sft and pref, train and eval
+    assert all(line.rstrip().endswith("(from the tokenized-data cache)") for line in data_lines)

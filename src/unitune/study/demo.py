@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -161,29 +162,35 @@ def demo_config(
     )
 
 
-def comparison_table(summaries: list[dict]) -> Table:
-    """One row per run; a `parallel` run adds the base and its two branches under its row."""
-    table = Table(
-        title="unitune demo: joint SFT + preference schedules (held-out, lower is better)"
+def comparison_tables(summaries: list[dict]) -> list[Table]:
+    """Two tables, each within 80 columns (a terminal, a log file): the held-out losses, then the
+    evaluation and the cost. One row per run; a `parallel` run adds the base and its two branches
+    under its row."""
+    title = "unitune demo"
+    losses = _table(
+        f"{title}: held-out losses (lower is better)",
+        ("schedule", "lam", "f_sft", "f_pref", "reward\nacc", "ideal\ndist.", "steps\nsft/pref"),
     )
-    cols = ("schedule", "lam", "f_sft", "f_pref", "reward acc", "ideal dist.", "win rate",
-            "retention", "wall s", "eval s", "steps")  # fmt: skip
-    for col in cols:
-        table.add_column(col, justify="right" if col != "schedule" else "left", no_wrap=True)
+    cost = _table(
+        f"{title}: evaluation and cost", ("schedule", "win rate", "retention", "wall s", "eval s")
+    )
 
     def row(label: str, f: dict, s: dict | None, steps: str) -> None:
-        table.add_row(
+        losses.add_row(
             label,
             f"{s['lam']:.2f}" if s else "",
             f"{f['f_sft']:.4f}",
             f"{f['f_pref']:.4f}",
             f"{f['reward_acc']:.2f}",
             f"{f['ideal_distance']:.4f}" if "ideal_distance" in f else "",
+            steps,
+        )
+        cost.add_row(
+            label,
             f"{f['win_rate']:.2f}" if "win_rate" in f else "",
             _retention(s),
             f"{s['wall_s']:.0f}" if s else "",
             f"{s['eval_s']:.0f}" if s and "eval_s" in s else "",
-            steps,
         )
 
     for s in summaries:
@@ -193,8 +200,23 @@ def comparison_table(summaries: list[dict]) -> Table:
             for kind, f in s["branches"].items():
                 sp = s["sparsity"][kind]["sparsity"]
                 steps = f"{n['sft']}/0" if kind == "sft" else f"0/{n['pref']}"
-                row(f"  {kind} branch (sparsity {sp:.0%})", f, None, steps)
+                row(f"  {kind} ({sp:.0%} sparse)", f, None, steps)
             row("  base", s["base"], None, "0/0")
+    return [losses, cost]
+
+
+def _table(title: str, cols: tuple[str, ...]) -> Table:
+    """A table with no vertical rules, so that its columns fit 80 characters; `steps` is
+    SFT/preference steps."""
+    table = Table(
+        title=title,
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        title_justify="left",
+        collapse_padding=True,
+    )
+    for col in cols:
+        table.add_column(col, justify="left" if col == "schedule" else "right", no_wrap=True)
     return table
 
 
@@ -269,7 +291,8 @@ def run_demo(
     star = calibrate(cfgs[0], console, progress=progress)
     summaries = [jobs_train(c, console=console, progress=progress, ideal=star) for c in cfgs]
     if seeds == 1:
-        console.print(comparison_table(summaries))
+        for table in comparison_tables(summaries):
+            console.print(table)
     console.print(f"retention of the starting model: {start_retention(cfgs[0])}")
     files = plot_runs(
         [Path(c.output_dir) for c in cfgs],

@@ -93,6 +93,8 @@ def report_data(data: dict[str, Split], console: Console, max_length: int) -> No
                 msg += f", truncated {rep.truncated} to max_length={max_length}"
             if rep.unused_columns:
                 msg += f", unused columns: {format_unused(rep.unused_columns)}"
+            if rep.cached:  # the counts are those of the build that filled the cache
+                msg += " (from the tokenized-data cache)"
             console.log(msg)
         console.log(f"{kind}: {len(split.train)} train / {len(split.eval)} eval")
 
