@@ -16,13 +16,21 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console()
+console = Console(log_path=False)  # log lines without their source file and line (--verbose)
 
 
 @app.callback()
-def _start() -> None:
+def _start(
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="log lines name their source file and line"
+    ),
+) -> None:
     """SFT and preference optimization, jointly, in one run."""
+    global console
     from unitune.core.allocator import tune
+
+    if verbose:
+        console = Console(log_path=True)
 
     tune()  # glibc's allocator kept from mmap/munmap churn (`allocator.py`)
 
@@ -77,6 +85,7 @@ def train(
     from unitune.train.hub import HubError
     from unitune.train.loop import JudgeFailedError, NonFiniteError
     from unitune.train.resume import ResumeError
+    from unitune.train.rundir import RunDirLocked
 
     cfg = _load(config, set_)
     _check_model(cfg.model)
@@ -92,6 +101,7 @@ def train(
         JudgeFailedError,
         EngineError,
         HubError,
+        RunDirLocked,
         MergeError,
     ) as e:
         _fail(str(e))
@@ -320,7 +330,7 @@ def objectives() -> None:
         if o.needs_labels:
             data += " with labels"
         ref = "yes" if o.needs_ref else "no"
-        head = _wrap("", f"{o.name}  ({o.kind} slot; {data}; reference model: {ref})", width)
+        head = _wrap("", f"{o.name}  ({o.slot} slot; {data}; reference model: {ref})", width)
         say()
         title = Text(head[0])
         title.stylize("bold cyan", 0, len(o.name))
