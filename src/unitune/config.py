@@ -9,7 +9,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 # a field's json_schema_extra when a resumed run may change it: it does not change what was
 # already trained (train/resume.py reads it)
@@ -77,14 +85,22 @@ class ObjectiveConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_params(self) -> ObjectiveConfig:
-        from unitune.objectives import REGISTRY
+        from unitune.objectives import REGISTRY, renamed_problem
 
         if self.name not in REGISTRY:
             raise ValueError(
                 f"unknown objective {self.name!r}; known: {', '.join(sorted(REGISTRY))}"
             )
+        renamed = renamed_problem(self.name, self.model_extra or {})
+        if renamed:
+            raise ValueError(renamed)
         REGISTRY[self.name].params(**(self.model_extra or {}))  # raises on unknown/bad keys
         return self
+
+    def objective(self):  # -> unitune.objectives.Objective
+        from unitune.objectives import REGISTRY
+
+        return REGISTRY[self.name]
 
     def params(self) -> BaseModel:
         from unitune.objectives import REGISTRY
@@ -92,19 +108,38 @@ class ObjectiveConfig(BaseModel):
         return REGISTRY[self.name].params(**(self.model_extra or {}))
 
 
+def _default_objective(slot: str) -> ObjectiveConfig:
+    from unitune.objectives import DEFAULT_OBJECTIVE
+
+    return ObjectiveConfig(name=DEFAULT_OBJECTIVE[slot])
+
+
 class ObjectivesConfig(Strict):
-    sft: ObjectiveConfig = ObjectiveConfig(name="sft")
-    pref: ObjectiveConfig = ObjectiveConfig(name="dpo")
+    sft: ObjectiveConfig = Field(default_factory=lambda: _default_objective("sft"))
+    pref: ObjectiveConfig = Field(default_factory=lambda: _default_objective("pref"))
 
     @model_validator(mode="before")
     @classmethod
     def _default_names(cls, data: Any) -> Any:
         """`objectives.pref.beta=0.2` alone keeps the slot's default objective."""
+        from unitune.objectives import DEFAULT_OBJECTIVE
+
         if isinstance(data, dict):
-            for slot, default in (("sft", "sft"), ("pref", "dpo")):
+            for slot, default in DEFAULT_OBJECTIVE.items():
                 if isinstance(data.get(slot), dict) and "name" not in data[slot]:
                     data[slot] = {"name": default, **data[slot]}
         return data
+
+    @field_validator("sft", "pref")
+    @classmethod
+    def _slot(cls, v: ObjectiveConfig, info: ValidationInfo) -> ObjectiveConfig:
+        """Each slot holds an objective of that slot (`objectives.sft: {name: dpo}` is refused)."""
+        from unitune.objectives import slot_problem
+
+        problem = slot_problem(v.name, info.field_name)
+        if problem:
+            raise ValueError(problem)
+        return v
 
 
 class MergeOptions(Strict):
@@ -151,15 +186,21 @@ class ParallelMerge(MergeOptions):
     weights: tuple[float, float] = (1.0, 1.0)  # (sft branch, preference branch)
 
 
+def _default_schedule() -> str:
+    from unitune.schedules.registry import DEFAULT_SCHEDULE
+
+    return DEFAULT_SCHEDULE
+
+
 class ScheduleConfig(BaseModel):
     """The `schedule:` section. Keys other than these are the options of the named schedule,
     validated from its constructor's signature (`schedules.register_schedule`), e.g. MAXRIGHT's
     `k` (recompute both gaps every k steps, default 10)."""
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
-    name: str = (
-        "alright"  # a registered schedule (unitune.schedules.registry.SCHEDULES) or "parallel"
-    )
+    # a registered schedule (unitune.schedules.registry.SCHEDULES) or "parallel"; default:
+    # schedules.registry.DEFAULT_SCHEDULE
+    name: str = Field(default_factory=lambda: _default_schedule())
     lam: float = Field(0.5, ge=0.0, le=1.0)  # weight / probability of the preference objective
     ideal: Literal["zero", "config", "calibrate"] = "zero"  # where f_sft*, f_pref* come from
     f_sft_star: float | None = None  # optima of the metrics f_sft, f_pref (ideal distance)
@@ -196,9 +237,19 @@ class ScheduleConfig(BaseModel):
             SCHEDULES[self.name].options(**options)  # raises on a bad value
         if self.ideal == "config" and (self.f_sft_star is None or self.f_pref_star is None):
             raise ValueError("ideal: config needs both f_sft_star and f_pref_star")
-        if self.l1 > 0 and self.name not in ("parallel", "sft"):
-            raise ValueError("l1 (PAFT's penalty on the SFT delta) needs schedule parallel or sft")
+        if self.l1 > 0 and self.name != "parallel" and self.slots() != ("sft",):
+            sft_only = [n for n, c in SCHEDULES.items() if c.slots == ("sft",)]
+            raise ValueError(
+                "l1 (PAFT's penalty on the SFT delta) needs schedule parallel or one that trains "
+                f"SFT only ({', '.join(sft_only)})"
+            )
         return self
+
+    def slots(self) -> tuple[str, ...]:
+        """The objective slots this schedule trains (its registry entry's `slots`)."""
+        from unitune.schedules.registry import SCHEDULES
+
+        return SCHEDULES[self.name].slots if self.name in SCHEDULES else ("sft", "pref")
 
     def options(self) -> dict[str, Any]:
         """The named schedule's own options (the section's extra keys)."""
@@ -340,19 +391,19 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _data_for_schedule(self) -> Config:
-        needs_sft = self.schedule.name != "pref"
-        needs_pref = self.schedule.name != "sft"
-        if needs_sft and self.data.sft is None:
-            raise ValueError(f"schedule {self.schedule.name!r} needs data.sft")
-        if needs_pref and self.data.pref is None:
-            raise ValueError(f"schedule {self.schedule.name!r} needs data.pref")
+        from unitune.schedules.registry import SCHEDULES, context_of
+
+        for slot in self.schedule.slots():
+            if getattr(self.data, slot) is None:
+                raise ValueError(f"schedule {self.schedule.name!r} needs data.{slot}")
         sc = self.schedule
-        if sc.name == "maxright" and sc.ideal == "config":
+        uses_optima = sc.name in SCHEDULES and "loss_sft_star" in context_of(sc.name)
+        if uses_optima and sc.ideal == "config":
             for slot in ("sft", "pref"):
                 obj = getattr(self.objectives, slot).name
                 if getattr(sc, f"loss_{slot}_star") is None and not self.own_loss_is_metric(slot):
                     raise ValueError(
-                        f"schedule.loss_{slot}_star: maxright steps on {obj}'s own loss, which is "
+                        f"schedule.loss_{slot}_star: {sc.name} steps on {obj}'s own loss, which is "
                         f"not f_{slot}; give that loss's optimum (or use ideal: calibrate)"
                     )
         if sc.name == "parallel" and self.train.push_to_hub:
@@ -363,12 +414,10 @@ class Config(Strict):
         return self
 
     def own_loss_is_metric(self, slot: str) -> bool:
-        """Whether the objective of `slot` trains on exactly the held-out metric `f_<slot>`:
-        `sft` for f_sft; for f_pref, `dpo` / `una_pair` at `beta == eval.beta` on pairs."""
+        """Whether the objective of `slot` trains on exactly the held-out metric `f_<slot>` (its
+        registry entry's `metric`, at `beta == eval.beta` when it has a beta)."""
         obj = getattr(self.objectives, slot)
-        if slot == "sft":
-            return obj.name == "sft"
-        return obj.name in ("dpo", "una_pair") and obj.params().beta == self.eval.beta
+        return obj.objective().equals_metric(obj.params(), self.eval.beta)
 
     def own_loss_key(self, slot: str) -> str:
         """The eval key holding the held-out value of `slot`'s own objective."""
@@ -381,14 +430,17 @@ class ConfigError(ValueError):
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid config"]
+    """One line per error, naming its key's dotted path; a single error is one line in all."""
+    lines = []
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"  {path}: {msg}")
-    return "\n".join(lines)
+        lines.append(f"{path}: {msg}")
+    if len(lines) == 1:
+        return f"{source}: invalid config: {lines[0]}"
+    return "\n  ".join([f"{source}: invalid config", *lines])
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
@@ -421,10 +473,24 @@ def parse_config(data: dict[str, Any], source: str = "config") -> Config:
 
 
 def _read_yaml(path: Path, overrides: list[str] | None) -> dict[str, Any]:
+    """The mapping of the YAML file `path`, `overrides` applied; every failure a ConfigError that
+    names the file."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); save the config as UTF-8"
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     return apply_overrides(data, overrides or [])
