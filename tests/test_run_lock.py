@@ -53,7 +53,10 @@ def test_a_lock_is_exclusive_and_released(tmp_path):
             assert f"pid {os.getpid()}" in str(e) and "\n" not in str(e)
         else:
             raise AssertionError("a second lock on the same directory was granted")
-    lock_output_dir(tmp_path / "run").release()  # released: free again
+    assert not (tmp_path / "run").exists()  # it made the directory, nothing was written: gone
+    with lock_output_dir(tmp_path / "a" / "b" / "run") as lock:  # released: free again
+        (lock.path.parent / "config.yaml").write_text("x")
+    assert (tmp_path / "a" / "b" / "run" / "config.yaml").exists()  # a written run stays
 
 
 def test_a_second_run_is_refused_and_the_first_finishes(tiny_config, tmp_path):

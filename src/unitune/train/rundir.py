@@ -146,15 +146,27 @@ class RunDirLocked(RuntimeError):
 
 
 class RunLock:
-    """The held lock of a run directory (`lock_output_dir`); `release()` or leave its `with`."""
+    """The held lock of a run directory (`lock_output_dir`); `release()` or leave its `with`.
 
-    def __init__(self, path: Path, fd: int):
-        self.path, self.fd = path, fd
+    A directory that the lock created and that holds nothing but the lock file when it is
+    released (the run stopped on an error before writing anything) is removed with the lock
+    file, so that a refused start leaves nothing behind."""
+
+    def __init__(self, path: Path, fd: int, created: tuple[Path, ...] = ()):
+        self.path, self.fd, self.created = path, fd, created
 
     def release(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)  # closing the descriptor drops the flock
-            self.fd = -1
+        if self.fd < 0:
+            return
+        if self.created and os.listdir(self.path.parent) == [LOCK_FILE]:
+            self.path.unlink()  # still held: a run that opens it next sees it gone and retries
+            for d in self.created:  # innermost first; each only if empty
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+        os.close(self.fd)  # closing the descriptor drops the flock
+        self.fd = -1
 
     def __enter__(self) -> RunLock:
         return self
@@ -171,27 +183,37 @@ def lock_output_dir(output_dir: str | Path) -> RunLock:
     In a distributed launch only the main process (`RANK` 0) locks; the others get a lock that
     holds nothing (they write nothing to the directory that the main process does not own)."""
     out = Path(output_dir)
+    path = out / LOCK_FILE
     if os.environ.get("RANK", "0") != "0":
-        return RunLock(out / LOCK_FILE, -1)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise RunDirLocked(f"{out}: cannot create the run directory's lock: {e}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 4096, 0).decode("utf-8", "replace")
-        os.close(fd)
-        raise RunDirLocked(
-            f"{out}: in use by another run ({_describe(holder)}); wait for it to finish, stop it, "
-            "or choose another output_dir"
-        ) from None
+        return RunLock(path, -1)
+    while True:
+        created = tuple(d for d in (out, *out.parents) if not d.exists())
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunDirLocked(f"{out}: cannot create the run directory's lock: {e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+            os.close(fd)
+            raise RunDirLocked(
+                f"{out}: in use by another run ({_describe(holder)}); wait for it to finish, stop "
+                "it, or choose another output_dir"
+            ) from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # its holder removed the file while this one waited: take the new one
     started = time.strftime("%Y-%m-%d %H:%M:%S %z")
     info = {"pid": os.getpid(), "host": socket.gethostname(), "started": started}
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
-    return RunLock(out / LOCK_FILE, fd)
+    return RunLock(path, fd, created)
 
 
 def _describe(holder: str) -> str:
