@@ -74,7 +74,7 @@ def _status_mib(field: str) -> float:
 def child(args) -> None:
     from transformers import AutoTokenizer
 
-    from unitune.models.load import smollm2_cache_dir
+    from unitune.models.builtin import smollm2_cache_dir
 
     tok = AutoTokenizer.from_pretrained(str(smollm2_cache_dir()))
     if args.tool == "trl":

@@ -121,7 +121,8 @@ def main() -> None:
         measure(args.measure)
         return
 
-    from unitune.models.load import BUILTIN_SMOLLM2, model_dir
+    from unitune.models.builtin import BUILTIN_SMOLLM2
+    from unitune.models.source import model_dir
 
     base = model_dir(BUILTIN_SMOLLM2)
     size_mb = sum(f.stat().st_size for f in base.glob("*.safetensors")) / 2**20

@@ -180,7 +180,7 @@ def trl_worker(job: str, args) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
     from unitune.core.allocator import tune
-    from unitune.models.load import smollm2_cache_dir
+    from unitune.models.builtin import smollm2_cache_dir
 
     tune()  # the same allocator settings unitune's CLI applies
     torch.manual_seed(0)

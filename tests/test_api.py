@@ -145,7 +145,8 @@ def test_merge_two_trained_models(runs, tmp_path):
 
 def _tiny_dir(tmp_path):
     from unitune.config import ModelConfig
-    from unitune.models.load import load_model, save_model
+    from unitune.models.load import load_model
+    from unitune.models.save import save_model
 
     path = tmp_path / "tiny"
     save_model(*load_model(ModelConfig(name="builtin:tiny")), path)

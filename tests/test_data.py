@@ -20,7 +20,7 @@ from unitune.data import (
     load_sft,
     split_holdout,
 )
-from unitune.models.load import CHATML_TEMPLATE, tiny_tokenizer
+from unitune.models.builtin import CHATML_TEMPLATE, tiny_tokenizer
 
 EOS = "<|im_end|>"
 
@@ -573,7 +573,7 @@ def test_collate_real_pairs(tok):
 
 def test_columns_map_source_fields_to_standard_ones(tmp_path):
     from unitune.data import load_sft
-    from unitune.models.load import tiny_tokenizer
+    from unitune.models.builtin import tiny_tokenizer
 
     path = tmp_path / "alpaca.jsonl"
     path.write_text('{"instruction": "Say hi.", "output": "Hi!"}\n')

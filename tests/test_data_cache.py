@@ -29,7 +29,7 @@ from unitune.data import (
 )
 from unitune.data import load as load_module
 from unitune.data.tokenize import Encoder
-from unitune.models.load import tiny_tokenizer
+from unitune.models.builtin import tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ from unitune.data.holdout import split_holdout
 from unitune.eval.chat import chat_loop
 from unitune.eval.evaluate import generation_eval, load_target, run_prompts
 from unitune.eval.generate import generate, load_prompts
-from unitune.models.load import load_model, save_model
+from unitune.models.load import load_model
+from unitune.models.save import save_model
 
 runner = CliRunner()
 KEY = "sk-cli-SECRET-777"

@@ -19,7 +19,7 @@ from unitune.data import (
     load_sft,
     mismatched,
 )
-from unitune.models.load import tiny_tokenizer
+from unitune.models.builtin import tiny_tokenizer
 
 EOS = "<|im_end|>"
 

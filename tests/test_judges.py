@@ -18,7 +18,8 @@ from unitune.judges.openai import OpenAIJudge, parse_verdict
 from unitune.judges.programmatic import ProgrammaticJudge, register_judge
 from unitune.judges.registry import make_judge, parse_judge_spec
 from unitune.judges.winrate import win_rate
-from unitune.models.load import ModelLoadError, tiny_tokenizer
+from unitune.models.builtin import tiny_tokenizer
+from unitune.models.errors import ModelLoadError
 
 DEMO = Path(__file__).resolve().parents[1] / "src" / "unitune" / "study" / "demo_data"
 KEY = "sk-test-SECRET-4242"
@@ -252,7 +253,8 @@ def test_reward_model_load_errors(tmp_path):
     with pytest.raises(ModelLoadError, match="pickle"):
         make_judge(f"rm:{pickles}")
     from unitune.config import ModelConfig
-    from unitune.models.load import load_model, save_model
+    from unitune.models.load import load_model
+    from unitune.models.save import save_model
 
     model, tok = load_model(ModelConfig(name="builtin:tiny"))
     lm = save_model(model, tok, tmp_path / "lm")

@@ -21,7 +21,8 @@ from unitune.merge.errors import MergeError
 from unitune.merge.merge import merge
 from unitune.merge.methods import combine, dare_drop, dare_mask, trim
 from unitune.merge.sparsity import DeltaStats, delta_sparsity
-from unitune.models.load import BUILTIN_TINY, _load_tiny, model_dir
+from unitune.models.builtin import BUILTIN_TINY, load_tiny
+from unitune.models.source import model_dir
 
 # --------------------------------------------------------------------------------------------
 # Helpers and fixtures
@@ -304,7 +305,7 @@ def lora(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
     and a modules_to_save tensor) with random weights, and peft's own merge_and_unload of it."""
     from peft import LoraConfig, get_peft_model
 
-    model, _ = _load_tiny(torch.float32)
+    model, _ = load_tiny(torch.float32)
     cfg = LoraConfig(
         r=4,
         lora_alpha=8,

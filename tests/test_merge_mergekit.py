@@ -24,7 +24,8 @@ from mergekit.sparsify import rescaled_masked_tensor  # noqa: E402
 from unitune.config import MergeConfig  # noqa: E402
 from unitune.merge.merge import merge  # noqa: E402
 from unitune.merge.methods import dare_mask  # noqa: E402
-from unitune.models.load import BUILTIN_TINY, model_dir  # noqa: E402
+from unitune.models.builtin import BUILTIN_TINY  # noqa: E402
+from unitune.models.source import model_dir  # noqa: E402
 
 WEIGHTS = [1.0, 0.5, 0.8]
 DENSITIES = [0.5, 0.3, 0.7]

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from unitune.cli import app
 from unitune.config import MergeOptions
 from unitune.merge.methods import METHODS, Method, keep
-from unitune.models.load import BUILTIN_TINY, model_dir
+from unitune.models.builtin import BUILTIN_TINY
+from unitune.models.source import model_dir
 
 
 def sign_mean(ds: list[torch.Tensor], weights: list[float], opts: MergeOptions) -> torch.Tensor:

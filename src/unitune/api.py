@@ -67,7 +67,7 @@ def train(
     checked before any data is read.
     """
     from unitune.jobs import train as run_job
-    from unitune.models.load import check_model_source
+    from unitune.models.source import check_model_source
     from unitune.train.rundir import lock_output_dir
 
     cfg, found = _config(config, overrides)

@@ -45,7 +45,8 @@ def _fail(msg: str) -> None:
 def _check_model(spec, label: str = "model.name") -> None:
     """Fail in one line, before any data is read or any directory is written, when the model
     cannot be loaded (`models.check_model_source`)."""
-    from unitune.models.load import ModelLoadError, check_model_source
+    from unitune.models.errors import ModelLoadError
+    from unitune.models.source import check_model_source
 
     try:
         check_model_source(spec, label=label)
@@ -79,7 +80,7 @@ def train(
     from unitune.data import DataError
     from unitune.jobs import train as run_train
     from unitune.merge.errors import MergeError
-    from unitune.models.load import ModelLoadError
+    from unitune.models.errors import ModelLoadError
     from unitune.train.checkpoint import CheckpointError
     from unitune.train.engines import EngineError
     from unitune.train.hub import HubError
@@ -209,7 +210,7 @@ def calibrate(
 ) -> None:
     """Estimate the ideal point (f_sft*, f_pref*) by short single-objective runs (cached)."""
     from unitune.data import DataError
-    from unitune.models.load import ModelLoadError
+    from unitune.models.errors import ModelLoadError
     from unitune.train.calibration import calibrate as run_calibrate
 
     cfg = _load(config, set_)
@@ -367,7 +368,7 @@ def merge(
     from unitune.config import load_merge_config
     from unitune.merge.errors import MergeError
     from unitune.merge.merge import merge as run_merge
-    from unitune.models.load import ModelLoadError
+    from unitune.models.errors import ModelLoadError
 
     if not config.exists():
         _fail(f"{config}: no such file")
@@ -426,7 +427,7 @@ def eval_(
     from unitune.eval.generate import GenerationError
     from unitune.eval.retention import RetentionError
     from unitune.judges.base import JudgeError
-    from unitune.models.load import ModelLoadError
+    from unitune.models.errors import ModelLoadError
 
     errors = (ConfigError, DataError, ModelLoadError, JudgeError, GenerationError, RetentionError)
     task_list = None if tasks is None else [t.strip() for t in tasks.split(",") if t.strip()]
@@ -475,7 +476,7 @@ def chat(
     from unitune.eval.chat import chat_loop, reply
     from unitune.eval.evaluate import load_target
     from unitune.eval.generate import GenerationError
-    from unitune.models.load import ModelLoadError
+    from unitune.models.errors import ModelLoadError
 
     try:
         loaded = load_target(target)

@@ -37,7 +37,9 @@ from unitune.eval.retention import run_retention
 from unitune.judges.base import DEFAULT_KEY_ENV, Judge
 from unitune.judges.registry import make_judge
 from unitune.judges.winrate import WinRate, win_rate
-from unitune.models.load import ModelLoadError, check_model_source, load_model
+from unitune.models.errors import ModelLoadError
+from unitune.models.load import load_model
+from unitune.models.source import check_model_source
 
 if TYPE_CHECKING:
     from unitune.config import EvalConfig
@@ -214,7 +216,7 @@ def run_prompts(cfg: Config, *, max_samples: int | None = None) -> list[EvalProm
     else its SFT data; the `eval` file, or the held-out part of `train` as training split it."""
     from unitune.data import DataError
 
-    slots = [("pref", "preference"), ("sft", "sft")]
+    slots = [("pref", "pairs"), ("sft", "demonstrations")]
     problems = []
     for slot, kind in slots:
         dcfg = getattr(cfg.data, slot)

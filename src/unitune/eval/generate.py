@@ -39,7 +39,7 @@ from unitune.data.validation import (
     validate_preference,
     validate_sft,
 )
-from unitune.models.load import eval_mode
+from unitune.models.modes import eval_mode
 
 Message = dict[str, Any]
 Prompt = list[Message] | str
@@ -211,19 +211,19 @@ def load_prompts(
     """Prompts and reference responses from a preference or SFT dataset (any source
     `unitune.data` reads: JSONL, JSON, Parquet, a saved dataset or a hub id).
 
-    - preference pairs (`kind="preference"`, or detected from `chosen` / `rejected`): the prompt
+    - preference pairs (`kind="pairs"`, or detected from `chosen` / `rejected`): the prompt
       and the chosen response (its last assistant message for a conversation);
-    - SFT (`kind="sft"`): a conversation's messages up to its last assistant message are the
-      prompt and that message is the reference; prompt/completion records give their prompt and
-      completion.
+    - SFT demonstrations (`kind="demonstrations"`): a conversation's messages up to its last
+      assistant message are the prompt and that message is the reference; prompt/completion
+      records give their prompt and completion.
 
     `columns` renames fields as in the data config. A bad record raises `DataError` naming the
     file, the line (or record) and the field; unpaired feedback (label / score) is refused, it has
     no reference response. `on_bad_record="skip"` leaves bad records out instead (a problem of
     the whole file is still raised). `max_samples`: the first N records.
     """
-    if kind not in ("auto", "preference", "sft"):
-        raise ValueError(f"kind must be auto, preference or sft, got {kind!r}")
+    if kind not in ("auto", "pairs", "demonstrations"):
+        raise ValueError(f"kind must be auto, pairs or demonstrations, got {kind!r}")
     if on_bad_record not in ("error", "skip"):
         raise ValueError(f"on_bad_record must be error or skip, got {on_bad_record!r}")
     src = open_source(source, split)
@@ -244,7 +244,7 @@ def load_prompts(
                 if kind == "auto":
                     kind = _detect_kind(record)
                 fmt = detect_format(record, kind)
-            if kind == "preference":
+            if kind == "pairs":
                 example = validate_preference(record, fmt)[0]
             else:
                 example = validate_sft(record, fmt)
@@ -270,7 +270,7 @@ def _detect_kind(record: dict[str, Any]) -> str:
     keys = {k for k, v in record.items() if v is not None}
     if keys & {"chosen", "rejected"}:
         if detect_pref_kind(record) == "pairs":
-            return "preference"
+            return "pairs"
     if keys & {"label", "score"}:
         raise RecordError(
             None,
@@ -278,7 +278,7 @@ def _detect_kind(record: dict[str, Any]) -> str:
             "unpaired feedback (label / score) has no reference response; use preference "
             "pairs (prompt, chosen, rejected) or SFT data (messages, prompt/completion)",
         )
-    return "sft"
+    return "demonstrations"
 
 
 def _split(example: Example) -> tuple[Prompt, str]:

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from unitune.models.load import eval_mode
+from unitune.models.modes import eval_mode
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 SHIPPED_PREFIX = "unitune_"  # names looked up among the shipped tasks only (no lm-eval index)

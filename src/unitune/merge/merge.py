@@ -30,7 +30,7 @@ from unitune.merge.errors import MergeError
 from unitune.merge.methods import combine_owned, method_of
 from unitune.merge.readers import INDEX, open_base, open_source
 from unitune.merge.sparsity import DeltaStats
-from unitune.models.load import model_dir
+from unitune.models.source import model_dir
 
 _CONFIG_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 # files copied from the base to the output, besides the weights

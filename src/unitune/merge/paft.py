@@ -28,7 +28,9 @@ from unitune.eval.heldout import Ideal
 from unitune.merge.l1 import DeltaL1
 from unitune.merge.merge import merge
 from unitune.merge.readers import stored_dtypes
-from unitune.models.load import load_model, model_dir, save_model
+from unitune.models.load import load_model
+from unitune.models.save import save_model
+from unitune.models.source import model_dir
 from unitune.train import checkpoint
 from unitune.train.calibration import resolve_ideal
 from unitune.train.evaluator import Evaluator, retention

@@ -12,7 +12,7 @@ import torch
 from unitune.core.io import ST_DTYPES
 from unitune.merge.errors import MergeError
 from unitune.merge.readers import open_base, open_source
-from unitune.models.load import model_dir
+from unitune.models.source import model_dir
 
 
 class DeltaStats:
@@ -85,7 +85,7 @@ def delta_sparsity(base: str | Path, model: str | Path, tol: float = 1e-6) -> di
     `sparsity` (zeros / numel), `l1` (sum |d|) and `top10_mass` (fraction of the L1 mass held
     by the largest 10% of entries; see `DeltaStats` for its tiny histogram approximation).
     `model` may be a full model or a LoRA adapter (whose delta is its LoRA product; tensors it
-    does not touch count as zeros). Both are resolved with `unitune.models.load.model_dir`.
+    does not touch count as zeros). Both are resolved with `unitune.models.source.model_dir`.
     """
     b = open_base(str(base), None)
     m = open_source(model_dir(str(model)), "model")

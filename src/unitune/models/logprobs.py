@@ -5,7 +5,9 @@ time, so the full `[batch, length, vocab]` logits are never built. In training, 
 checkpointed: its `[chunk, vocab]` logits are recomputed in the backward pass instead of being kept,
 so peak memory for the head is one chunk whatever the batch or sequence length. The head is called
 as a module, so that engines which gather a module's weights around its forward (DeepSpeed ZeRO-3,
-FSDP) see each use.
+FSDP) see each use. Whatever the model itself does to its logits after the head (Cohere's scale,
+Granite's divisor, Gemma2's soft-cap: `head.logit_transform`) is applied to each chunk, and
+`probe.check_logprobs` checks at load time that the result equals the model's own forward.
 
 Packed (padding-free) pass, `sequence_logps(..., packed=True)` (`train.packing`): the padding of a
 right-padded batch is removed and its rows are concatenated into one row `[1, sum(lengths)]`, with
@@ -40,10 +42,16 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from unitune.models.head import LogitTransform, logit_transform
 
-def _chunk_logp(hidden: Tensor, head: nn.Module, targets: Tensor) -> Tensor:
-    """log softmax(head(hidden))[targets], in fp32."""
+
+def _chunk_logp(
+    hidden: Tensor, head: nn.Module, targets: Tensor, transform: LogitTransform | None = None
+) -> Tensor:
+    """log softmax(transform(head(hidden)))[targets], in fp32."""
     logits = head(hidden).float()
+    if transform is not None:
+        logits = transform(logits)
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
@@ -66,22 +74,20 @@ def token_logps(
     targets: Tensor,
     *,
     chunk_size: int = 1024,
-    softcap: float | None = None,
+    transform: LogitTransform | None = None,
 ) -> Tensor:
-    """log p(target) for each selected position of `hidden` ([N, H] rows), chunk by chunk."""
+    """log p(target) for each selected position of `hidden` ([N, H] rows), chunk by chunk.
+
+    `transform`: what the model does to its logits after the head (`head.logit_transform`)."""
     rows = hidden[positions[:, 0], positions[:, 1]]
     trains_head = any(p.requires_grad for p in head.parameters())
     out = []
     for start in range(0, rows.shape[0], chunk_size):
         h, t = rows[start : start + chunk_size], targets[start : start + chunk_size]
-        if softcap is not None:
-            logits = head(h).float()
-            logits = softcap * torch.tanh(logits / softcap)
-            out.append(logits.gather(-1, t[:, None]).squeeze(-1) - torch.logsumexp(logits, -1))
-        elif torch.is_grad_enabled() and (h.requires_grad or trains_head):
-            out.append(checkpoint(_chunk_logp, h, head, t, use_reentrant=False))
+        if torch.is_grad_enabled() and (h.requires_grad or trains_head):
+            out.append(checkpoint(_chunk_logp, h, head, t, transform, use_reentrant=False))
         else:
-            out.append(_chunk_logp(h, head, t))
+            out.append(_chunk_logp(h, head, t, transform))
     return torch.cat(out) if out else rows.new_zeros(0, dtype=torch.float32)
 
 
@@ -110,8 +116,8 @@ def sequence_logps(
     mask = target_mask[:, 1:].bool() & attention_mask[:, 1:].bool()
     positions = mask.nonzero()  # [N, 2]: (row, position of the predicting hidden state)
     targets = input_ids[:, 1:][mask]
-    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
-    logp = token_logps(hidden, head, positions, targets, chunk_size=chunk_size, softcap=softcap)
+    transform = logit_transform(getattr(model, "config", None))
+    logp = token_logps(hidden, head, positions, targets, chunk_size=chunk_size, transform=transform)
     sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
     sums = sums.index_add(0, positions[:, 0], logp)
     return sums, mask.sum(dim=1)
@@ -197,8 +203,10 @@ def packed_sequence_logps(
     rows = positions[:, 0]
     packed_pos = torch.stack([torch.zeros_like(rows), p["offsets"][rows] + positions[:, 1]], 1)
     targets = input_ids[:, 1:][mask]
-    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
-    logp = token_logps(hidden, head, packed_pos, targets, chunk_size=chunk_size, softcap=softcap)
+    transform = logit_transform(getattr(model, "config", None))
+    logp = token_logps(
+        hidden, head, packed_pos, targets, chunk_size=chunk_size, transform=transform
+    )
     sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
     sums = sums.index_add(0, rows, logp)
     return sums, mask.sum(dim=1)

@@ -1,24 +1,103 @@
-"""Where a model comes from, checked before anything else runs: a local directory (safetensors
-only: pickle weights can run code on load) or a Hugging Face Hub id (reachable, or cached, with
-safetensors weights). Every failure is one `ModelLoadError` line naming the config key, the name,
-the problem and what to do.
+"""Where a model comes from, checked before anything else runs: a builtin, a local directory
+(safetensors only: pickle weights can run code on load) or a Hugging Face Hub id (reachable, or
+cached, with safetensors weights). Every failure is one `ModelLoadError` line naming the config
+key, the name, the problem and what to do.
+
+`check_model_source` is the cheap check the CLI runs before any data is read; `model_dir` turns a
+name into a local directory of safetensors files (for merging and PAFT, which read files).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from unitune.models.builtin import (
+    BUILTIN_SMOLLM2,
+    BUILTIN_TINY,
+    smollm2_cache_dir,
+    smollm2_cached,
+    smollm2_gguf_path,
+    tiny_dir,
+    unknown_builtin,
+)
+from unitune.models.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from unitune.config import ModelConfig
 
 _PICKLE_SUFFIXES = (".bin", ".bin.index.json", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-class ModelLoadError(ValueError):
-    """A model or tokenizer could not be loaded; the message says why and what to do."""
 
 
 _PATH_PREFIXES = ("/", "./", "../", "~", ".\\", "..\\")
 _HUB_SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
 _HUB_PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 OFFLINE_REMEDY = "use a local directory, or a cached copy with HF_HUB_OFFLINE=1"
+
+
+def check_model_source(spec: ModelConfig, *, label: str = "model.name") -> None:
+    """Check, cheaply and before any data is read, that `spec.name` names a loadable model.
+
+    Raises a one-line `ModelLoadError` that names `label`, the name, the problem and what to do:
+
+    - `builtin:*`: must be a known builtin; `builtin:smollm2-135m` must be cached or installed.
+    - an existing path: must be a directory with safetensors weights (directories holding only
+      pickles, only a LoRA adapter, or no weights are refused; see `check_local_dir`).
+    - a missing path: "no such directory" when the name can only be a path (see
+      `local_model_path`).
+    - anything else is a Hugging Face Hub id: its `config.json` must be fetchable (or cached;
+      with `HF_HUB_OFFLINE=1` only the cache is used) and the repo must hold safetensors weights
+      (`model.safetensors` or `model.safetensors.index.json`). An unreachable hub is detected
+      with one request, without the hub client's retries.
+    """
+    name = spec.name
+    if name == BUILTIN_TINY:
+        return
+    if name == BUILTIN_SMOLLM2:
+        if not smollm2_cached():
+            smollm2_gguf_path()  # raises, saying how to install it
+        return
+    if name.startswith("builtin:"):
+        raise ModelLoadError(unknown_builtin(name, label))
+    path = local_model_path(name, label)
+    if path is not None:
+        check_local_dir(path, name, label)
+        return
+    check_hub_model(name, spec.revision, label)
+
+
+def model_dir(name: str, revision: str | None = None, *, label: str = "model") -> Path:
+    """A model or adapter as a local directory of safetensors, config and tokenizer files.
+
+    Builtins come from the cache (`builtin:tiny` is saved there on first use), local directories
+    are used as they are, and hub ids are downloaded (safetensors, JSON and tokenizer files only;
+    never pickles).
+    """
+    if name == BUILTIN_SMOLLM2:
+        return smollm2_cache_dir()
+    if name == BUILTIN_TINY:
+        return tiny_dir()
+    if name.startswith("builtin:"):
+        raise ModelLoadError(unknown_builtin(name, label))
+    path = local_model_path(name, label)
+    if path is not None:
+        if not path.is_dir():
+            raise ModelLoadError(f"{label} {name!r}: {path} is a file, not a model directory")
+        return path
+    from huggingface_hub import is_offline_mode, snapshot_download
+
+    if not is_offline_mode():
+        unreachable = hub_unreachable()
+        if unreachable is not None and not cached_snapshot(name, revision):
+            raise ModelLoadError(unreachable_message(name, label, unreachable))
+    patterns = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+    try:
+        return Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
+    except Exception as err:  # every hub failure becomes one line
+        problem = hub_problem(err, name, revision, label)
+        raise ModelLoadError(
+            problem or f"{label} {name!r}: cannot be downloaded: {first_line(err)}"
+        ) from None
 
 
 def local_model_path(name: str, label: str = "model.name") -> Path | None:

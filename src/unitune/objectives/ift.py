@@ -65,6 +65,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from unitune.models.head import logit_transform
 from unitune.models.logprobs import _decoder_and_head, token_logps
 from unitune.objectives.types import TokenLogps
 
@@ -88,8 +89,9 @@ def greedy_predictions(
 ) -> Tensor:
     """argmax of the LM head at `positions` ([N, 2]: row, position of the predicting hidden state).
 
-    Runs on the ground-truth `input_ids`; returns `[N]` token ids. Softcapping is monotone, so it
-    cannot change the argmax and is not applied.
+    Runs on the ground-truth `input_ids`; returns `[N]` token ids. What the model does to its
+    logits after the head (`head.logit_transform`: a positive scale or a soft-cap) is monotone,
+    so it cannot change the argmax and is not applied.
     """
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     rows = hidden[positions[:, 0], positions[:, 1]]
@@ -130,8 +132,8 @@ def ift_forward(
         mixed = (1 - embed_mix) * embeds[rows, cols] + embed_mix * embed(preds).to(embeds.dtype)
         embeds = embeds.index_put((rows, cols), mixed)
         hidden = decoder(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
-    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
-    logp = token_logps(hidden, head, positions, targets, chunk_size=chunk_size, softcap=softcap)
+    transform = logit_transform(getattr(model, "config", None))
+    logp = token_logps(hidden, head, positions, targets, chunk_size=chunk_size, transform=transform)
     out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     out = out.index_put((rows, cols), logp)
     mask = torch.zeros_like(target_mask)

@@ -37,7 +37,8 @@ from unitune.config import Config, ConfigError, apply_overrides, dump_config, pa
 from unitune.data import DataError
 from unitune.jobs import train as run_job
 from unitune.merge.errors import MergeError
-from unitune.models.load import ModelLoadError, check_model_source
+from unitune.models.errors import ModelLoadError
+from unitune.models.source import check_model_source
 from unitune.train.checkpoint import CheckpointError, latest_checkpoint
 from unitune.train.engines import EngineError
 from unitune.train.hub import HubError

@@ -18,7 +18,8 @@ from unitune.config import Config, dump_config
 from unitune.core.io import atomic_write, cache_dir
 from unitune.data import data_fingerprint
 from unitune.eval.heldout import Ideal
-from unitune.models.load import load_model, model_fingerprint
+from unitune.models.fingerprint import model_fingerprint
+from unitune.models.load import load_model
 from unitune.train.batches import flatten, load_data
 from unitune.train.loop import train
 

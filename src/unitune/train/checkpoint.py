@@ -56,6 +56,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from unitune.models.lora import is_peft
+
 VERSION = 1
 CHECKPOINTS = "checkpoints"
 MODEL_FILE = "model.safetensors"
@@ -470,10 +472,6 @@ def _unwrap(model: Any) -> Any:
             return model
 
 
-def _is_peft(model: Any) -> bool:
-    return hasattr(model, "peft_config")
-
-
 def _peft_state(model: Any) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
 
@@ -484,7 +482,7 @@ def _peft_state(model: Any) -> dict[str, torch.Tensor]:
 def _model_payload(model: Any) -> tuple[str, dict[str, torch.Tensor], dict[str, str]]:
     """(file name, tensors to write, alias -> stored name for tied weights)."""
     model = _unwrap(model)
-    if _is_peft(model):
+    if is_peft(model):
         return ADAPTER_FILE, dict(_peft_state(model)), {}
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
@@ -510,7 +508,7 @@ def _model_payload(model: Any) -> tuple[str, dict[str, torch.Tensor], dict[str, 
 
 def _load_model(model: Any, path: Path) -> None:
     model = _unwrap(model)
-    peft = _is_peft(model)
+    peft = is_peft(model)
     if peft != (path.name == ADAPTER_FILE):
         saved = "a LoRA adapter" if path.name == ADAPTER_FILE else "a full model"
         raise CheckpointError(f"it holds {saved}, but the model is {_kind(model)}")
@@ -543,7 +541,7 @@ def _load_model(model: Any, path: Path) -> None:
 
 
 def _kind(model: Any) -> str:
-    return "a PeftModel (LoRA)" if _is_peft(model) else "a full model"
+    return "a PeftModel (LoRA)" if is_peft(model) else "a full model"
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import json
 from torch import nn
 
 from unitune.core.io import atomic_write
-from unitune.models.load import save_model
+from unitune.models.save import save_model
 from unitune.train.hub import push_model
 from unitune.train.modelcard import write_model_card
 from unitune.train.session import Session

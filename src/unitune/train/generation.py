@@ -12,7 +12,7 @@ from torch import nn
 from unitune.core.io import atomic_write
 from unitune.eval.evaluate import generation_eval, judge_for, run_prompts
 from unitune.eval.generate import EvalPrompt, generate
-from unitune.models.load import reference_mode
+from unitune.models.lora import reference_mode
 from unitune.train.session import Session
 
 

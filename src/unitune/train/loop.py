@@ -27,7 +27,7 @@ from unitune.core.interrupts import Interrupted, Interrupts
 from unitune.core.progress import ProgressBar
 from unitune.eval.heldout import Ideal
 from unitune.judges.base import JudgeError
-from unitune.models.load import trainable_parameters
+from unitune.models.summary import trainable_parameters
 from unitune.schedules.registry import build_schedule
 from unitune.train import checkpoint, trackers
 from unitune.train.batches import BatchStream

@@ -14,7 +14,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from unitune.models.load import reference_mode
+from unitune.models.lora import reference_mode
 from unitune.train.batches import flatten
 from unitune.train.references import RefKey, RefStore, reference_logps
 from unitune.train.session import Session

@@ -23,12 +23,8 @@ from torch import nn
 from unitune.config import Config
 from unitune.core.io import cache_dir
 from unitune.data import length_batches
-from unitune.models.load import (
-    enable_gradient_checkpointing,
-    load_model,
-    model_fingerprint,
-    weights_fingerprint,
-)
+from unitune.models.fingerprint import model_fingerprint, weights_fingerprint
+from unitune.models.load import enable_gradient_checkpointing, load_model
 from unitune.objectives import REGISTRY
 from unitune.train import engines
 from unitune.train.batches import AUX_INPUTS, item_length, load_data
