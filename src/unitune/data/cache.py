@@ -34,7 +34,7 @@ from unitune.data.store import Items, TokenStore
 
 log = logging.getLogger(__name__)
 
-LAYOUT = 1  # bump when what an entry holds, or how records are tokenized, changes
+LAYOUT = 2  # bump when what an entry holds, or how records are tokenized, changes
 ARRAYS = {  # file name -> (TokenStore field or "items"/"target", dtype)
     "ids.i32": ("ids", "<i4"),
     "mask.u8": ("mask", "u1"),

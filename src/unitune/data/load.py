@@ -76,7 +76,7 @@ def load_sft(
     `cache_dir`: where the tokenized-data cache lives (None: no cache).
     """
     return _load(
-        source, tokenizer, "sft", max_length, on_bad_record, split, columns, format,
+        source, tokenizer, "demonstrations", max_length, on_bad_record, split, columns, format,
         num_proc=num_proc, cache_dir=cache_dir,
     )  # fmt: skip
 
@@ -94,7 +94,7 @@ def load_preference(
 ) -> tuple[Items, DataReport]:
     """Load preference data (explicit or implicit prompt) as tokenized `Pair`s."""
     return _load(
-        source, tokenizer, "preference", max_length, on_bad_record, split, columns,
+        source, tokenizer, "pairs", max_length, on_bad_record, split, columns,
         num_proc=num_proc, cache_dir=cache_dir,
     )  # fmt: skip
 
@@ -205,7 +205,7 @@ def _check_score_range(score_range: Any) -> tuple[float, float]:
 class _Job:
     """What tokenizing a record needs; sent once to each tokenizing process."""
 
-    kind: str  # "sft", "preference" or "unpaired"
+    kind: str  # "demonstrations", "pairs" or "unpaired"
     fmt: Format
     tokenizer: PreTrainedTokenizerBase
     max_length: int
@@ -215,9 +215,9 @@ class _Job:
 
     def examples(self, record: dict[str, Any]) -> tuple[list[Example], float | None]:
         """The record's examples (a pair's chosen and rejected) and its feedback target."""
-        if self.kind == "sft":
+        if self.kind == "demonstrations":
             return [validate_sft(record, self.fmt)], None
-        if self.kind == "preference":
+        if self.kind == "pairs":
             return list(validate_preference(record, self.fmt)), None
         example, target = validate_feedback(record, self.fmt, self.score_range)
         if self.fmt.name == "score" and self.label_threshold is not None:
@@ -225,7 +225,7 @@ class _Job:
         return [example], target
 
     def check(self, seqs: list[Sequence]) -> None:
-        if self.kind == "preference" and seqs[0].input_ids == seqs[1].input_ids:
+        if self.kind == "pairs" and seqs[0].input_ids == seqs[1].input_ids:
             after = "tokenization and truncation" if seqs[0].truncated else "tokenization"
             raise RecordError("chosen", "identical", f"identical to 'rejected' after {after}")
 
@@ -415,7 +415,7 @@ def _load(
             report.truncated += chunk.truncated
             for name, n in chunk.unused.items():
                 report.unused_columns[name] = report.unused_columns.get(name, 0) + n
-    width = 2 if kind == "preference" else 1
+    width = 2 if kind == "pairs" else 1
     report.n_kept = len(builder) // width
     if not report.n_kept:
         if report.n_records == 0:
@@ -426,10 +426,9 @@ def _load(
     if report.skipped or report.truncated or report.unused_columns:
         log.info(report.summary())
     store = builder.build()
-    item_kind = {"sft": "sft", "preference": "pairs", "unpaired": "feedback"}[kind]
     feedback = "label" if fmt.name != "score" or label_threshold is not None else "score"
     target = np.array(targets, dtype=np.float64) if kind == "unpaired" else None
-    items = Items(store, item_kind, np.arange(len(store)), target, feedback)
+    items = Items(store, kind, np.arange(len(store)), target, feedback)
     if key is not None and cache.write(cache_dir, key, items, report) is not None:
         cached = cache.read(cache_dir, key)  # memory-mapped: the arrays built here can go
         if cached is not None:

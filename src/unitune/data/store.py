@@ -25,7 +25,7 @@ import numpy as np
 
 from unitune.data.sequences import Feedback, Pair, Sequence
 
-ItemKind = Literal["sft", "pairs", "feedback"]
+ItemKind = Literal["demonstrations", "pairs", "unpaired"]
 
 
 @dataclass(frozen=True)
@@ -96,9 +96,10 @@ class StoreBuilder:
 class Items(SequenceABC):
     """A dataset's items over a `TokenStore`, built on access.
 
-    `seqs[i]` holds the store indices of item `i`'s sequences: one for "sft" and "feedback"
-    items, (chosen, rejected) for "pairs". Feedback items have a `target` in [0, 1] each and one
-    `feedback_kind` ("label" or "score"); their `prompt_len` is the sequence's first target.
+    `seqs[i]` holds the store indices of item `i`'s sequences: one for "demonstrations" and
+    "unpaired" items, (chosen, rejected) for "pairs". Unpaired items have a `target` in [0, 1]
+    each and one `feedback_kind` ("label" or "score"); their `prompt_len` is the sequence's first
+    target.
     """
 
     def __init__(
@@ -111,7 +112,7 @@ class Items(SequenceABC):
     ) -> None:
         width = 2 if kind == "pairs" else 1
         seqs = np.asarray(seqs, dtype=np.int64).reshape(-1, width)
-        if kind == "feedback" and (target is None or len(target) != len(seqs)):
+        if kind == "unpaired" and (target is None or len(target) != len(seqs)):
             raise ValueError("feedback items need one target per item")
         self.store, self.kind, self.seqs = store, kind, seqs
         self.target = None if target is None else np.asarray(target, dtype=np.float64)
@@ -136,7 +137,7 @@ class Items(SequenceABC):
         if self.kind == "pairs":
             return Pair(self.store.sequence(int(row[0])), self.store.sequence(int(row[1])))
         seq = self.store.sequence(int(row[0]))
-        if self.kind == "feedback":
+        if self.kind == "unpaired":
             prompt_len = int(self.store.first_target[row[0]])
             return Feedback(seq, float(self.target[i]), prompt_len, self.feedback_kind)
         return seq
@@ -173,9 +174,10 @@ class Items(SequenceABC):
         return Items(self.store, self.kind, self.seqs[idx], target, self.feedback_kind)
 
     def sequences(self) -> Items:
-        """The sequences the model sees, as "sft" items: pairs as all chosen, then all rejected."""
+        """The sequences the model sees, as "demonstrations" items: pairs as all chosen, then all
+        rejected."""
         order = np.concatenate([self.seqs[:, 0], self.seqs[:, 1]]) if self.kind == "pairs" else None
-        return Items(self.store, "sft", self.seqs[:, 0] if order is None else order)
+        return Items(self.store, "demonstrations", self.seqs[:, 0] if order is None else order)
 
     def lengths(self) -> np.ndarray:
         """Each item's length in tokens (a pair's is its longer sequence's)."""
@@ -186,11 +188,11 @@ class Items(SequenceABC):
         if self.kind != "pairs":
             raise ValueError(f"only pairs can be unpaired, these are {self.kind}")
         target = np.tile(np.array([1.0, 0.0]), len(self))
-        return Items(self.store, "feedback", self.seqs.reshape(-1), target, "label")
+        return Items(self.store, "unpaired", self.seqs.reshape(-1), target, "label")
 
     def n_targets(self) -> np.ndarray:
-        """Each "sft" item's number of target tokens."""
-        if self.kind != "sft":
+        """Each "demonstrations" item's number of target tokens."""
+        if self.kind != "demonstrations":
             raise ValueError("n_targets() is for sequences; use sequences() first")
         sums = np.add.reduceat(self.store.mask.astype(np.int64), self.store.offsets[:-1])
         empty = self.store.offsets[1:] == self.store.offsets[:-1]
@@ -199,7 +201,7 @@ class Items(SequenceABC):
     def fingerprint_into(self, digest: Any) -> None:
         """Feed `data_fingerprint`'s bytes for these items into `digest` without building them."""
         st = self.store
-        tag = {"sft": b"S", "pairs": b"P", "feedback": b"F"}[self.kind]
+        tag = {"demonstrations": b"S", "pairs": b"P", "unpaired": b"F"}[self.kind]
         for i, row in enumerate(self.seqs):
             digest.update(tag)
             for s in row:
@@ -207,5 +209,5 @@ class Items(SequenceABC):
                 digest.update(struct.pack("<q", b - a))
                 digest.update(st.ids[a:b].astype("<i8").tobytes())
                 digest.update(st.mask[a:b].tobytes())
-            if self.kind == "feedback":
+            if self.kind == "unpaired":
                 digest.update(struct.pack("<d", float(self.target[i])))

@@ -61,7 +61,7 @@ FEEDBACK_FIELDS = ("label", "score")
 
 @dataclass(frozen=True)
 class Format:
-    kind: str  # "sft", "preference" or "unpaired"
+    kind: str  # "demonstrations", "pairs" or "unpaired"
     # "prompt_completion", "messages", "alpaca", "explicit", "repeated", "implicit", "label" or
     # "score"
     name: str
@@ -124,12 +124,12 @@ def detect_format(record: dict[str, Any], kind: str, requested: str = "auto") ->
     if requested not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {requested!r}")
     if requested == "alpaca":
-        if kind != "sft":
+        if kind != "demonstrations":
             raise ValueError("format 'alpaca' is an SFT format (instruction, input, output)")
         # other columns (even prompt/completion/messages) are unused, not errors: asked for
         return Format(kind, "alpaca", True, ("instruction", "output"), (), ("input",))
     present = _present(record)
-    if kind == "sft":
+    if kind == "demonstrations":
         if "messages" in present:
             return Format(kind, "messages", True, ("messages",), ("prompt", "completion"))
         if present & {"prompt", "completion"}:
@@ -140,7 +140,7 @@ def detect_format(record: dict[str, Any], kind: str, requested: str = "auto") ->
         expected = "'prompt' and 'completion', or 'messages'"
         if {"instruction", "output"} <= present:
             expected += " (these look like Alpaca records: set format: alpaca)"
-    elif kind == "preference":
+    elif kind == "pairs":
         if present & {"chosen", "rejected"}:
             if "prompt" in present:
                 fields = ("prompt", "chosen", "rejected")
