@@ -173,6 +173,7 @@ def test_a_new_schedule_is_one_class_and_one_registry_line(tiny_config):
     @register_schedule
     class EveryOther(Stateless):
         name = "every_other"
+        slots = ("sft", "pref")
 
         def __init__(self, *, lam: float, period: int = 2):
             self.period = period
