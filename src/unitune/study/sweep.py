@@ -34,6 +34,7 @@ import yaml
 from rich.console import Console
 
 from unitune.config import Config, ConfigError, apply_overrides, dump_config, parse_config
+from unitune.core.io import atomic_write
 from unitune.data import DataError
 from unitune.jobs import train as run_job
 from unitune.merge.errors import MergeError
@@ -44,12 +45,12 @@ from unitune.train.engines import EngineError
 from unitune.train.hub import HubError
 from unitune.train.loop import JudgeFailedError, NonFiniteError
 from unitune.train.resume import ResumeError
-from unitune.train.rundir import atomic_write
+from unitune.train.rundir import RunDirLocked
 
 # what one run may fail with that does not stop the others (`keep_going`)
 RUN_ERRORS = (
     DataError, ModelLoadError, ResumeError, CheckpointError, NonFiniteError, EngineError, HubError,
-    JudgeFailedError, MergeError,
+    JudgeFailedError, RunDirLocked, MergeError,
 )  # fmt: skip
 
 SWEEP_KEYS = {"base", "config", "output_dir", "grid", "runs"}
