@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from architectures import ARCHITECTURES
 from typer.testing import CliRunner
 
 from unitune.cli import app
@@ -22,44 +23,6 @@ from unitune.models.load import load_model
 from unitune.models.logprobs import naive_sequence_logps, sequence_logps
 from unitune.models.lora import is_peft
 from unitune.models.probe import logprob_gap
-
-_LLAMA_LIKE = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-}
-
-# model_type -> config overrides for a 2-layer model of hidden size 32
-ARCHITECTURES: dict[str, dict] = {
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": {**_LLAMA_LIKE, "head_dim": 8},
-    "gemma": {**_LLAMA_LIKE, "head_dim": 8},
-    # a cap small enough that leaving it out would show (random logits are small)
-    "gemma2": {**_LLAMA_LIKE, "head_dim": 8, "final_logit_softcapping": 0.05},
-    "gemma3_text": {**_LLAMA_LIKE, "head_dim": 8, "final_logit_softcapping": 0.05},
-    "phi3": {**_LLAMA_LIKE, "pad_token_id": 0},
-    "gpt2": {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 128},
-    "gpt_neox": {**_LLAMA_LIKE, "num_key_value_heads": None},
-    "falcon": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4},
-    "cohere": {**_LLAMA_LIKE, "logit_scale": 0.25},
-    "cohere2": {**_LLAMA_LIKE, "logit_scale": 0.25},
-    "granite": {**_LLAMA_LIKE, "logits_scaling": 0.125},
-    "granitemoe": {**_LLAMA_LIKE, "logits_scaling": 0.125, "num_local_experts": 2},
-    "olmo2": _LLAMA_LIKE,
-    "stablelm": _LLAMA_LIKE,
-    "mixtral": {**_LLAMA_LIKE, "num_local_experts": 2, "num_experts_per_tok": 1},
-    "qwen2_moe": {
-        **_LLAMA_LIKE,
-        "moe_intermediate_size": 16,
-        "shared_expert_intermediate_size": 16,
-        "num_experts": 2,
-        "num_experts_per_tok": 1,
-    },
-}
 
 _DIRS: dict[str, Path] = {}
 

@@ -286,3 +286,34 @@ def test_with_dropout_in_the_config_packed_and_padded_runs_end_with_equal_weight
     assert padded.keys() == packed.keys()
     for key in padded:
         torch.testing.assert_close(packed[key], padded[key], rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_that_does_not_keep_packed_sequences_apart_is_refused_at_start(
+    tiny_config, tmp_path, monkeypatch
+):
+    """Seen on a GPU with transformers 5.17: Falcon's packed pass let sequences attend to each
+    other (0.02 nats per token off) while its padded pass was exact. With `train.packing`, the
+    load-time probe also runs the packed path on two sequences and refuses such a model in one
+    line, before any data is read; the padded run of the same model is unaffected."""
+    from unitune.models.builtin import tiny_tokenizer
+    from unitune.models.errors import ModelLoadError
+    from unitune.models.probe import check_logprobs
+
+    model, tokenizer = model_with("sdpa"), tiny_tokenizer()
+    check_logprobs(model, tokenizer, packed=True)  # transformers keeps them apart: passes
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    check_logprobs(model, tokenizer)  # the padded path does not depend on it
+    with pytest.raises(ModelLoadError, match="train.packing") as err:
+        check_logprobs(model, tokenizer, packed=True)
+    assert "\n" not in str(err.value)
+
+    raw = tiny_config("alright")
+    raw["output_dir"] = str(tmp_path / "run")
+    path = tmp_path / "packed.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    res = CliRunner().invoke(
+        app, ["train", str(path), "--no-progress", "--set", "train.packing=true"]
+    )
+    assert res.exit_code != 0
+    assert "do not keep packed sequences apart" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

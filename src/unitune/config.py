@@ -356,9 +356,7 @@ class EvalConfig(Strict):
     judge_key_env: str = Field("OPENAI_API_KEY", json_schema_extra=RESUMABLE)
     # what the responses are judged against: the held-out references (the paper's win rate) or
     # the starting model's own greedy responses (did training make them better?)
-    win_rate_against: Literal["reference", "base"] = Field(
-        "reference", json_schema_extra=RESUMABLE
-    )
+    win_rate_against: Literal["reference", "base"] = Field("reference", json_schema_extra=RESUMABLE)
     # held-out prompts generated on
     generate_samples: int = Field(16, gt=0, json_schema_extra=RESUMABLE)
     max_new_tokens: int = Field(48, gt=0, json_schema_extra=RESUMABLE)

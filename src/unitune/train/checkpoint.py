@@ -48,7 +48,7 @@ import re
 import shutil
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from unitune.core.io import ST_NAMES, TensorEntry, fsync_dir, safetensors_chunks, write_file
 from unitune.models.lora import is_peft
 
 VERSION = 1
@@ -77,29 +78,6 @@ TENSOR_TAG = "__tensor__"
 _STEP_DIR = re.compile(r"step-(\d+)")
 _HIDDEN_DIR = re.compile(r"\.step-(\d+)\.(tmp|old|del)-\d+")
 _CHUNK = 1 << 20
-
-_DTYPE_NAMES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.complex64: "C64",
-}
-for _attr, _name in (
-    ("float8_e4m3fn", "F8_E4M3"),
-    ("float8_e5m2", "F8_E5M2"),
-    ("uint16", "U16"),
-    ("uint32", "U32"),
-    ("uint64", "U64"),
-):
-    if hasattr(torch, _attr):
-        _DTYPE_NAMES[getattr(torch, _attr)] = _name
 
 
 class CheckpointError(RuntimeError):
@@ -189,9 +167,9 @@ def save_checkpoint(
         }
         manifest = {"version": VERSION, "step": step, "files": files}
         _write_file(tmp / MANIFEST, [_json_bytes(manifest, "manifest")])
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         _move_into_place(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(_write_failure(step, root, err)) from err
@@ -213,8 +191,8 @@ def _adopt_tree(root: Path, sub: str) -> dict[str, dict]:
             info = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
             files[path.relative_to(root).as_posix()] = info
         elif path.is_dir():
-            _fsync_dir(path)
-    _fsync_dir(root / sub)
+            fsync_dir(path)
+    fsync_dir(root / sub)
     return files
 
 
@@ -247,7 +225,7 @@ def _make_dirs(root: Path) -> None:
     if root.is_dir():
         return
     root.mkdir(parents=True, exist_ok=True)
-    _fsync_dir(root.parent)
+    fsync_dir(root.parent)
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:
@@ -286,7 +264,7 @@ def _tidy(root: Path, keep_last: int, pinned: set[int]) -> None:
                 trash = root / f".{path.name}.del-{os.getpid()}"
                 os.replace(path, trash)  # gone from view at once; rmtree may be interrupted
                 shutil.rmtree(trash, ignore_errors=True)
-        _fsync_dir(root)
+        fsync_dir(root)
     except OSError as err:
         warnings.warn(f"could not tidy old checkpoints in {root}: {err}", stacklevel=3)
 
@@ -674,17 +652,7 @@ def _json_bytes(obj: Any, what: str) -> bytes:
 
 def _write_file(path: Path, chunks: Iterable[Any]) -> dict:
     """Write `chunks` (bytes-like) to a new file, fsync it; return its size and sha256."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "xb") as fh:
-        for chunk in chunks:
-            view = memoryview(chunk).cast("B")
-            fh.write(view)
-            digest.update(view)
-            size += len(view)
-        fh.flush()
-        os.fsync(fh.fileno())
-    return {"bytes": size, "sha256": digest.hexdigest()}
+    return write_file(path, chunks)
 
 
 def _write_safetensors(
@@ -693,29 +661,12 @@ def _write_safetensors(
     """Stream `tensors` into a safetensors file, one tensor in memory at a time."""
     if sys.byteorder != "little":
         raise CheckpointError("safetensors files are little-endian; this machine is not")
-    header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
-    offset = 0
+    entries = []
     for name, tensor in tensors.items():
-        if tensor.dtype not in _DTYPE_NAMES:
+        if tensor.dtype not in ST_NAMES:
             raise CheckpointError(f"cannot save tensor {name!r}: dtype {tensor.dtype}")
-        nbytes = tensor.numel() * tensor.element_size()
-        header[name] = {
-            "dtype": _DTYPE_NAMES[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-
-    def chunks() -> Iterator[Any]:
-        yield len(head).to_bytes(8, "little") + head
-        for tensor in tensors.values():
-            data = tensor.detach().to("cpu").contiguous().reshape(-1)
-            if data.numel():
-                yield data.view(torch.uint8).numpy()
-
-    return _write_file(path, chunks())
+        entries.append(TensorEntry(name, ST_NAMES[tensor.dtype], tuple(tensor.shape)))
+    return _write_file(path, safetensors_chunks(entries, lambda e: tensors[e.name], metadata))
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -729,17 +680,6 @@ def _sha256(path: Path) -> str:
         while chunk := fh.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a directory's entries (new files, renames) durable (POSIX; skipped on Windows)."""
-    if os.name == "nt":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _one_line(text: str) -> str:

@@ -25,6 +25,7 @@ from unitune.core.io import cache_dir
 from unitune.data import length_batches
 from unitune.models.fingerprint import model_fingerprint, weights_fingerprint
 from unitune.models.load import enable_gradient_checkpointing, load_model
+from unitune.models.probe import check_logprobs
 from unitune.objectives import REGISTRY
 from unitune.train import engines
 from unitune.train.batches import AUX_INPUTS, item_length, load_data
@@ -66,6 +67,8 @@ class Session:
         # passes over fixed sets (references, held-out metrics) are split across the processes
         self.shard = Shard(self.acc.process_index, self.acc.num_processes, self.all_sum)
         self.model, self.tokenizer = load_model(cfg.model)
+        if cfg.train.packing:  # the padded path was probed by load_model; packing apart
+            check_logprobs(self.model, self.tokenizer, name=cfg.model.name, packed=True)
         if cfg.train.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
         pad_id = self.tokenizer.pad_token_id
