@@ -133,7 +133,7 @@ def main() -> None:
     try:
         models = make_variants(base, root / "inputs")
         rows = []
-        floor = [sys.executable, "-c", "import unitune.cli, unitune.merge.merge, transformers"]
+        floor = [sys.executable, "-c", "import unitune.cli, unitune.merging.merge, transformers"]
         rows.append(("import floor", "unitune", run_measured(floor, args.threads)))
         if use_mergekit:
             floor = [sys.executable, "-c", "import mergekit.merge, mergekit.scripts.run_yaml"]

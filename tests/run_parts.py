@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 from unitune.config import Config
 from unitune.eval.heldout import Ideal
-from unitune.train.evaluator import Evaluator
-from unitune.train.generation import Generation
-from unitune.train.policy import Policy
-from unitune.train.reference_set import References
-from unitune.train.session import Session
+from unitune.training.evaluator import Evaluator
+from unitune.training.generation import Generation
+from unitune.training.policy import Policy
+from unitune.training.reference_set import References
+from unitune.training.session import Session
 
 
 @dataclass(frozen=True)

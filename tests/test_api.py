@@ -2,6 +2,7 @@
 YAML path; evaluate; merge; sweep; errors raised as the exceptions the CLI prints; a cheap
 `import unitune`."""
 
+import importlib
 import json
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import unitune
 from unitune import api
 from unitune.config import ConfigError, MergeConfig, parse_config
 from unitune.data import DataError
-from unitune.train.rundir import RunDirLocked, lock_output_dir
+from unitune.training.rundir import RunDirLocked, lock_output_dir
 
 RECORDS = {
     ("sft", "train"): sft_records(ANIMALS * 2),
@@ -54,14 +55,14 @@ def runs(tmp_path_factory):
         for key, rows in RECORDS.items()
     }
     out = {"root": root, "files": files, "datasets": datasets}
-    out["ds_summary"] = api.train(
+    out["ds_summary"] = unitune.train(
         config(root / "from_datasets", root / "cache", datasets), progress=False
     )
-    out["jsonl_summary"] = api.train(
+    out["jsonl_summary"] = unitune.train(
         config(root / "from_jsonl", root / "cache", files), progress=False
     )
     cfg = parse_config(config(root / "from_config", root / "cache", files, seed=1))
-    out["config_summary"] = api.train(cfg, progress=False)
+    out["config_summary"] = unitune.train(cfg, progress=False)
     return out
 
 
@@ -87,7 +88,7 @@ def test_a_dataset_is_tokenized_once_and_saved_once(runs, tmp_path):
     cache = runs["root"] / "cache" / "data"
     before = sorted(p.name for p in cache.iterdir())
     cfg = config(tmp_path / "again", runs["root"] / "cache", runs["datasets"], max_steps=1)
-    api.train(cfg, progress=False)
+    unitune.train(cfg, progress=False)
     assert sorted(p.name for p in cache.iterdir()) == before
     saved = runs["root"] / "from_datasets" / "datasets" / "sft-train"
     stamp = (saved / "state.json").stat().st_mtime_ns
@@ -102,7 +103,7 @@ def test_train_from_a_yaml_path_with_overrides(runs, tmp_path):
     path = tmp_path / "run.yaml"
     cfg = config(tmp_path / "from_path", runs["root"] / "cache", runs["files"])
     path.write_text(yaml.safe_dump(cfg))
-    summary = api.train(path, overrides=["train.max_steps=1", "name=short"], progress=False)
+    summary = unitune.train(path, overrides=["train.max_steps=1", "name=short"], progress=False)
     assert summary["name"] == "short" and summary["steps"]
     assert json.loads((tmp_path / "from_path" / "summary.json").read_text()) == summary
     assert (
@@ -113,7 +114,7 @@ def test_train_from_a_yaml_path_with_overrides(runs, tmp_path):
 
 def test_evaluate_a_run_directory(runs):
     run = runs["root"] / "from_datasets"  # its held-out prompts are read from the saved copy
-    report = api.evaluate(run, max_new_tokens=4, progress=False)
+    report = unitune.evaluate(run, max_new_tokens=4, progress=False)
     assert report == json.loads((run / "eval" / "eval.json").read_text())
     assert report["n"] == 3 and report["judge"] == "demo"  # data.pref.eval: 3 pairs
     assert report["wins"] + report["ties"] + report["losses"] == 3
@@ -131,7 +132,7 @@ def test_merge_two_trained_models(runs, tmp_path):
         "method": "task_arithmetic",
         "output": str(tmp_path / "merged"),
     }
-    report = api.merge(spec, progress=False)
+    report = unitune.merge(spec, progress=False)
     assert report["output"] == str(tmp_path / "merged") and report["method"] == "task_arithmetic"
     assert [m["path"] for m in report["models"]] == models
     merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
@@ -139,7 +140,9 @@ def test_merge_two_trained_models(runs, tmp_path):
     base = load_file(str(_tiny_dir(tmp_path) / "model.safetensors"))
     name = "model.norm.weight"
     assert merged[name].allclose(base[name] + (a[name] - base[name]) + (b[name] - base[name]))
-    again = api.merge(MergeConfig(**spec), overrides=[f"output={tmp_path / 'm2'}"], progress=False)
+    again = unitune.merge(
+        MergeConfig(**spec), overrides=[f"output={tmp_path / 'm2'}"], progress=False
+    )
     assert again["output"] == str(tmp_path / "m2")
 
 
@@ -156,7 +159,7 @@ def _tiny_dir(tmp_path):
 def test_sweep_from_a_dict_with_datasets(runs, tmp_path):
     base = config(tmp_path / "unused", runs["root"] / "cache", runs["datasets"], max_steps=1)
     spec = {"config": base, "output_dir": str(tmp_path / "sweep"), "grid": {"train.seed": [0, 1]}}
-    results = api.sweep(spec, progress=False)
+    results = unitune.sweep(spec, progress=False)
     assert [(r["name"], r["status"]) for r in results] == [
         ("seed-0", "trained"),
         ("seed-1", "trained"),
@@ -164,27 +167,27 @@ def test_sweep_from_a_dict_with_datasets(runs, tmp_path):
     for r in results:
         saved = yaml.safe_load((tmp_path / "sweep" / r["name"] / "config.yaml").read_text())
         assert saved["data"]["sft"]["train"] == str(tmp_path / "sweep" / "datasets" / "sft-train")
-    assert [r["status"] for r in api.sweep(spec, progress=False)] == ["skipped", "skipped"]
+    assert [r["status"] for r in unitune.sweep(spec, progress=False)] == ["skipped", "skipped"]
 
 
 def test_errors_are_raised_as_the_cli_prints_them(runs, tmp_path):
     cache = runs["root"] / "cache"
     with pytest.raises(ConfigError, match="nonsense: unknown key"):
-        api.train({"data": {"sft": {"train": "x.jsonl"}}, "nonsense": 1})
+        unitune.train({"data": {"sft": {"train": "x.jsonl"}}, "nonsense": 1})
     with pytest.raises(ConfigError, match="no such file"):
-        api.train(tmp_path / "missing.yaml")
+        unitune.train(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="no such file"):
-        api.merge(tmp_path / "missing.yaml")
+        unitune.merge(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="models"):
-        api.merge({"base": "builtin:tiny", "output": str(tmp_path / "m")})
+        unitune.merge({"base": "builtin:tiny", "output": str(tmp_path / "m")})
     whole = DatasetDict({"train": runs["datasets"]["sft", "train"]})
     with pytest.raises(ConfigError, match=r"data.sft.train: a DatasetDict; give one split"):
-        api.train(config(tmp_path / "dd", cache, {("sft", "train"): whole}, max_steps=1))
+        unitune.train(config(tmp_path / "dd", cache, {("sft", "train"): whole}, max_steps=1))
     with pytest.raises(ConfigError, match="data.sft.train: Input should be a valid string"):
-        api.train(config(tmp_path / "list", cache, {("sft", "train"): [{"a": 1}]}))
+        unitune.train(config(tmp_path / "list", cache, {("sft", "train"): [{"a": 1}]}))
     busy = tmp_path / "busy"
     with lock_output_dir(busy), pytest.raises(RunDirLocked, match="in use by another run"):
-        api.train(config(busy, cache, runs["datasets"], max_steps=1), progress=False)
+        unitune.train(config(busy, cache, runs["datasets"], max_steps=1), progress=False)
     assert not (busy / "datasets").exists()  # a running run's data is left alone
     bad = RECORDS["sft", "train"][:3] + [{"messages": [{"role": "user", "content": "hi"}]}]
     data = {
@@ -192,11 +195,11 @@ def test_errors_are_raised_as_the_cli_prints_them(runs, tmp_path):
         ("pref", "train"): runs["files"]["pref", "train"],
     }
     with pytest.raises(DataError) as err:
-        api.train(config(tmp_path / "bad", cache, data, max_steps=1), progress=False)
+        unitune.train(config(tmp_path / "bad", cache, data, max_steps=1), progress=False)
     assert err.value.path == str(tmp_path / "bad" / "datasets" / "sft-train")
     assert err.value.record == 4 and err.value.field == "messages"
     with pytest.raises(ConfigError, match="give --prompts FILE"):
-        api.evaluate("builtin:tiny")
+        unitune.evaluate("builtin:tiny")
 
 
 def test_import_unitune_is_cheap_and_the_api_is_reached_from_it():
@@ -210,5 +213,8 @@ def test_import_unitune_is_cheap_and_the_api_is_reached_from_it():
     assert unitune.DataError is DataError
     with pytest.raises(AttributeError):
         unitune.nonsense  # noqa: B018
+    # the layers' packages (training/, merging/) never shadow the functions of the same command
+    importlib.import_module("unitune.merging.merge")
+    importlib.import_module("unitune.training.loop")
     for name in ("train", "evaluate", "merge", "sweep"):
-        assert callable(getattr(api, name))
+        assert getattr(unitune, name) is getattr(api, name) and callable(getattr(unitune, name))

@@ -176,7 +176,7 @@ def test_score_data_for_a_label_objective_is_an_error(tiny_config, tmp_path, obj
 def test_label_threshold_turns_scores_into_labels_for_kto(tiny_config, tmp_path):
     from unitune.config import parse_config
     from unitune.models.builtin import tiny_tokenizer
-    from unitune.train.batches import load_data
+    from unitune.training.batches import load_data
 
     # mapped to [0, 1] by [0, 10]: 0.1, 0.9, 0.3, 0.7, 0.5 (on the threshold), 0.0
     scores = write_jsonl(tmp_path / "scores.jsonl", score_rows([1, 9, 3, 7, 5, 0]))

@@ -16,8 +16,8 @@ from transformers import get_scheduler
 
 from unitune.config import ModelConfig
 from unitune.models.load import load_model
-from unitune.train import checkpoint as ck
-from unitune.train.checkpoint import (
+from unitune.training import checkpoint as ck
+from unitune.training.checkpoint import (
     Checkpoint,
     CheckpointError,
     latest_checkpoint,
@@ -284,7 +284,7 @@ CHILD = """
 import sys, time
 from pathlib import Path
 import torch
-from unitune.train import checkpoint
+from unitune.training import checkpoint
 
 model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)

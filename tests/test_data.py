@@ -635,7 +635,7 @@ def test_alpaca_records_without_the_format_say_how_to_read_them(tok):
 
 def test_alpaca_format_from_the_config(tiny_config, tmp_path):
     from unitune.config import parse_config
-    from unitune.train.batches import load_data
+    from unitune.training.batches import load_data
 
     rows = [{"instruction": f"Name animal {i}.", "input": a, "output": a} for i, a in
             enumerate(["cat", "dog", "owl", "fox"])]  # fmt: skip

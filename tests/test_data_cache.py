@@ -231,7 +231,7 @@ def test_a_cache_entry_holds_compact_arrays_not_python_objects(tok, tmp_path):
 
 def test_held_out_sets_can_be_capped_and_data_options_reach_the_loader(tiny_config, tmp_path):
     from unitune.config import parse_config
-    from unitune.train.batches import load_data
+    from unitune.training.batches import load_data
 
     raw = tiny_config("alright")
     raw["data"]["sft"]["eval_max_samples"] = 2

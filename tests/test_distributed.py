@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from unitune.config import parse_config
 from unitune.jobs import train
-from unitune.train.batches import BatchStream
+from unitune.training.batches import BatchStream
 
 
 def test_ranks_draw_disjoint_batches_that_together_are_one_process_in_order():
@@ -241,7 +241,7 @@ def test_deepspeed_zero_is_one_process_and_resumes_exactly(engine, tiny_config, 
 SKEWED = """
 import json, os, sys
 from unitune.schedules import maxright as schedules
-from unitune.train import policy
+from unitune.training import policy
 from unitune.config import load_config
 from unitune.jobs import train
 

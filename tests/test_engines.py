@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from unitune.config import parse_config
-from unitune.train.engines import Engine, EngineError, check, deepspeed_values
+from unitune.training.engines import Engine, EngineError, check, deepspeed_values
 
 L1 = {"name": "sft", "l1": 0.1}  # PAFT's penalty, on its SFT branch
 ZERO3 = Engine("deepspeed", 2, zero_stage=3, gathers_on_save=True)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from unitune.cli import app
 from unitune.config import parse_config
 from unitune.jobs import train
-from unitune.train import checkpoint
+from unitune.training import checkpoint
 
 
 @pytest.fixture
@@ -93,7 +93,7 @@ def test_a_judge_that_fails_during_training_checkpoints_the_step_first(
     """An OpenAI-compatible judge reachable at the start and unreachable at the evaluation of
     step 1: the step is checkpointed, then one line names the judge and the checkpoint (no
     traceback, nonzero exit); the run resumes from it once a judge answers."""
-    from unitune.train.evaluator import Evaluator
+    from unitune.training.evaluator import Evaluator
 
     server = JudgeServer(verdict=lambda content: "A").__enter__()
     original = Evaluator.evaluate

@@ -19,10 +19,10 @@ from typer.testing import CliRunner
 from unitune.cli import app
 from unitune.config import parse_config
 from unitune.jobs import train
-from unitune.train import checkpoint
-from unitune.train.evaluator import Evaluator
-from unitune.train.loop import NonFiniteError
-from unitune.train.policy import Loss, Policy
+from unitune.training import checkpoint
+from unitune.training.evaluator import Evaluator
+from unitune.training.loop import NonFiniteError
+from unitune.training.policy import Loss, Policy
 
 
 def same_run(a: Path, b: Path) -> None:
@@ -82,7 +82,7 @@ def test_sigterm_checkpoints_and_the_resumed_run_matches_the_uninterrupted_one(
 
 KILL_DURING_SAVE = """
 import sys, time
-from unitune.train import checkpoint
+from unitune.training import checkpoint
 write = checkpoint._write_safetensors
 def slow(path, tensors, metadata=None):
     info = write(path, tensors, metadata)

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from unitune.cli import app
 from unitune.config import ConfigError, parse_config
 from unitune.jobs import train
-from unitune.train.hub import HubError, push_model
+from unitune.training.hub import HubError, push_model
 
 TOKEN = "hf_" + "T0k3n" * 8  # shaped like a real token; the server echoes it back
 

@@ -20,8 +20,8 @@ LAYERS = [
     "judges",  # scorers of generated answers (eval.judge is validated by their registry)
     "config",  # the run's config, validated by the registries below
     "eval",  # held-out metrics, generation, win rate, retention, chat
-    "train",  # batches, references, policy, the loop, state, checkpoints, run directory
-    "merge",  # merge methods, PAFT (two training runs + a merge)
+    "training",  # batches, references, policy, the loop, state, checkpoints, run directory
+    "merging",  # merge methods, PAFT (two training runs + a merge)
     "jobs",  # what `unitune train` runs
     "study",  # sweeps, reports, plots, the demo
     "cli",

@@ -15,7 +15,7 @@ from unitune.eval.heldout import feedback_metrics
 from unitune.jobs import train
 from unitune.objectives import SeqLogps
 from unitune.study.plots import plot_runs
-from unitune.train.calibration import calibrate
+from unitune.training.calibration import calibrate
 
 
 def evals_of(cfg) -> list[dict]:

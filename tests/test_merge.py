@@ -16,11 +16,11 @@ from typer.testing import CliRunner
 
 from unitune.cli import app
 from unitune.config import MergeConfig, MergeOptions
-from unitune.merge import merge as merge_mod
-from unitune.merge.errors import MergeError
-from unitune.merge.merge import merge
-from unitune.merge.methods import combine, dare_drop, dare_mask, trim
-from unitune.merge.sparsity import DeltaStats, delta_sparsity
+from unitune.merging import merge as merge_mod
+from unitune.merging.errors import MergeError
+from unitune.merging.merge import merge
+from unitune.merging.methods import combine, dare_drop, dare_mask, trim
+from unitune.merging.sparsity import DeltaStats, delta_sparsity
 from unitune.models.builtin import BUILTIN_TINY, load_tiny
 from unitune.models.source import model_dir
 

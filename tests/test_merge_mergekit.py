@@ -22,8 +22,8 @@ from mergekit.options import MergeOptions as MergekitOptions  # noqa: E402
 from mergekit.sparsify import rescaled_masked_tensor  # noqa: E402
 
 from unitune.config import MergeConfig  # noqa: E402
-from unitune.merge.merge import merge  # noqa: E402
-from unitune.merge.methods import dare_mask  # noqa: E402
+from unitune.merging.merge import merge  # noqa: E402
+from unitune.merging.methods import dare_mask  # noqa: E402
 from unitune.models.builtin import BUILTIN_TINY  # noqa: E402
 from unitune.models.source import model_dir  # noqa: E402
 

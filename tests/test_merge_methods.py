@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from unitune.cli import app
 from unitune.config import MergeOptions
-from unitune.merge.methods import METHODS, Method, keep
+from unitune.merging.methods import METHODS, Method, keep
 from unitune.models.builtin import BUILTIN_TINY
 from unitune.models.source import model_dir
 

@@ -11,7 +11,7 @@ import pytest
 
 from unitune.config import parse_config
 from unitune.jobs import train
-from unitune.train.modelcard import front_matter, model_card
+from unitune.training.modelcard import front_matter, model_card
 
 
 def metrics_table(card: str) -> dict[str, float]:

@@ -10,8 +10,8 @@ from conftest import ANIMALS, write_jsonl
 from unitune.config import parse_config
 from unitune.jobs import train
 from unitune.objectives import REGISTRY
-from unitune.train.reference_set import References
-from unitune.train.session import Session
+from unitune.training.reference_set import References
+from unitune.training.session import Session
 
 SFT_FAMILY = [n for n, o in REGISTRY.items() if o.data == "demonstrations" and n != "sft"]
 PAIR_FAMILY = [n for n, o in REGISTRY.items() if o.data == "pairs" and n != "dpo"]
@@ -117,7 +117,7 @@ def test_pair_objective_refuses_unpaired_data(tiny_config, feedback_files):
 
 @pytest.mark.parametrize("name", ["simpo", "orpo"])
 def test_reference_free_objectives_compute_no_training_reference(tiny_config, monkeypatch, name):
-    import unitune.train.reference_set as trainer
+    import unitune.training.reference_set as trainer
 
     computed = []
     original = trainer.reference_logps

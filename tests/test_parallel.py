@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from unitune.config import ConfigError, LoraConfig, parse_config
 from unitune.jobs import train
-from unitune.merge.l1 import DeltaL1
+from unitune.merging.l1 import DeltaL1
 from unitune.models.builtin import load_tiny
 from unitune.study.plots import load_run, plot_runs
 

@@ -4,8 +4,8 @@ from unitune.config import ModelConfig
 from unitune.data import Sequence
 from unitune.models.fingerprint import model_fingerprint
 from unitune.models.load import load_model
-from unitune.train.policy import PolicyLogps
-from unitune.train.references import reference_logps
+from unitune.training.policy import PolicyLogps
+from unitune.training.references import reference_logps
 
 
 def seqs(offset=0):

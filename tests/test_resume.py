@@ -11,8 +11,8 @@ from conftest import ANIMALS, TIMING, final_weights, run_records, write_jsonl
 
 from unitune.config import parse_config
 from unitune.jobs import train
-from unitune.train import checkpoint
-from unitune.train.resume import ResumeError
+from unitune.training import checkpoint
+from unitune.training.resume import ResumeError
 
 T = 8  # steps; batch 4 of 24 items: an epoch is 6 batches
 
@@ -154,7 +154,7 @@ def test_resume_refuses_a_new_max_steps_where_the_schedule_plans_by_it(tiny_conf
 def test_resumable_fields_are_declared_by_the_config():
     """Which keys a resumed run may change is each field's own declaration (config.py), read by
     the diff; a section's fields are found by their dotted path."""
-    from unitune.train.resume import resumable, resumable_keys
+    from unitune.training.resume import resumable, resumable_keys
 
     keys = resumable_keys()
     assert {"name", "output_dir", "cache_dir", "train.max_steps", "train.save_every",
@@ -202,7 +202,7 @@ def test_parallel_resumes_branch_by_branch(tiny_config, label_files):
 
 def test_a_checkpoint_from_before_a_new_key_resumes_with_its_default(tiny_config, label_files):
     """A key added after a checkpoint was written had its default's effect then: no change."""
-    from unitune.train.resume import config_changes, with_defaults
+    from unitune.training.resume import config_changes, with_defaults
 
     now = parse_config(config(tiny_config, label_files, "mix", 1)).model_dump(mode="json")
     old = json.loads(json.dumps(now))

@@ -13,13 +13,13 @@ import yaml
 from typer.testing import CliRunner
 
 from unitune.cli import app
-from unitune.train.rundir import LOCK_FILE, RunDirLocked, lock_output_dir
+from unitune.training.rundir import LOCK_FILE, RunDirLocked, lock_output_dir
 
 runner = CliRunner()
 
 HOLD = """
 import sys, time
-from unitune.train.rundir import lock_output_dir
+from unitune.training.rundir import lock_output_dir
 lock = lock_output_dir(sys.argv[1])
 print("locked", flush=True)
 time.sleep(600)

@@ -87,7 +87,7 @@ def test_bad_sweeps_name_the_file_run_and_key(tmp_path, tiny_config, spec, messa
 
 def test_an_interrupted_sweep_reruns_only_what_is_missing(tmp_path, tiny_config, monkeypatch):
     from unitune.core.interrupts import Interrupted
-    from unitune.train.evaluator import Evaluator
+    from unitune.training.evaluator import Evaluator
 
     path = write_sweep(tmp_path, tiny_config, grid={"train.seed": [0, 1, 2]})
     sweep = load_sweep(path)

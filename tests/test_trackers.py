@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 from unitune.cli import app
 from unitune.config import ConfigError, parse_config
 from unitune.jobs import train
-from unitune.train import trackers
-from unitune.train.engines import EngineError
+from unitune.training import trackers
+from unitune.training.engines import EngineError
 
 SKIP = ("type", "objective", "step")
 

@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from unitune.config import ConfigError, parse_config
 from unitune.jobs import train
-from unitune.train.policy import Policy
-from unitune.train.reference_set import References
+from unitune.training.policy import Policy
+from unitune.training.reference_set import References
 
 SCHEDULES = ["sft", "pref", "sequential", "mix", "alright", "maxright"]
 
@@ -135,7 +135,7 @@ def test_ideal_from_config_and_distance(tiny_config):
 def test_calibrate_is_cached(tiny_config, capsys):
     from rich.console import Console
 
-    from unitune.train.calibration import calibrate
+    from unitune.training.calibration import calibrate
 
     cfg = parse_config(tiny_config("maxright", max_steps=2))
     cfg.schedule.calibration_steps = 2

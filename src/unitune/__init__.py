@@ -1,7 +1,11 @@
 """unitune: SFT and preference optimization, jointly, in one run.
 
-`import unitune` is cheap (no torch); `unitune.api` (train, evaluate, merge, sweep: the commands
-as functions) and the config and error types are imported when first used.
+    import unitune
+    summary = unitune.train("config.yaml")   # or a dict, or a unitune.Config
+
+`unitune.train`, `evaluate`, `merge` and `sweep` are the commands as functions (`unitune.api`).
+`import unitune` is cheap (no torch): they and the config and error types are imported when first
+used.
 """
 
 from __future__ import annotations
@@ -13,6 +17,10 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "api": "unitune.api",
+    "train": "unitune.api",
+    "evaluate": "unitune.api",
+    "merge": "unitune.api",
+    "sweep": "unitune.api",
     "Config": "unitune.config",
     "MergeConfig": "unitune.config",
     "ConfigError": "unitune.config",

@@ -1,9 +1,9 @@
 """The Python API: what the `unitune` commands run, for notebooks and scripts.
 
-    from unitune import api
+    import unitune
 
-    summary = api.train({"model": {"name": "builtin:tiny"}, "data": {"sft": {"train": ds}}})
-    report = api.evaluate("runs/run")
+    summary = unitune.train({"model": {"name": "builtin:tiny"}, "data": {"sft": {"train": ds}}})
+    report = unitune.evaluate("runs/run")
 
 Each function runs the same code as its command (`unitune train`, `eval`, `merge`, `sweep`) and
 returns what that command writes: the run's summary.json, eval.json, the merge report, the
@@ -20,8 +20,8 @@ it back in a later session, errors name that directory, the record and the field
 tokenized-data cache keys it by the saved files' content. Saving again the same dataset (by its
 `datasets` fingerprint) keeps the copy already there.
 
-The functions are named as the commands; `unitune.train` and `unitune.merge` are the packages of
-those layers, so the API is `unitune.api.train`, `unitune.api.merge`, ...
+`unitune.train`, `unitune.evaluate`, `unitune.merge` and `unitune.sweep` are these functions
+(the packages of those layers are `unitune.training` and `unitune.merging`).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def train(
     """
     from unitune.jobs import train as run_job
     from unitune.models.source import check_model_source
-    from unitune.train.rundir import lock_output_dir
+    from unitune.training.rundir import lock_output_dir
 
     cfg, found = _config(config, overrides)
     check_model_source(cfg.model)
@@ -125,7 +125,7 @@ def merge(
 ) -> dict[str, Any]:
     """Merge as `unitune merge CONFIG` does; returns the merge report (its `output` is the merged
     model's directory; the same report is in the output's merge.json)."""
-    from unitune.merge.merge import merge as run_merge
+    from unitune.merging.merge import merge as run_merge
 
     if isinstance(config, MergeConfig):
         cfg = config

@@ -79,14 +79,14 @@ def train(
     from unitune.core.interrupts import Interrupted
     from unitune.data import DataError
     from unitune.jobs import train as run_train
-    from unitune.merge.errors import MergeError
+    from unitune.merging.errors import MergeError
     from unitune.models.errors import ModelLoadError
-    from unitune.train.checkpoint import CheckpointError
-    from unitune.train.engines import EngineError
-    from unitune.train.hub import HubError
-    from unitune.train.loop import JudgeFailedError, NonFiniteError
-    from unitune.train.resume import ResumeError
-    from unitune.train.rundir import RunDirLocked
+    from unitune.training.checkpoint import CheckpointError
+    from unitune.training.engines import EngineError
+    from unitune.training.hub import HubError
+    from unitune.training.loop import JudgeFailedError, NonFiniteError
+    from unitune.training.resume import ResumeError
+    from unitune.training.rundir import RunDirLocked
 
     cfg = _load(config, set_)
     _check_model(cfg.model)
@@ -194,7 +194,7 @@ def push(
     private: bool = typer.Option(True, "--private/--public", help="a new repo's visibility"),
 ) -> None:
     """Upload a run's saved model, with its model card, to the Hugging Face Hub (HF_TOKEN)."""
-    from unitune.train.hub import HubError, push_run
+    from unitune.training.hub import HubError, push_run
 
     try:
         url = push_run(run_dir, repo_id, private=private)
@@ -211,7 +211,7 @@ def calibrate(
     """Estimate the ideal point (f_sft*, f_pref*) by short single-objective runs (cached)."""
     from unitune.data import DataError
     from unitune.models.errors import ModelLoadError
-    from unitune.train.calibration import calibrate as run_calibrate
+    from unitune.training.calibration import calibrate as run_calibrate
 
     cfg = _load(config, set_)
     _check_model(cfg.model)
@@ -366,8 +366,8 @@ def merge(
     from rich.table import Table
 
     from unitune.config import load_merge_config
-    from unitune.merge.errors import MergeError
-    from unitune.merge.merge import merge as run_merge
+    from unitune.merging.errors import MergeError
+    from unitune.merging.merge import merge as run_merge
     from unitune.models.errors import ModelLoadError
 
     if not config.exists():

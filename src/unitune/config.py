@@ -158,7 +158,7 @@ class MergeOptions(Strict):
       (sign election and disjoint mean, without TIES's magnitude trimming).
     """
 
-    method: str = "ties"  # a row of unitune.merge.methods.METHODS (checked there)
+    method: str = "ties"  # a row of unitune.merging.methods.METHODS (checked there)
     density: float = Field(0.5, gt=0.0, le=1.0)  # ties: fraction of each delta kept
     drop_rate: float = Field(0.5, ge=0.0, lt=1.0)  # dare: probability of dropping an entry
     seed: int = 0  # dare: the drop masks are drawn from this seed and the tensor's name

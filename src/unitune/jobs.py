@@ -11,11 +11,11 @@ from rich.console import Console
 
 from unitune.config import Config
 from unitune.eval.heldout import Ideal
-from unitune.merge.methods import method_of
-from unitune.merge.paft import l1_penalty, train_parallel
-from unitune.train.calibration import resolve_ideal
-from unitune.train.loop import train as train_loop
-from unitune.train.rundir import lock_output_dir
+from unitune.merging.methods import method_of
+from unitune.merging.paft import l1_penalty, train_parallel
+from unitune.training.calibration import resolve_ideal
+from unitune.training.loop import train as train_loop
+from unitune.training.rundir import lock_output_dir
 
 
 def train(

@@ -262,7 +262,7 @@ def run_demo(
     Pareto plot and the HTML report (`out_dir/report/index.html`)."""
     from unitune.jobs import train as jobs_train
     from unitune.study.report import build_report, rich_tables
-    from unitune.train.calibration import calibrate
+    from unitune.training.calibration import calibrate
 
     console = console or Console()
     chosen = PRESETS[preset]

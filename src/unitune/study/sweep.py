@@ -37,15 +37,15 @@ from unitune.config import Config, ConfigError, apply_overrides, dump_config, pa
 from unitune.core.io import atomic_write
 from unitune.data import DataError
 from unitune.jobs import train as run_job
-from unitune.merge.errors import MergeError
+from unitune.merging.errors import MergeError
 from unitune.models.errors import ModelLoadError
 from unitune.models.source import check_model_source
-from unitune.train.checkpoint import CheckpointError, latest_checkpoint
-from unitune.train.engines import EngineError
-from unitune.train.hub import HubError
-from unitune.train.loop import JudgeFailedError, NonFiniteError
-from unitune.train.resume import ResumeError
-from unitune.train.rundir import RunDirLocked
+from unitune.training.checkpoint import CheckpointError, latest_checkpoint
+from unitune.training.engines import EngineError
+from unitune.training.hub import HubError
+from unitune.training.loop import JudgeFailedError, NonFiniteError
+from unitune.training.resume import ResumeError
+from unitune.training.rundir import RunDirLocked
 
 # what one run may fail with that does not stop the others (`keep_going`)
 RUN_ERRORS = (

@@ -15,7 +15,7 @@ from pathlib import Path
 from unitune.config import repo_id_problem
 from unitune.core.io import atomic_write
 from unitune.core.redact import redact
-from unitune.train.modelcard import card_from_run
+from unitune.training.modelcard import card_from_run
 
 
 class HubError(RuntimeError):

@@ -25,21 +25,21 @@ from unitune.config import Config, MergeConfig, ModelConfig, dump_config
 from unitune.core import usage
 from unitune.core.io import atomic_write
 from unitune.eval.heldout import Ideal
-from unitune.merge.l1 import DeltaL1
-from unitune.merge.merge import merge
-from unitune.merge.readers import stored_dtypes
+from unitune.merging.l1 import DeltaL1
+from unitune.merging.merge import merge
+from unitune.merging.readers import stored_dtypes
 from unitune.models.load import load_model
 from unitune.models.save import save_model
 from unitune.models.source import model_dir
-from unitune.train import checkpoint
-from unitune.train.calibration import resolve_ideal
-from unitune.train.evaluator import Evaluator, retention
-from unitune.train.generation import Generation
-from unitune.train.loop import train
-from unitune.train.policy import Penalty, Policy, PolicyLogps
-from unitune.train.reference_set import References
-from unitune.train.rundir import run_summary
-from unitune.train.session import Session
+from unitune.training import checkpoint
+from unitune.training.calibration import resolve_ideal
+from unitune.training.evaluator import Evaluator, retention
+from unitune.training.generation import Generation
+from unitune.training.loop import train
+from unitune.training.policy import Penalty, Policy, PolicyLogps
+from unitune.training.reference_set import References
+from unitune.training.rundir import run_summary
+from unitune.training.session import Session
 
 
 def branch_costs(branches: Iterable[dict], device: torch.device) -> dict:

@@ -29,18 +29,18 @@ from unitune.eval.heldout import Ideal
 from unitune.judges.base import JudgeError
 from unitune.models.summary import trainable_parameters
 from unitune.schedules.registry import build_schedule
-from unitune.train import checkpoint, trackers
-from unitune.train.batches import BatchStream
-from unitune.train.evaluator import Evaluator, retention
-from unitune.train.finish import finish
-from unitune.train.generation import Generation
-from unitune.train.hub import require_token
-from unitune.train.policy import Penalty, Policy
-from unitune.train.reference_set import References
-from unitune.train.resume import find_checkpoint, latest, restore, save_step
-from unitune.train.rundir import MetricsLog, report_dict, run_summary
-from unitune.train.session import Session
-from unitune.train.state import TrainState
+from unitune.training import checkpoint, trackers
+from unitune.training.batches import BatchStream
+from unitune.training.evaluator import Evaluator, retention
+from unitune.training.finish import finish
+from unitune.training.generation import Generation
+from unitune.training.hub import require_token
+from unitune.training.policy import Penalty, Policy
+from unitune.training.reference_set import References
+from unitune.training.resume import find_checkpoint, latest, restore, save_step
+from unitune.training.rundir import MetricsLog, report_dict, run_summary
+from unitune.training.session import Session
+from unitune.training.state import TrainState
 
 
 class NonFiniteError(RuntimeError):

@@ -9,9 +9,9 @@ from torch import nn
 
 from unitune.core.io import atomic_write
 from unitune.models.save import save_model
-from unitune.train.hub import push_model
-from unitune.train.modelcard import write_model_card
-from unitune.train.session import Session
+from unitune.training.hub import push_model
+from unitune.training.modelcard import write_model_card
+from unitune.training.session import Session
 
 
 def finish(session: Session, module: nn.Module, summary: dict) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from unitune.schedules.registry import Schedule
-from unitune.train.batches import BatchStream
+from unitune.training.batches import BatchStream
 
 
 @dataclass

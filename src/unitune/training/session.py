@@ -27,11 +27,11 @@ from unitune.models.fingerprint import model_fingerprint, weights_fingerprint
 from unitune.models.load import enable_gradient_checkpointing, load_model
 from unitune.models.probe import check_logprobs
 from unitune.objectives import REGISTRY
-from unitune.train import engines
-from unitune.train.batches import AUX_INPUTS, item_length, load_data
-from unitune.train.policy import PolicyLogps
-from unitune.train.references import Shard
-from unitune.train.rundir import report_data
+from unitune.training import engines
+from unitune.training.batches import AUX_INPUTS, item_length, load_data
+from unitune.training.policy import PolicyLogps
+from unitune.training.references import Shard
+from unitune.training.rundir import report_data
 
 Poll = Callable[[], None]  # called between batches of long passes; raises to stop (SIGTERM)
 

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from unitune.models.lora import reference_mode
-from unitune.train.batches import flatten
-from unitune.train.references import RefKey, RefStore, reference_logps
-from unitune.train.session import Session
+from unitune.training.batches import flatten
+from unitune.training.references import RefKey, RefStore, reference_logps
+from unitune.training.session import Session
 
 
 class References:

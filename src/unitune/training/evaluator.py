@@ -17,11 +17,11 @@ from unitune.eval.heldout import Ideal
 from unitune.eval.retention import run_retention
 from unitune.objectives import PairLogps, SeqLogps
 from unitune.objectives.types import desirable
-from unitune.train.batches import AUX_INPUTS, flatten
-from unitune.train.generation import Generation
-from unitune.train.policy import Policy, Scored
-from unitune.train.references import compute_logps
-from unitune.train.session import Session
+from unitune.training.batches import AUX_INPUTS, flatten
+from unitune.training.generation import Generation
+from unitune.training.policy import Policy, Scored
+from unitune.training.references import compute_logps
+from unitune.training.session import Session
 
 
 class Evaluator:

@@ -26,10 +26,10 @@ from rich.console import Console
 from unitune.config import MergeConfig
 from unitune.core.io import ST_DTYPES, TensorEntry, atomic_dir, safetensors_chunks, write_file
 from unitune.core.progress import ProgressBar
-from unitune.merge.errors import MergeError
-from unitune.merge.methods import combine_owned, method_of
-from unitune.merge.readers import INDEX, open_base, open_source
-from unitune.merge.sparsity import DeltaStats
+from unitune.merging.errors import MergeError
+from unitune.merging.methods import combine_owned, method_of
+from unitune.merging.readers import INDEX, open_base, open_source
+from unitune.merging.sparsity import DeltaStats
 from unitune.models.source import model_dir
 
 _CONFIG_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}

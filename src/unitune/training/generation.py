@@ -13,7 +13,7 @@ from unitune.core.io import atomic_write
 from unitune.eval.evaluate import generation_eval, judge_for, run_prompts
 from unitune.eval.generate import EvalPrompt, generate
 from unitune.models.lora import reference_mode
-from unitune.train.session import Session
+from unitune.training.session import Session
 
 
 class Generation:

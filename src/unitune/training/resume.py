@@ -21,10 +21,10 @@ from torch import nn
 
 from unitune.config import Config
 from unitune.schedules.registry import SCHEDULES
-from unitune.train import checkpoint
-from unitune.train.reference_set import References
-from unitune.train.session import Session
-from unitune.train.state import TrainState
+from unitune.training import checkpoint
+from unitune.training.reference_set import References
+from unitune.training.session import Session
+from unitune.training.state import TrainState
 
 
 class ResumeError(ValueError):

@@ -28,7 +28,7 @@ from unitune.core.io import atomic_write
 from unitune.data import format_unused
 from unitune.eval import heldout as metrics
 from unitune.eval.heldout import Ideal
-from unitune.train.batches import Split
+from unitune.training.batches import Split
 
 
 def run_summary(

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from unitune.core.io import ST_DTYPES
-from unitune.merge.errors import MergeError
+from unitune.merging.errors import MergeError
 from unitune.models.source import model_dir, pickle_refusal
 
 # config.json keys that must agree between the base and a full fine-tuned model

@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
 from unitune.config import Config
-from unitune.train import trackers
+from unitune.training import trackers
 
 
 class EngineError(ValueError):

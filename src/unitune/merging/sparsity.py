@@ -10,8 +10,8 @@ from typing import Any
 import torch
 
 from unitune.core.io import ST_DTYPES
-from unitune.merge.errors import MergeError
-from unitune.merge.readers import open_base, open_source
+from unitune.merging.errors import MergeError
+from unitune.merging.readers import open_base, open_source
 from unitune.models.source import model_dir
 
 

@@ -20,12 +20,12 @@ from torch import nn
 from unitune.data import collate
 from unitune.models.logprobs import sequence_logps
 from unitune.objectives import FeedbackLogps, PairLogps, SeqLogps
-from unitune.train.batches import AUX_INPUTS, collate_items, flatten
+from unitune.training.batches import AUX_INPUTS, collate_items, flatten
 
 if TYPE_CHECKING:
-    from unitune.train.reference_set import References
-    from unitune.train.references import RefKey
-    from unitune.train.session import Session
+    from unitune.training.reference_set import References
+    from unitune.training.references import RefKey
+    from unitune.training.session import Session
 
 # a held-out split's sequences scored once per evaluation: "main" (its items, flattened as a batch
 # is) and each auxiliary input's sequences, as (summed log-probs, response-token counts)

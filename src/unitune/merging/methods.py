@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 
 from unitune.config import MergeOptions
-from unitune.merge.errors import MergeError
+from unitune.merging.errors import MergeError
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ from unitune.data import data_fingerprint
 from unitune.eval.heldout import Ideal
 from unitune.models.fingerprint import model_fingerprint
 from unitune.models.load import load_model
-from unitune.train.batches import flatten, load_data
-from unitune.train.loop import train
+from unitune.training.batches import flatten, load_data
+from unitune.training.loop import train
 
 CALIBRATION_VERSION = "2"  # 2: own-loss optima, keyed by model and data fingerprints
 
