@@ -10,6 +10,8 @@ import pytest
 
 import unitune.config
 from unitune.config import ConfigError, parse_config
+from unitune.data.errors import DataError, RecordError
+from unitune.data.validation import NAMED_FORMATS, chat_example, register_format
 from unitune.jobs import train
 from unitune.objectives import DEFAULT_OBJECTIVE, REGISTRY, register
 from unitune.objectives.types import PairLogps
@@ -103,6 +105,64 @@ def test_a_new_schedule_s_slots_decide_the_data_it_needs(tiny_config):
             parse_config(raw)
     finally:
         del SCHEDULES["sft_twice"]
+
+
+def test_a_new_data_format_is_one_function_and_one_registry_line(tiny_config, tmp_path):
+    """Formats asked for by name: an SFT one (`ask`/`tell`) and a preference one
+    (`ask`/`good`/`bad`), each a function and one register line, trained on through the config;
+    the same records in the standard formats train the same run."""
+    from conftest import ANIMALS, pref_records, sft_records, write_jsonl
+
+    def chat(ask: str, answer: str, answer_field: str):
+        messages = [{"role": "user", "content": ask}, {"role": "assistant", "content": answer}]
+        return chat_example(messages, 1, "ask", answer_field)
+
+    def read_qa(record):
+        return chat(record["ask"], record["tell"], "tell")
+
+    def read_good_bad(record):
+        if record["good"] == record["bad"]:
+            raise RecordError("good", "identical", "identical to 'bad'")
+        return chat(record["ask"], record["good"], "good"), chat(
+            record["ask"], record["bad"], "bad"
+        )
+
+    register_format("qa", kind="demonstrations", fields=("ask", "tell"), read=read_qa,
+                    description="qa (ask, tell)")  # fmt: skip
+    register_format("good_bad", kind="pairs", fields=("ask", "good", "bad"), read=read_good_bad,
+                    description="good_bad (ask, good, bad)")  # fmt: skip
+    try:
+        sft = [{"ask": r["messages"][0]["content"], "tell": r["messages"][1]["content"]}
+               for r in sft_records(ANIMALS)]  # fmt: skip
+        pref = [{"ask": r["prompt"][0]["content"], "good": r["chosen"][0]["content"],
+                 "bad": r["rejected"][0]["content"]} for r in pref_records(ANIMALS)]  # fmt: skip
+        for name, rows in (("sft", sft), ("pref", pref)):
+            write_jsonl(tmp_path / f"{name}.jsonl", rows)
+        raw = tiny_config("mix", max_steps=2, eval_every=2)
+        std = tiny_config("mix", max_steps=2, eval_every=2)
+        std["data"]["sft"] = {"train": str(tmp_path / "sft-std.jsonl")}
+        std["data"]["pref"] = {"train": str(tmp_path / "pref-std.jsonl")}
+        write_jsonl(tmp_path / "sft-std.jsonl", sft_records(ANIMALS))
+        write_jsonl(tmp_path / "pref-std.jsonl", pref_records(ANIMALS))
+        raw["data"]["sft"] = {"train": str(tmp_path / "sft.jsonl"), "format": "qa"}
+        raw["data"]["pref"] = {"train": str(tmp_path / "pref.jsonl"), "format": "good_bad"}
+        raw["output_dir"], std["output_dir"] = str(tmp_path / "new"), str(tmp_path / "std")
+        ours, theirs = (train(parse_config(c), progress=False) for c in (raw, std))
+        assert ours["steps"] == theirs["steps"] == {"sft": 2, "pref": 2}
+        rows = [
+            [json.loads(x) for x in (Path(c["output_dir"]) / "metrics.jsonl").open()]
+            for c in (raw, std)
+        ]
+        losses = [[r["loss"] for r in rs if r["type"] == "train"] for rs in rows]
+        assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+        raw["data"]["sft"]["format"] = "good_bad"  # a preference format in the SFT slot
+        raw["output_dir"] = str(tmp_path / "wrong")
+        with pytest.raises(DataError, match="data.sft.format: good_bad is a preference format"):
+            train(parse_config(raw), progress=False)
+    finally:
+        del NAMED_FORMATS["qa"], NAMED_FORMATS["good_bad"]
+    with pytest.raises(ConfigError, match="unknown format 'qa'"):
+        parse_config({**raw, "data": {**raw["data"], "sft": {"train": "x", "format": "qa"}}})
 
 
 def test_the_config_names_no_objective_or_schedule():

@@ -62,12 +62,22 @@ class DatasetConfig(Strict):
     score_range: tuple[float, float] | None = None  # unpaired scores: [min, max] -> [0, 1]
     # rename source columns to the standard fields, e.g. {prompt: instruction, completion: output}
     columns: dict[str, str] | None = None
-    # SFT only: "alpaca" reads instruction / input / output (README, "Data"); "auto" detects the
-    # format from the first record's keys
-    format: Literal["auto", "alpaca"] = "auto"
+    # "auto" detects the format from the first record's keys; a named format (data.validation's
+    # NAMED_FORMATS, e.g. "alpaca": instruction / input / output; README, "Data") is asked for
+    format: str = "auto"
     # preference only: unpaired scores -> labels at load time; a score mapped to [0, 1] by
     # score_range is desirable when >= label_threshold (what kto and una_binary need)
     label_threshold: float | None = Field(None, gt=0.0, le=1.0)
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, v: str) -> str:
+        """A format the data layer knows: "auto" or a registered named format."""
+        from unitune.data.validation import format_names
+
+        if v not in format_names():
+            raise ValueError(f"unknown format {v!r}; known: {', '.join(format_names())}")
+        return v
 
 
 class DataConfig(Strict):

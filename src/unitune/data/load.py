@@ -91,10 +91,12 @@ def load_preference(
     columns: dict[str, str] | None = None,
     num_proc: int = 1,
     cache_dir: str | os.PathLike | None = None,
+    format: str = "auto",
 ) -> tuple[Items, DataReport]:
-    """Load preference data (explicit or implicit prompt) as tokenized `Pair`s."""
+    """Load preference data (explicit or implicit prompt, or a named pairs format) as tokenized
+    `Pair`s."""
     return _load(
-        source, tokenizer, "pairs", max_length, on_bad_record, split, columns,
+        source, tokenizer, "pairs", max_length, on_bad_record, split, columns, format,
         num_proc=num_proc, cache_dir=cache_dir,
     )  # fmt: skip
 

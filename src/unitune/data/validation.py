@@ -6,11 +6,11 @@ SFT
 - prompt/completion, plain: `{"prompt": str, "completion": str}`
 - prompt/completion, conversational: `{"prompt": [messages], "completion": [messages]}`
 - messages: `{"messages": [messages]}`; every assistant turn is a target
-- alpaca (only when asked for, `format="alpaca"`): `{"instruction": str, "input": str (optional),
-  "output": str}`. The record becomes a conversation of one user and one assistant message: the
-  user message is `instruction`, or `instruction + "\n\n" + input` when `input` is present and
-  not whitespace-only; the assistant message (the target) is `output`. It is tokenized through
-  the chat template like conversational prompt/completion data.
+- alpaca (a named format, asked for with `format="alpaca"`): `{"instruction": str, "input": str
+  (optional), "output": str}`. The record becomes a conversation of one user and one assistant
+  message: the user message is `instruction`, or `instruction + "\n\n" + input` when `input` is
+  present and not whitespace-only; the assistant message (the target) is `output`. It is
+  tokenized through the chat template like conversational prompt/completion data.
 
 Preference pairs
 - explicit prompt, plain or conversational: `{"prompt", "chosen", "rejected"}`
@@ -42,6 +42,10 @@ None count as absent (Parquet and `datasets` fill missing columns with None).
 Fields a format does not read (e.g. UltraFeedback's `prompt_id`, `messages`, `score_chosen`)
 are ignored; the loader counts them (`unused_fields`, `DataReport.unused_columns`).
 
+Named formats (`NAMED_FORMATS`) are the ones a dataset asks for by name instead of being
+detected from its keys: the fields a format reads and one function from a record to its
+example(s). A new one is a function and one `register_format` line; alpaca is registered so.
+
 Each check raises `RecordError` naming the field and a `reason` key.
 """
 
@@ -50,6 +54,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,8 +86,8 @@ class Format:
             return f"{style} {self.name} feedback"
         if self.name == "messages":
             return "messages"
-        if self.name == "alpaca":
-            return "alpaca (instruction, input, output)"
+        if self.name in NAMED_FORMATS:
+            return NAMED_FORMATS[self.name].description
         if self.name == "repeated":
             return "conversational preference with the prompt repeated in chosen/rejected"
         if self.name == "prompt_completion":
@@ -113,21 +118,67 @@ class ChatExample:
 Example = TextExample | ChatExample
 
 
-FORMATS = ("auto", "alpaca")  # what `format=` may ask for; "auto" detects from the keys
+@dataclass(frozen=True)
+class NamedFormat:
+    """A record format a dataset asks for by name (`data.<slot>.format`)."""
+
+    kind: str  # the data kind it yields: "demonstrations" (an Example) or "pairs" (two)
+    fields: tuple[str, ...]  # required
+    optional: tuple[str, ...]  # read when present
+    read: Callable[[dict[str, Any]], Any]  # record -> Example, or (chosen, rejected) Examples
+    description: str  # how messages name it
+
+    @property
+    def slot_format(self) -> str:
+        """ "an SFT format" or "a preference format", for messages."""
+        return "an SFT format" if self.kind == "demonstrations" else "a preference format"
+
+
+NAMED_FORMATS: dict[str, NamedFormat] = {}
+# the formats detected from the keys; a named format may not take their names
+DETECTED = ("auto", "messages", "prompt_completion", "explicit", "repeated", "implicit")
+
+
+def register_format(
+    name: str,
+    *,
+    kind: str,
+    fields: tuple[str, ...],
+    read: Callable[[dict[str, Any]], Any],
+    description: str,
+    optional: tuple[str, ...] = (),
+) -> None:
+    """Make `format: NAME` read records with `read` (which raises `RecordError` naming a field)."""
+    if name in DETECTED or name in FEEDBACK_FIELDS or name in NAMED_FORMATS:
+        raise ValueError(f"format {name!r} is taken")
+    if kind not in ("demonstrations", "pairs"):
+        raise ValueError(f"a named format yields demonstrations or pairs, not {kind!r}")
+    NAMED_FORMATS[name] = NamedFormat(kind, fields, optional, read, description)
+
+
+def format_names() -> tuple[str, ...]:
+    """What `format=` may ask for: "auto" (detected from the keys) and the named formats."""
+    return ("auto", *NAMED_FORMATS)
 
 
 def detect_format(record: dict[str, Any], kind: str, requested: str = "auto") -> Format:
     """The format of a dataset, from its first record's keys (and whether values are lists).
 
-    `requested="alpaca"` (SFT only) takes the alpaca format without looking at the keys.
+    A named `requested` format (`NAMED_FORMATS`, e.g. "alpaca") is taken without looking at the
+    keys.
     """
-    if requested not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {requested!r}")
-    if requested == "alpaca":
-        if kind != "demonstrations":
-            raise ValueError("format 'alpaca' is an SFT format (instruction, input, output)")
+    if requested != "auto":
+        named = NAMED_FORMATS.get(requested)
+        if named is None:
+            raise ValueError(
+                f"format must be one of {', '.join(format_names())}; got {requested!r}"
+            )
+        if named.kind != kind:
+            raise ValueError(
+                f"format {requested!r} is an {named.slot} format ({named.description})"
+            )
         # other columns (even prompt/completion/messages) are unused, not errors: asked for
-        return Format(kind, "alpaca", True, ("instruction", "output"), (), ("input",))
+        return Format(kind, requested, True, named.fields, (), named.optional)
     present = _present(record)
     if kind == "demonstrations":
         if "messages" in present:
@@ -197,8 +248,8 @@ def validate_sft(record: dict[str, Any], fmt: Format) -> Example:
     if fmt.name == "messages":
         messages = _messages(record, "messages")
         return _chat(messages, 0, "messages", "messages")
-    if fmt.name == "alpaca":
-        return _alpaca(record)
+    if fmt.name in NAMED_FORMATS:
+        return NAMED_FORMATS[fmt.name].read(record)
     return _prompt_completion(record, fmt)
 
 
@@ -221,6 +272,14 @@ def _alpaca(record: dict[str, Any]) -> ChatExample:
         {"role": "assistant", "content": output},
     ]
     return _chat(messages, 1, "instruction", "output", 1)
+
+
+def chat_example(
+    messages: list[dict[str, Any]], first_target: int, prompt_field: str, response_field: str
+) -> ChatExample:
+    """A checked `ChatExample` for a named format's `read`: assistant messages from
+    `first_target` on are the targets; a problem raises `RecordError` naming the fields."""
+    return _chat(messages, first_target, prompt_field, response_field)
 
 
 def unused_fields(record: dict[str, Any], fmt: Format) -> list[str]:
@@ -297,6 +356,8 @@ def _prompt_completion(record: dict[str, Any], fmt: Format) -> Example:
 def validate_preference(record: dict[str, Any], fmt: Format) -> tuple[Example, Example]:
     """Check a preference record; returns the chosen and rejected examples."""
     _check_shape(record, fmt)
+    if fmt.name in NAMED_FORMATS:
+        return NAMED_FORMATS[fmt.name].read(record)
     if fmt.conversational:
         chosen, rejected = _messages(record, "chosen"), _messages(record, "rejected")
     else:
@@ -448,3 +509,13 @@ def _chat(
             detail = f"{response_field}[{i - index_base}]: empty assistant message"
             raise RecordError(response_field, "empty_response", detail)
     return ChatExample(messages, first_target, prompt_field, response_field)
+
+
+register_format(
+    "alpaca",
+    kind="demonstrations",
+    fields=("instruction", "output"),
+    optional=("input",),
+    read=_alpaca,
+    description="alpaca (instruction, input, output)",
+)

@@ -31,6 +31,7 @@ from unitune.data import (
     mismatched,
     split_holdout,
 )
+from unitune.data.validation import NAMED_FORMATS
 from unitune.objectives import REGISTRY
 
 
@@ -81,6 +82,12 @@ def load_data(cfg: Config, tokenizer) -> dict[str, Split]:
         obj = REGISTRY[getattr(cfg.objectives, slot).name]
         kw = dict(common, split=dcfg.split, columns=dcfg.columns)
         kind, notes = obj.data, []
+        named = NAMED_FORMATS.get(dcfg.format)  # a format asked for by name, else detected
+        if named is not None and named.kind != ("demonstrations" if slot == "sft" else "pairs"):
+            detail = f"data.{slot}.format: {dcfg.format} is {named.slot_format}"
+            if slot == "pref":
+                detail += "; unpaired feedback is detected from its keys"
+            raise DataError(dcfg.train, None, None, detail)
         if slot == "sft":
             if dcfg.label_threshold is not None:
                 detail = (
@@ -90,13 +97,10 @@ def load_data(cfg: Config, tokenizer) -> dict[str, Split]:
             loader = load_sft
             kw["format"] = dcfg.format
         else:
-            if dcfg.format != "auto":
-                detail = (
-                    f"data.pref.format: {dcfg.format} is an SFT format; preference data is "
-                    "detected from its keys"
-                )
-                raise DataError(dcfg.train, None, None, detail)
-            found = detect_kind(dcfg.train, split=dcfg.split, columns=dcfg.columns)
+            if named is not None:
+                found, kw["format"] = "pairs", dcfg.format
+            else:
+                found = detect_kind(dcfg.train, split=dcfg.split, columns=dcfg.columns)
             if obj.data == "pairs" and found == "unpaired":
                 raise DataError(
                     dcfg.train, None, None,
