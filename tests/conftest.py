@@ -31,7 +31,7 @@ def tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
 def perturbed_tiny():
     """builtin:tiny with its weights perturbed (seeded): the plain one greedily writes only
     newlines, this one varied tokens (generation tests)."""
-    from unitune.config import ModelConfig
+    from unitune.models.config import ModelConfig
     from unitune.models.load import load_model
 
     model, tok = load_model(ModelConfig(name="builtin:tiny"))

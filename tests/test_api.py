@@ -147,7 +147,7 @@ def test_merge_two_trained_models(runs, tmp_path):
 
 
 def _tiny_dir(tmp_path):
-    from unitune.config import ModelConfig
+    from unitune.models.config import ModelConfig
     from unitune.models.load import load_model
     from unitune.models.save import save_model
 

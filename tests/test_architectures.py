@@ -15,9 +15,9 @@ from architectures import ARCHITECTURES
 from typer.testing import CliRunner
 
 from unitune.cli import app
-from unitune.config import LoraConfig, ModelConfig
 from unitune.models import head
 from unitune.models.builtin import tiny_tokenizer
+from unitune.models.config import LoraConfig, ModelConfig
 from unitune.models.errors import ModelLoadError
 from unitune.models.load import load_model
 from unitune.models.logprobs import naive_sequence_logps, sequence_logps

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from transformers import get_scheduler
 
-from unitune.config import ModelConfig
+from unitune.models.config import ModelConfig
 from unitune.models.load import load_model
 from unitune.training import checkpoint as ck
 from unitune.training.checkpoint import (

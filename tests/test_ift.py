@@ -246,8 +246,8 @@ def test_registry_loss_and_validation():
 
 
 def test_builtin_tiny_model_runs():
-    from unitune.config import ModelConfig
     from unitune.data import Sequence, collate
+    from unitune.models.config import ModelConfig
     from unitune.models.load import load_model
 
     model, tok = load_model(ModelConfig(name="builtin:tiny"))

@@ -252,7 +252,7 @@ def test_reward_model_load_errors(tmp_path):
     (pickles / "pytorch_model.bin").write_bytes(b"not really")
     with pytest.raises(ModelLoadError, match="pickle"):
         make_judge(f"rm:{pickles}")
-    from unitune.config import ModelConfig
+    from unitune.models.config import ModelConfig
     from unitune.models.load import load_model
     from unitune.models.save import save_model
 

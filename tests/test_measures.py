@@ -114,7 +114,7 @@ def test_unpaired_f_pref_is_the_logistic_loss_at_eval_beta():
 
 def test_calibration_cache_follows_the_data_and_the_model(tiny_config, tiny_data, tmp_path):
     """Editing a data file or a local model in place must not reuse a stale ideal point."""
-    from unitune.config import ModelConfig
+    from unitune.models.config import ModelConfig
     from unitune.models.load import load_model
     from unitune.models.save import save_model
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from unitune.config import LoraConfig, ModelConfig
 from unitune.models import builtin
+from unitune.models.config import LoraConfig, ModelConfig
 from unitune.models.errors import ModelLoadError
 from unitune.models.fingerprint import model_fingerprint
 from unitune.models.load import load_model

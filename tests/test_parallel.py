@@ -8,10 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from unitune.config import ConfigError, LoraConfig, parse_config
+from unitune.config import ConfigError, parse_config
 from unitune.jobs import train
 from unitune.merging.l1 import DeltaL1
 from unitune.models.builtin import load_tiny
+from unitune.models.config import LoraConfig
 from unitune.study.plots import load_run, plot_runs
 
 

@@ -1,7 +1,7 @@
 import torch
 
-from unitune.config import ModelConfig
 from unitune.data import Sequence
+from unitune.models.config import ModelConfig
 from unitune.models.fingerprint import model_fingerprint
 from unitune.models.load import load_model
 from unitune.training.policy import PolicyLogps

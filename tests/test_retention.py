@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from unitune.config import ModelConfig
 from unitune.eval.retention import TASKS_DIR, RetentionError, run_retention
+from unitune.models.config import ModelConfig
 from unitune.models.load import load_model
 
 ROOT = Path(__file__).resolve().parents[1]

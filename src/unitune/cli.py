@@ -290,7 +290,7 @@ def demo(
 ) -> None:
     """Compare the joint schedules and parallel (PAFT) on the embedded model and the demo data,
     then report them: table, win rate, retention, Pareto plot, HTML."""
-    from unitune.config import ModelConfig
+    from unitune.models.config import ModelConfig
     from unitune.study.demo import run_demo
 
     if precision not in ("auto", "no", "bf16", "fp16"):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from unitune.config import Config, ConfigError, ModelConfig, load_config
+from unitune.config import Config, ConfigError, load_config
 from unitune.core.io import atomic_write
 from unitune.data.holdout import split_holdout
 from unitune.eval.generate import (
@@ -37,6 +37,7 @@ from unitune.eval.retention import run_retention
 from unitune.judges.base import DEFAULT_KEY_ENV, Judge
 from unitune.judges.registry import make_judge
 from unitune.judges.winrate import WinRate, win_rate
+from unitune.models.config import ModelConfig
 from unitune.models.errors import ModelLoadError
 from unitune.models.load import load_model
 from unitune.models.source import check_model_source

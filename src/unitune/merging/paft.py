@@ -21,13 +21,14 @@ from accelerate import PartialState
 from rich.console import Console
 from rich.table import Table
 
-from unitune.config import Config, MergeConfig, ModelConfig, dump_config
+from unitune.config import Config, MergeConfig, dump_config
 from unitune.core import usage
 from unitune.core.io import atomic_write
 from unitune.eval.heldout import Ideal
 from unitune.merging.l1 import DeltaL1
 from unitune.merging.merge import merge
 from unitune.merging.readers import stored_dtypes
+from unitune.models.config import ModelConfig
 from unitune.models.load import load_model
 from unitune.models.save import save_model
 from unitune.models.source import model_dir

@@ -36,7 +36,7 @@ from unitune.models.source import (
 )
 
 if TYPE_CHECKING:
-    from unitune.config import ModelConfig
+    from unitune.models.config import ModelConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -20,7 +20,7 @@ from torch import nn
 from unitune.models.errors import ModelLoadError
 
 if TYPE_CHECKING:
-    from unitune.config import LoraConfig
+    from unitune.models.config import LoraConfig
 
 ALL_LINEAR = "all-linear"
 

@@ -24,7 +24,7 @@ from unitune.models.builtin import (
 from unitune.models.errors import ModelLoadError
 
 if TYPE_CHECKING:
-    from unitune.config import ModelConfig
+    from unitune.models.config import ModelConfig
 
 _PICKLE_SUFFIXES = (".bin", ".bin.index.json", ".pt", ".pth", ".ckpt", ".pkl")
 
