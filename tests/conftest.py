@@ -134,11 +134,14 @@ def tiny_data(tmp_path) -> dict[str, Path]:
 
 @pytest.fixture
 def tiny_config(tiny_data, tmp_path):
-    """A config dict for builtin:tiny on `tiny_data`, with a private cache dir."""
+    """A config dict for builtin:tiny on `tiny_data`, with a private cache dir; "parallel" is
+    the parallel job (PAFT), the other names schedules."""
 
     def make(schedule: str = "alright", **train) -> dict:
+        job = "parallel" if schedule == "parallel" else "train"
         return {
             "name": schedule,
+            **({"job": job} if job == "parallel" else {}),
             "model": {"name": "builtin:tiny"},
             "data": {
                 "sft": {"train": str(tiny_data["sft_train"]), "eval": str(tiny_data["sft_eval"])},
@@ -149,7 +152,7 @@ def tiny_config(tiny_data, tmp_path):
                 "max_length": 64,
             },
             "schedule": {
-                "name": schedule,
+                **({"name": schedule} if job == "train" else {}),
                 "lam": 0.5,
                 **({"k": 2} if schedule == "maxright" else {}),
             },

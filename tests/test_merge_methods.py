@@ -88,8 +88,8 @@ def test_an_unknown_method_is_one_line_before_anything_is_written(variants, tmp_
 
 
 def test_a_parallel_run_with_an_unknown_method_stops_before_training(tiny_config, tmp_path):
-    raw = tiny_config("alright")
-    raw["schedule"] = {"name": "parallel", "merge": {"method": "tie"}}
+    raw = tiny_config("parallel")
+    raw["parallel"] = {"merge": {"method": "tie"}}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(raw))
     result = CliRunner().invoke(app, ["train", str(path), "--no-progress"])

@@ -96,3 +96,18 @@ def test_no_secrets_and_no_home(tiny_config, monkeypatch):
     assert "wandbkey-0123456789" not in card and "run-***" in card
     assert str(Path.home()) not in card and "secret-dir" not in card
     assert 'from_pretrained("someone/card")' in card
+
+
+def test_card_of_a_parallel_job_names_the_job_and_its_merge(tiny_config):
+    """The parallel job's card (`unitune push` of its run): the `parallel` schedule row and tag,
+    both objectives and both datasets, and the merge of `parallel.merge`."""
+    raw = tiny_config("parallel")
+    raw["parallel"] = {"l1": 1e-3, "merge": {"method": "ties", "weights": [1.0, 0.25]}}
+    card = model_card(parse_config(raw), SUMMARY)
+    meta = front_matter(card)
+    assert meta["tags"] == ["unitune", "sft", "dpo", "parallel"]
+    assert meta["datasets"] == ["sft_train.jsonl", "pref_train.jsonl"]
+    for text in ("under the `parallel` schedule", "| schedule | `parallel` |",
+                 "| merge | ties (weights [1.0, 0.25]) |"):  # fmt: skip
+        assert text in card, text
+    assert "alright" not in card  # the default schedule name of a parallel job's config

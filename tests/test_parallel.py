@@ -1,4 +1,5 @@
-"""The `parallel` schedule (PAFT): L1 on the SFT delta, two branches, merge, evaluation."""
+"""The `parallel` job (PAFT): L1 on the SFT delta, two branches, merge, evaluation; its config
+section, and the keys it had when it was a schedule."""
 
 import json
 import math
@@ -6,14 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
 
-from unitune.config import ConfigError, parse_config
+from unitune.cli import app
+from unitune.config import Config, ConfigError, ParallelConfig, parse_config
 from unitune.jobs import train
 from unitune.merging.l1 import DeltaL1
 from unitune.models.builtin import load_tiny
 from unitune.models.config import LoraConfig
+from unitune.schedules.registry import SCHEDULES
 from unitune.study.plots import load_run, plot_runs
+from unitune.training.resume import resumable_keys
 
 
 def test_delta_l1_full_weights_is_the_l1_norm_of_the_delta_and_its_gradient_the_sign():
@@ -84,17 +90,75 @@ def test_l1_makes_the_sft_delta_sparse(tiny_config):
     assert near_zero[0.0] < 0.1 and near_zero[1e-3] > 0.5
 
 
-def test_l1_is_only_for_the_sft_or_parallel_schedule(tiny_config):
+def test_l1_is_only_for_an_sft_only_schedule_and_names_the_parallel_job_s(tiny_config):
     raw = tiny_config("alright")
     raw["schedule"]["l1"] = 0.1
-    with pytest.raises(ConfigError, match="schedule.*l1|l1.*schedule"):
+    with pytest.raises(ConfigError, match=r"schedule: .*l1 .*SFT only.*parallel\.l1"):
         parse_config(raw)
+
+
+def _cli_train(raw: dict, tmp_path: Path) -> list[str]:
+    """`unitune train` on `raw`: its exit code must be 2 (a config error) and its output one
+    line, no traceback; returns that line's words."""
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["train", str(path), "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert not Path(raw["output_dir"]).exists()  # nothing trained, nothing written
+    return " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(
+    ("schedule", "names"),
+    [
+        ({"name": "parallel"}, "schedule.name: 'parallel' is a job now: set job: parallel"),
+        ({"merge": {"method": "ties"}}, "schedule.merge: moved to parallel.merge"),
+        ({"sparsity_tol": 1e-6}, "schedule.sparsity_tol: moved to parallel.sparsity_tol"),
+        (
+            {"name": "parallel", "l1": 1e-3, "merge": {"method": "ties"}},
+            "schedule.name: 'parallel' is a job now: set job: parallel; "
+            "schedule.merge: moved to parallel.merge",
+        ),
+    ],
+)
+def test_the_parallel_schedule_s_keys_are_one_line_errors_naming_the_new_ones(
+    tiny_config, tmp_path, schedule, names
+):
+    raw = tiny_config("mix")
+    raw["schedule"] = schedule
+    assert names in _cli_train(raw, tmp_path)
+
+
+def test_job_parallel_refuses_a_per_step_schedule_and_needs_both_datasets(tiny_config, tmp_path):
+    raw = tiny_config("parallel")
+    raw["schedule"]["name"] = "mix"
+    assert "schedule.name 'mix': job parallel trains an sft and a pref branch" in _cli_train(
+        raw, tmp_path
+    )
+    raw = tiny_config("parallel")
+    raw["data"]["pref"] = None
+    assert "job parallel needs data.pref" in _cli_train(raw, tmp_path)
+    raw = tiny_config("parallel")
+    raw["parallel"] = {"merge": {"density": 2.0}}
+    assert "parallel.merge.density" in _cli_train(raw, tmp_path)
+    raw = tiny_config("mix")
+    raw["job"] = "merge"
+    assert "job: Input should be 'train' or 'parallel'" in _cli_train(raw, tmp_path)
+
+
+def test_parallel_is_a_job_not_a_schedule_and_neither_key_is_resumable():
+    assert "parallel" not in SCHEDULES
+    assert {"job", "parallel"} <= set(Config.model_fields)
+    assert set(ParallelConfig.model_fields) == {"l1", "sparsity_tol", "merge"}
+    assert not [k for k in resumable_keys() if k == "job" or k.startswith("parallel.")]
+    assert resumable_keys()  # the walk does find the resumable ones
 
 
 def parallel_config(tiny_config, **merge):
     raw = tiny_config("parallel", max_steps=4, eval_every=2)
-    raw["schedule"]["l1"] = 1e-4
-    raw["schedule"]["merge"] = {"method": "task_arithmetic", **merge}
+    assert raw["job"] == "parallel" and "name" not in raw["schedule"]
+    raw["parallel"] = {"l1": 1e-4, "merge": {"method": "task_arithmetic", **merge}}
     return raw
 
 
@@ -102,12 +166,18 @@ def test_parallel_runs_both_branches_merges_and_evaluates(tiny_config):
     cfg = parse_config(parallel_config(tiny_config, method="ties", density=0.5))
     summary = train(cfg, progress=False)
     out = Path(cfg.output_dir)
-    assert summary["schedule"] == "parallel" and summary["steps"] == {"sft": 4, "pref": 4}
+    assert summary["job"] == summary["schedule"] == "parallel"
+    assert summary["steps"] == {"sft": 4, "pref": 4} and summary["l1"] == 1e-4
+    assert summary["merge"]["method"] == "ties" and summary["sparsity_tol"] == cfg.train.lr
+    assert parse_config(yaml.safe_load((out / "config.yaml").read_text())) == cfg
     # each branch is an ordinary single-objective run evaluated on both objectives
     for kind in ("sft", "pref"):
         branch = json.loads((out / kind / "summary.json").read_text())
         want = {"sft": 4, "pref": 0} if kind == "sft" else {"sft": 0, "pref": 4}
-        assert branch["steps"] == want
+        assert branch["steps"] == want and branch["job"] == "train"
+        sub = yaml.safe_load((out / kind / "config.yaml").read_text())
+        assert sub["job"] == "train" and sub["schedule"]["name"] == kind
+        assert sub["schedule"]["l1"] == (1e-4 if kind == "sft" else 0.0)
         assert summary["branches"][kind]["f_sft"] == branch["final"]["f_sft"]
         assert 0.0 <= summary["sparsity"][kind]["sparsity"] <= 1.0
     assert summary["base"]["f_pref"] == pytest.approx(math.log(2), abs=1e-5)

@@ -101,7 +101,7 @@ def test_a_new_schedule_s_slots_decide_the_data_it_needs(tiny_config):
             parse_config(raw)
         raw = tiny_config("mix")
         raw["schedule"]["l1"] = 0.01
-        with pytest.raises(ConfigError, match=r"l1 .*one that trains SFT only \(.*sft_twice"):
+        with pytest.raises(ConfigError, match=r"l1 .*trains SFT only \(.*sft_twice.*parallel\.l1"):
             parse_config(raw)
     finally:
         del SCHEDULES["sft_twice"]

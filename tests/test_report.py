@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from unitune import cli
 from unitune.cli import app
+from unitune.study.plots import load_run
 from unitune.study.report import ReportError, build_report
 from unitune.study.report.collect import find_runs, group_runs, read_run
 from unitune.study.report.stats import compute, mean_std, pareto_groups
@@ -50,7 +51,8 @@ def make_run(
     cfg = {
         "name": name or f"{schedule}-s{seed}",
         "model": {"name": "builtin:tiny"},
-        "schedule": {"name": schedule, "lam": lam, "merge": {"seed": 0}},
+        "schedule": {"name": schedule, "lam": lam},
+        "parallel": {"merge": {"seed": 0}},
         "train": {"max_steps": 20, "lr": lr, "seed": seed},
         "output_dir": str(run),
         "cache_dir": f"/tmp/cache-{seed}",
@@ -92,8 +94,9 @@ def make_run(
 
 
 def make_parallel(root: Path, rel: str, *, seed: int, f_sft: float, f_pref: float) -> Path:
-    """A PAFT run directory: summary.json and metrics.jsonl of its own (no config.yaml, as
-    parallel.py writes it), and its sft/ and pref/ branches, ordinary run directories."""
+    """A PAFT run directory as written before `parallel` was a job: summary.json and
+    metrics.jsonl of its own (no config.yaml, no `job` in its summary), and its sft/ and pref/
+    branches, ordinary run directories."""
     run = make_run(root, rel, schedule="parallel", seed=seed, f_sft=f_sft, f_pref=f_pref,
                    config=False)  # fmt: skip
     for kind in ("sft", "pref"):
@@ -219,8 +222,35 @@ def test_parallel_branches_are_not_runs(tmp_path: Path) -> None:
     assert run.config["schedule"]["name"] == "parallel"
     groups = group_runs([read_run(p) for p in found])
     assert [(g.label, g.seeds) for g in groups] == [("parallel \u03bb=0.5", [0, 1])]
+    assert set(load_run(found[0]).branches) == {"sft", "pref"}  # known by its schedule
     # a branch named on its own is a run of its own
     assert find_runs([tmp_path / "p0" / "sft"])[0] == [tmp_path / "p0" / "sft"]
+
+
+def test_a_parallel_job_s_run_is_grouped_by_its_own_config(tmp_path: Path) -> None:
+    """A parallel job's run directory: its config.yaml (`job: parallel`), its summary's `job` and
+    `schedule` both "parallel", and its branches, which are not runs."""
+    for seed in (0, 1):
+        run = make_run(tmp_path, f"p{seed}", schedule="parallel", seed=seed, f_sft=2.1, f_pref=0.6,
+                       summary_extra={"job": "parallel"})  # fmt: skip
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        cfg["job"] = "parallel"
+        del cfg["schedule"]["name"]
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        for kind in ("sft", "pref"):
+            make_run(run, kind, schedule=kind, seed=seed, f_sft=1.8, f_pref=0.9)
+    make_run(tmp_path, "m0", seed=0, f_sft=2.0, f_pref=0.3)
+    found, _ = find_runs([tmp_path])
+    assert found == [tmp_path / "m0", tmp_path / "p0", tmp_path / "p1"]
+    run = read_run(tmp_path / "p0")
+    assert run.schedule == "parallel" and run.config_source == "config.yaml"
+    assert run.config["job"] == "parallel"
+    groups = group_runs([read_run(p) for p in found])
+    assert [(g.label, g.seeds) for g in groups] == [
+        ("mix λ=0.5", [0]),
+        ("parallel λ=0.5", [0, 1]),
+    ]
+    assert set(load_run(tmp_path / "p0").branches) == {"sft", "pref"}
 
 
 def test_run_in_progress_is_skipped_with_a_note(tmp_path: Path) -> None:

@@ -179,7 +179,8 @@ def test_resume_refuses_reference_log_probs_of_changed_data(tiny_config, label_f
 def test_parallel_resumes_branch_by_branch(tiny_config, label_files):
     """A finished branch is kept; the interrupted one resumes; the merge is the same."""
     raw = config(tiny_config, label_files, "sft", 1)
-    raw["schedule"] = {"name": "parallel", "l1": 1e-4, "merge": {"method": "task_arithmetic"}}
+    raw["job"], raw["schedule"] = "parallel", {}
+    raw["parallel"] = {"l1": 1e-4, "merge": {"method": "task_arithmetic"}}
     raw["train"] |= {"max_steps": 4, "keep_last": 4}
     out = Path(raw["output_dir"])
     whole = train(parse_config(raw), progress=False)

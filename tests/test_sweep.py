@@ -51,6 +51,27 @@ def test_grid_times_runs_gives_one_named_validated_config_each(tmp_path, tiny_co
     assert [r["name"] for r in plan["runs"]] == names
 
 
+def test_a_parallel_job_in_a_sweep_resumes_once_a_branch_has_started(tmp_path, tiny_config):
+    """`job: parallel` is a variant like a schedule; its run resumes when a branch finished or
+    left a checkpoint, though its own directory has neither."""
+    base = tiny_config("mix")
+    base.pop("output_dir")
+    del base["schedule"]["name"]  # each variant names its schedule, or is the parallel job
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    path = tmp_path / "sweep.yaml"
+    runs = [{"schedule.name": "mix"}, {"job": "parallel", "parallel.l1": 1e-4}]
+    path.write_text(yaml.safe_dump({"base": "base.yaml", "output_dir": str(tmp_path / "sw"),
+                                    "runs": runs}))  # fmt: skip
+    mix, paft = load_sweep(path).runs
+    assert mix.cfg.job == "train" and mix.cfg.schedule.name == "mix"
+    assert paft.cfg.job == "parallel" and paft.cfg.parallel.l1 == 1e-4
+    assert [mix.status(), paft.status()] == ["new", "new"]
+    for run in (mix, paft):
+        (run.out / "sft").mkdir(parents=True)
+        (run.out / "sft" / "summary.json").write_text("{}")
+    assert [mix.status(), paft.status()] == ["new", "resume"]
+
+
 def test_ambiguous_key_names_keep_their_section():
     assert (
         run_name({"objectives.sft.name": "sft", "objectives.pref.name": "dpo"})

@@ -171,9 +171,25 @@ class MergeConfig(MergeOptions):
 
 
 class ParallelMerge(MergeOptions):
-    """The `parallel` schedule's merge of its SFT and preference branches."""
+    """The `parallel` job's merge of its SFT and preference branches."""
 
     weights: tuple[float, float] = (1.0, 1.0)  # (sft branch, preference branch)
+
+
+class ParallelConfig(Strict):
+    """The `parallel:` section: what the `parallel` job (PAFT, merging/paft.py) adds to its two
+    single-objective branches. Read only when `job: parallel`."""
+
+    # L1 penalty on the SFT branch's delta from the base (the preference branch has none)
+    l1: float = Field(0.0, ge=0.0)
+    # |delta| <= tol counts as zero in the sparsity report; default: the learning rate. With Adam,
+    # an L1 subgradient holds an entry within about one step (lr) of 0, not at exactly 0.
+    sparsity_tol: float | None = Field(None, ge=0.0)
+    merge: ParallelMerge = ParallelMerge()
+
+
+# schedule keys that moved to the `parallel:` section when `parallel` became a job
+MOVED_TO_PARALLEL = ("merge", "sparsity_tol")
 
 
 def _default_schedule() -> str:
@@ -188,7 +204,7 @@ class ScheduleConfig(BaseModel):
     `k` (recompute both gaps every k steps, default 10)."""
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
-    # a registered schedule (unitune.schedules.registry.SCHEDULES) or "parallel"; default:
+    # a registered schedule (unitune.schedules.registry.SCHEDULES); default:
     # schedules.registry.DEFAULT_SCHEDULE
     name: str = Field(default_factory=lambda: _default_schedule())
     lam: float = Field(0.5, ge=0.0, le=1.0)  # weight / probability of the preference objective
@@ -200,22 +216,32 @@ class ScheduleConfig(BaseModel):
     loss_sft_star: float | None = None
     loss_pref_star: float | None = None
     calibration_steps: int = Field(50, gt=0)
-    # parallel (PAFT): L1 penalty on the SFT branch's delta from the base, and the merge
+    # a schedule that trains SFT only: L1 penalty on the delta from the base (PAFT's penalty;
+    # the parallel job's SFT branch takes its own from parallel.l1)
     l1: float = Field(0.0, ge=0.0)
-    # |delta| <= tol counts as zero in the sparsity report; default: the learning rate. With Adam,
-    # an L1 subgradient holds an entry within about one step (lr) of 0, not at exactly 0.
-    sparsity_tol: float | None = Field(None, ge=0.0)
-    merge: ParallelMerge = ParallelMerge()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        """The keys of the `parallel` schedule, now a job: one line naming where each went."""
+        if not isinstance(data, dict):
+            return data
+        problems = [f"schedule.{k}: moved to parallel.{k}" for k in MOVED_TO_PARALLEL if k in data]
+        if data.get("name") == "parallel":
+            problems.insert(0, "schedule.name: 'parallel' is a job now: set job: parallel")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return data
 
     @model_validator(mode="after")
     def _ideal(self) -> ScheduleConfig:
         from unitune.schedules.registry import SCHEDULES
 
-        known = [*SCHEDULES, "parallel"]
-        if self.name not in known:
-            raise ValueError(f"unknown schedule {self.name!r}; known: {', '.join(known)}")
+        if self.name not in SCHEDULES:
+            known = ", ".join(SCHEDULES)
+            raise ValueError(f"unknown schedule {self.name!r}; known: {known} (and job: parallel)")
         options = self.options()
-        fields = SCHEDULES[self.name].options.model_fields if self.name in SCHEDULES else {}
+        fields = SCHEDULES[self.name].options.model_fields
         unknown = sorted(set(options) - set(fields))
         if unknown:
             offered = ", ".join(fields) or "none"
@@ -223,15 +249,14 @@ class ScheduleConfig(BaseModel):
                 f"{', '.join(unknown)}: not an option of schedule {self.name!r} (its options: "
                 f"{offered})"
             )
-        if self.name in SCHEDULES:
-            SCHEDULES[self.name].options(**options)  # raises on a bad value
+        SCHEDULES[self.name].options(**options)  # raises on a bad value
         if self.ideal == "config" and (self.f_sft_star is None or self.f_pref_star is None):
             raise ValueError("ideal: config needs both f_sft_star and f_pref_star")
-        if self.l1 > 0 and self.name != "parallel" and self.slots() != ("sft",):
+        if self.l1 > 0 and self.slots() != ("sft",):
             sft_only = [n for n, c in SCHEDULES.items() if c.slots == ("sft",)]
             raise ValueError(
-                "l1 (PAFT's penalty on the SFT delta) needs schedule parallel or one that trains "
-                f"SFT only ({', '.join(sft_only)})"
+                "l1 (an L1 penalty on the SFT delta) needs a schedule that trains SFT only "
+                f"({', '.join(sft_only)}); PAFT's is parallel.l1 with job: parallel"
             )
         return self
 
@@ -239,7 +264,7 @@ class ScheduleConfig(BaseModel):
         """The objective slots this schedule trains (its registry entry's `slots`)."""
         from unitune.schedules.registry import SCHEDULES
 
-        return SCHEDULES[self.name].slots if self.name in SCHEDULES else ("sft", "pref")
+        return SCHEDULES[self.name].slots
 
     def options(self) -> dict[str, Any]:
         """The named schedule's own options (the section's extra keys)."""
@@ -367,10 +392,14 @@ class EvalConfig(Strict):
 
 class Config(Strict):
     name: str | None = Field(None, json_schema_extra=RESUMABLE)
+    # train: one run of `schedule` (training/loop.py); parallel: PAFT, an SFT and a preference
+    # run from the same base, then merged (merging/paft.py, options in `parallel:`)
+    job: Literal["train", "parallel"] = "train"
     model: ModelConfig = ModelConfig()
     data: DataConfig
     objectives: ObjectivesConfig = ObjectivesConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    parallel: ParallelConfig = ParallelConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     output_dir: str = Field("runs/run", json_schema_extra=RESUMABLE)
@@ -381,6 +410,8 @@ class Config(Strict):
     def _data_for_schedule(self) -> Config:
         from unitune.schedules.registry import SCHEDULES, context_of
 
+        if self.job == "parallel":
+            return self._parallel_job()
         for slot in self.schedule.slots():
             if getattr(self.data, slot) is None:
                 raise ValueError(f"schedule {self.schedule.name!r} needs data.{slot}")
@@ -394,9 +425,26 @@ class Config(Strict):
                         f"schedule.loss_{slot}_star: {sc.name} steps on {obj}'s own loss, which is "
                         f"not f_{slot}; give that loss's optimum (or use ideal: calibrate)"
                     )
-        if sc.name == "parallel" and self.train.push_to_hub:
+        return self
+
+    def _parallel_job(self) -> Config:
+        """What PAFT needs: both datasets, and a `schedule:` section that only carries what its
+        branches share (lam, the ideal point, calibration); its branches train with the `sft`
+        and `pref` schedules, so a per-step schedule of its own would be ignored."""
+        from unitune.schedules.registry import DEFAULT_SCHEDULE
+
+        for slot in ("sft", "pref"):
+            if getattr(self.data, slot) is None:
+                raise ValueError(f"job parallel needs data.{slot}")
+        sc = self.schedule
+        if sc.name != DEFAULT_SCHEDULE or sc.options():
             raise ValueError(
-                "train.push_to_hub is not supported with schedule parallel (each branch would "
+                f"schedule.name {sc.name!r}: job parallel trains an sft and a pref branch, not a "
+                "per-step schedule; leave schedule.name and its options out"
+            )
+        if self.train.push_to_hub:
+            raise ValueError(
+                "train.push_to_hub is not supported with job parallel (each branch would "
                 "push); push the merged model afterwards with: unitune push RUN_DIR REPO_ID"
             )
         return self

@@ -1,6 +1,6 @@
-"""A training job as the command line runs it: the ideal point resolved, then the trainer's loop
-(with PAFT's L1 penalty when `schedule.l1` asks for it), or, for the `parallel` job, its two
-branches and the merge (`merge/paft.py`). `parallel` is dispatched here and nowhere else in
+"""A training job as the command line runs it, by `cfg.job`: `train`, the ideal point resolved,
+then the trainer's loop (with PAFT's L1 penalty when `schedule.l1` asks for it); `parallel`, its
+two branches and the merge (`merging/paft.py`). The job is dispatched here and nowhere else in
 training."""
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ def train(
 ) -> dict:
     """Run the job `cfg` describes; returns the summary written to summary.json."""
     console = console or Console()
-    if cfg.schedule.name == "parallel":
-        method_of(cfg.schedule.merge.method)  # an unknown one fails now, not after training
+    if cfg.job == "parallel":
+        method_of(cfg.parallel.merge.method)  # an unknown one fails now, not after training
     with lock_output_dir(cfg.output_dir):  # one run per directory; raises RunDirLocked
-        if cfg.schedule.name == "parallel":  # two runs and a merge, not a per-step schedule
+        if cfg.job == "parallel":  # two runs and a merge, not a per-step schedule
             return train_parallel(
                 cfg, console=console, progress=progress, ideal=ideal, resume=resume
             )

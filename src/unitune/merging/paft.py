@@ -1,11 +1,13 @@
 """PAFT (arXiv 2406.17923): SFT and preference trained in parallel from one base, then merged.
 
-The `parallel` schedule is two ordinary single-objective runs from the same base: the SFT branch,
-with an L1 penalty on its delta from the base (`schedule.l1`) to make that delta sparse, and the
-preference branch as it is. The two saved models are merged with `schedule.merge` (`merge.py`),
-and the merged model is evaluated on both held-out objectives against the base, like every other
-run. The run directory has the usual `metrics.jsonl` and `summary.json`, so `parallel` sits in the
-same table and plot as the joint schedules; its branches are sub-runs in `sft/` and `pref/`.
+The `parallel` job (`job: parallel`, options in the `parallel:` section) is two ordinary
+single-objective runs from the same base: the SFT branch, with an L1 penalty on its delta from the
+base (`parallel.l1`) to make that delta sparse, and the preference branch as it is. The two saved
+models are merged with `parallel.merge` (`merge.py`), and the merged model is evaluated on both
+held-out objectives against the base, like every other run. The run directory has the usual
+`metrics.jsonl` and `summary.json` (its `job` and its `schedule` are both "parallel"), so
+`parallel` sits in the same table and plot as the joint schedules; its branches are sub-runs in
+`sft/` and `pref/`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from accelerate import PartialState
 from rich.console import Console
 from rich.table import Table
 
-from unitune.config import Config, MergeConfig, dump_config
+from unitune.config import Config, MergeConfig, ParallelConfig, dump_config
 from unitune.core import usage
 from unitune.core.io import atomic_write
 from unitune.eval.heldout import Ideal
@@ -73,9 +75,9 @@ def train_parallel(
     procs = PartialState()
     if not procs.is_main_process:
         console.quiet = True
-    sc, out = cfg.schedule, Path(cfg.output_dir)
+    sc, pc, out = cfg.schedule, cfg.parallel, Path(cfg.output_dir)
     star = ideal if ideal is not None else resolve_ideal(cfg, console)
-    name = cfg.name or sc.name
+    name = cfg.name or "parallel"
     if procs.is_main_process:  # the job's own resolved config, as every run directory has
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "config.yaml", dump_config(cfg))
@@ -84,7 +86,8 @@ def train_parallel(
     for kind in ("sft", "pref"):
         sub = cfg.model_copy(deep=True)
         sub.name = f"{name}: {kind} branch"
-        sub.schedule = sc.for_schedule(kind, l1=sc.l1 if kind == "sft" else 0.0)
+        sub.job, sub.parallel = "train", ParallelConfig()  # an ordinary run
+        sub.schedule = sc.for_schedule(kind, l1=pc.l1 if kind == "sft" else 0.0)
         sub.train = cfg.train.model_copy(update={"save_model": True})
         sub.eval = cfg.eval.model_copy(update={"retention_tasks": []})  # the merged model's only
         sub.output_dir = str(out / kind)
@@ -100,17 +103,17 @@ def train_parallel(
         )
 
     models = [out / kind / "model" for kind in ("sft", "pref")]
-    tol = sc.sparsity_tol if sc.sparsity_tol is not None else cfg.train.lr
+    tol = pc.sparsity_tol if pc.sparsity_tol is not None else cfg.train.lr
     if procs.is_main_process:
         merge_cfg = MergeConfig(
             base=str(merge_base(cfg, out / "base")),
             models=[
-                {"path": str(m), "weight": w} for m, w in zip(models, sc.merge.weights, strict=True)
+                {"path": str(m), "weight": w} for m, w in zip(models, pc.merge.weights, strict=True)
             ],
             output=str(out / "model"),
-            **sc.merge.model_dump(exclude={"weights"}),
+            **pc.merge.model_dump(exclude={"weights"}),
         )
-        console.log(f"parallel: merging the branches ({sc.merge.method})")
+        console.log(f"parallel: merging the branches ({pc.merge.method})")
         report = merge(merge_cfg, console=console, progress=progress, sparsity_tol=tol)
     procs.wait_for_everyone()
     console.log("parallel: evaluating the merged model")
@@ -149,9 +152,9 @@ def train_parallel(
         branches={kind: s["final"] for kind, s in branches.items()},
         **({"retention": retention} if retention else {}),
         sparsity=sparsity,
-        l1=sc.l1,
+        l1=pc.l1,
         sparsity_tol=tol,
-        merge={**sc.merge.model_dump(mode="json"), "seconds": report.get("seconds")},
+        merge={**pc.merge.model_dump(mode="json"), "seconds": report.get("seconds")},
         **{k: branches["sft"][k] for k in ("world_size", "engine", "global_batch")},
     )
     atomic_write(out / "summary.json", json.dumps(summary, indent=2))
@@ -186,7 +189,7 @@ def evaluate_model(
     (`eval.retention_tasks`, `{}` without)."""
     ev = cfg.model_copy(deep=True)
     ev.model = cfg.model.model_copy(update={"lora": None})  # the base, for its reference
-    ev.schedule = cfg.schedule.for_schedule("mix", l1=0.0)
+    ev.job, ev.schedule = "train", cfg.schedule.for_schedule("mix", l1=0.0)
     session = Session(ev, console)
     generation = Generation(session) if ev.eval.generate else None
     refs = References(session)

@@ -130,13 +130,18 @@ def demo_config(
                 "max_length": 128,
             },
             "objectives": {"sft": {"name": sft}, "pref": {"name": pref}},
+            # `parallel` is a job (PAFT) with its own section, the others per-step schedules
+            **(
+                {"job": "parallel", "parallel": {"l1": DEMO_L1, "merge": DEMO_MERGE}}
+                if schedule == "parallel"
+                else {}
+            ),
             "schedule": {
-                "name": schedule,
+                **({"name": schedule} if schedule != "parallel" else {}),
                 "lam": lam,
                 **({"k": 10} if schedule == "maxright" else {}),
                 "ideal": "calibrate",
                 "calibration_steps": max(steps // 2, 1),
-                **({"l1": DEMO_L1, "merge": DEMO_MERGE} if schedule == "parallel" else {}),
             },
             "train": {
                 "max_steps": steps,
@@ -195,7 +200,7 @@ def comparison_tables(summaries: list[dict]) -> list[Table]:
 
     for s in summaries:
         row(s["name"], s["final"], s, f"{s['steps']['sft']}/{s['steps']['pref']}")
-        if s["schedule"] == "parallel":
+        if s["schedule"] == "parallel":  # a parallel job's summary (rundir.run_summary)
             n = s["steps"]
             for kind, f in s["branches"].items():
                 sp = s["sparsity"][kind]["sparsity"]

@@ -26,6 +26,7 @@ __all__ = [
     "axis_label",
     "draw_front",
     "draw_ideals",
+    "is_parallel_run",
     "load_run",
     "new_figure",
     "pareto_front",
@@ -142,6 +143,12 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
     return summary
 
 
+def is_parallel_run(summary: dict[str, Any]) -> bool:
+    """Whether a finished run's summary is a parallel (PAFT) job's: its `job`, or, in a run
+    directory written before `parallel` was a job, its `schedule`."""
+    return summary.get("job") == "parallel" or summary.get("schedule") == "parallel"
+
+
 def _label(run_dir: Path, summary: dict[str, Any]) -> str:
     name = str(summary.get("name") or run_dir.name)
     details = []
@@ -199,7 +206,7 @@ def load_run(run_dir: Path) -> RunTrajectory:
         branches={
             kind: load_run(run_dir / kind)
             for kind in ("sft", "pref")
-            if summary.get("schedule") == "parallel" and (run_dir / kind).is_dir()
+            if is_parallel_run(summary) and (run_dir / kind).is_dir()
         },
     )
 

@@ -76,7 +76,7 @@ class SweepRun:
         quiet = _ignore
         if latest_checkpoint(self.out, log=quiet) is not None:
             return "resume"
-        if self.cfg.schedule.name == "parallel" and any(
+        if self.cfg.job == "parallel" and any(
             (self.out / k / "summary.json").exists()
             or latest_checkpoint(self.out / k, log=quiet) is not None
             for k in ("sft", "pref")

@@ -56,11 +56,13 @@ def input_fingerprint(cfg: Config, console: Console) -> str:
 
 def for_calibration(cfg: Config) -> Config:
     """`cfg` without what does not change the ideal point and has no place in a calibration's
-    short runs: trackers, hub uploads, generation and retention evaluations (so the cache key
-    does not depend on them either)."""
+    short runs: trackers, hub uploads, generation and retention evaluations, the job and the
+    parallel job's section (each objective is calibrated alone, whatever the job), so the cache
+    key does not depend on them either."""
     train = cfg.train.model_copy(update={"report_to": [], "push_to_hub": None, "hub_private": True})
     ev = type(cfg.eval)(beta=cfg.eval.beta)  # of the eval section, only beta measures f_pref
-    return cfg.model_copy(update={"train": train, "eval": ev})
+    job = {"job": "train", "parallel": type(cfg.parallel)()}
+    return cfg.model_copy(update={"train": train, "eval": ev, **job})
 
 
 def calibrate(cfg: Config, console: Console | None = None, progress: bool = False) -> Ideal:

@@ -129,8 +129,9 @@ def check(cfg: Config, engine: Engine) -> None:
     if engine.shards_parameters:
         if cfg.schedule.l1 > 0:
             problems.append(
-                "schedule.l1 > 0 (PAFT's L1 penalty) reads whole weights and keeps a full copy "
-                "of the starting ones, but each process holds a shard: use DDP or ZeRO-2"
+                "schedule.l1 > 0 (PAFT's L1 penalty; parallel.l1 for job parallel's SFT branch) "
+                "reads whole weights and keeps a full copy of the starting ones, but each "
+                "process holds a shard: use DDP or ZeRO-2"
             )
         if cfg.model.lora is not None and cfg.model.lora.merge_on_save:
             problems.append(

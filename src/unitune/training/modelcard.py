@@ -83,7 +83,12 @@ def _local_model(output_dir: str) -> str:
 
 def _slots(cfg: Config) -> list[str]:
     """The objective slots this run trained."""
-    return {"sft": ["sft"], "pref": ["pref"]}.get(cfg.schedule.name, ["sft", "pref"])
+    return {"sft": ["sft"], "pref": ["pref"]}.get(_schedule(cfg), ["sft", "pref"])
+
+
+def _schedule(cfg: Config) -> str:
+    """The schedule the card names: the per-step schedule, or `parallel` for that job."""
+    return "parallel" if cfg.job == "parallel" else cfg.schedule.name
 
 
 def _params(cfg: Config, slot: str) -> str:
@@ -111,12 +116,13 @@ def model_card(cfg: Config, summary: dict[str, Any], *, repo_id: str | None = No
     meta["library_name"] = "peft" if adapter else "transformers"
     if license_:
         meta["license"] = license_
-    tags = ["unitune", *objectives, sc.name] + (["lora"] if cfg.model.lora else [])
+    schedule = _schedule(cfg)
+    tags = ["unitune", *objectives, schedule] + (["lora"] if cfg.model.lora else [])
     meta["tags"] = list(dict.fromkeys(tags))
     meta["datasets"] = list(dict.fromkeys(_display(d.train) for d in data.values()))
     meta["pipeline_tag"] = "text-generation"
 
-    title = summary.get("name") or cfg.name or sc.name
+    title = summary.get("name") or cfg.name or schedule
     shown = _display(cfg.model.name)
     base_text = f"[`{base}`](https://huggingface.co/{base})" if base else f"`{shown}`"
     if cfg.model.revision:
@@ -127,15 +133,15 @@ def model_card(cfg: Config, summary: dict[str, Any], *, repo_id: str | None = No
         "",
         f"{'A LoRA adapter for' if adapter else 'Post-trained from'} {base_text} with "
         f"unitune {unitune.__version__}: {kinds} "
-        f"{'jointly ' if sc.name not in ('sft', 'pref', 'sequential', 'parallel') else ''}"
-        f"under the `{sc.name}` schedule.",
+        f"{'jointly ' if schedule not in ('sft', 'pref', 'sequential', 'parallel') else ''}"
+        f"under the `{schedule}` schedule.",
         "",
         "## Training",
         "",
         "| | |",
         "|---|---|",
         f"| base model | {base_text} |",
-        f"| schedule | `{sc.name}`"
+        f"| schedule | `{schedule}`"
         + (f" ({', '.join(f'{k}={v}' for k, v in sc.options().items())})" if sc.options() else "")
         + " |",
         f"| lam (weight of the preference objective) | {sc.lam} |",
@@ -158,8 +164,9 @@ def model_card(cfg: Config, summary: dict[str, Any], *, repo_id: str | None = No
         lo = cfg.model.lora
         lines.append(f"| LoRA | r={lo.r}, alpha={lo.alpha}, dropout={lo.dropout}, "
                      f"modules {', '.join(lo.target_modules)} |")  # fmt: skip
-    if sc.name == "parallel":
-        lines.append(f"| merge | {sc.merge.method} (weights {list(sc.merge.weights)}) |")
+    if cfg.job == "parallel":
+        pm = cfg.parallel.merge
+        lines.append(f"| merge | {pm.method} (weights {list(pm.weights)}) |")
     lines += ["", "## Data", "", "| slot | training data | training records | held out |",
               "|---|---|---|---|"]  # fmt: skip
     for slot, d in data.items():

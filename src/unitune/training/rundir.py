@@ -43,11 +43,14 @@ def run_summary(
     **extra,
 ) -> dict:
     """A run's summary.json (docs/ARCHITECTURE.md, "Run directory"); `extra` keys go after
-    `final`."""
+    `final`. A parallel job's `schedule` is "parallel" too: reports, plots and the demo's tables
+    group and label its runs by it, beside the per-step schedules."""
     sc = cfg.schedule
+    schedule = "parallel" if cfg.job == "parallel" else sc.name
     return {
-        "name": cfg.name or sc.name,
-        "schedule": sc.name,
+        "name": cfg.name or schedule,
+        "job": cfg.job,
+        "schedule": schedule,
         "lam": sc.lam,
         "seed": cfg.train.seed,
         "sft_objective": cfg.objectives.sft.name,

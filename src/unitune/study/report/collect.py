@@ -8,8 +8,10 @@ parallel (PAFT) run's ``sft/`` and ``pref/`` are its branches, not runs of their
 
 Two runs are in one group when their resolved configs are equal once ``train.seed``,
 ``output_dir``, ``name`` and ``cache_dir`` are removed. A run without ``config.yaml`` is compared
-by what its summary says (a parallel run, whose directory has none, by its SFT branch's config
-with the schedule set back to ``parallel``).
+by what its summary says (a parallel run written before its job wrote a ``config.yaml`` of its
+own, by its SFT branch's config with the schedule set back to ``parallel``). A parallel run is
+known by its summary's ``job`` (or, in run directories written before ``parallel`` was a job, its
+``schedule``); its summary's ``schedule`` is ``parallel`` either way, which labels its group.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from unitune.study.plots import read_eval_lines
+from unitune.study.plots import is_parallel_run, read_eval_lines
 
 __all__ = [
     "IGNORED_KEYS",
@@ -186,9 +188,10 @@ def _config(run_dir: Path, summary: dict[str, Any]) -> tuple[dict | None, str, s
         cfg, text = _read_yaml(run_dir / "config.yaml")
         return cfg, text, "config.yaml"
     branch = run_dir / "sft" / "config.yaml"
-    if summary.get("schedule") == "parallel" and branch.is_file():
-        # parallel.train_parallel writes no config.yaml of its own; its SFT branch's is the
-        # run's config with the schedule's name set to sft and train.save_model forced on
+    if is_parallel_run(summary) and branch.is_file():
+        # a parallel run written before paft.train_parallel wrote a config.yaml of its own: its
+        # SFT branch's is the run's config with the schedule's name set to sft and
+        # train.save_model forced on (and, in those runs, the schedule's name was "parallel")
         cfg, text = _read_yaml(branch)
         cfg.setdefault("schedule", {})["name"] = "parallel"
         if summary.get("lam") is not None:
