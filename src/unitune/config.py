@@ -393,8 +393,9 @@ class EvalConfig(Strict):
 class Config(Strict):
     name: str | None = Field(None, json_schema_extra=RESUMABLE)
     # train: one run of `schedule` (training/loop.py); parallel: PAFT, an SFT and a preference
-    # run from the same base, then merged (merging/paft.py, options in `parallel:`)
-    job: Literal["train", "parallel"] = "train"
+    # run from the same base, then merged (merging/paft.py, options in `parallel:`);
+    # reward_model: a Bradley-Terry reward model trained on data.pref (training/reward_model.py)
+    job: Literal["train", "parallel", "reward_model"] = "train"
     model: ModelConfig = ModelConfig()
     data: DataConfig
     objectives: ObjectivesConfig = ObjectivesConfig()
@@ -412,6 +413,8 @@ class Config(Strict):
 
         if self.job == "parallel":
             return self._parallel_job()
+        if self.job == "reward_model":
+            return self._reward_model_job()
         for slot in self.schedule.slots():
             if getattr(self.data, slot) is None:
                 raise ValueError(f"schedule {self.schedule.name!r} needs data.{slot}")
@@ -447,6 +450,43 @@ class Config(Strict):
                 "train.push_to_hub is not supported with job parallel (each branch would "
                 "push); push the merged model afterwards with: unitune push RUN_DIR REPO_ID"
             )
+        return self
+
+    def _reward_model_job(self) -> Config:
+        """What the reward-model job reads: `data.pref` (pairs), `model`, `train` and
+        `output_dir`. A section it would ignore (SFT data, objectives, a schedule, generation
+        or retention at evaluation, a hub push) is refused rather than silently unused."""
+        from unitune.schedules.registry import DEFAULT_SCHEDULE
+
+        job = "job reward_model"
+        if self.data.pref is None:
+            raise ValueError(f"{job} needs data.pref (preference pairs: prompt, chosen, rejected)")
+        if self.data.sft is not None:
+            raise ValueError(f"data.sft: {job} trains on data.pref only; leave data.sft out")
+        if "objectives" in self.model_fields_set:
+            raise ValueError(f"objectives: {job} trains a Bradley-Terry loss; leave it out")
+        sc = self.schedule
+        if sc.name != DEFAULT_SCHEDULE or sc.options():
+            raise ValueError(
+                f"schedule.name {sc.name!r}: {job} has no per-step schedule; leave schedule out"
+            )
+        ev, tc = self.eval, self.train
+        unused = [
+            key
+            for key, on in (
+                ("eval.generate", ev.generate),
+                ("eval.retention_tasks", bool(ev.retention_tasks)),
+                ("train.push_to_hub", tc.push_to_hub is not None),
+                ("train.packing", tc.packing),
+                ("train.gradient_checkpointing", tc.gradient_checkpointing),
+                ("train.mixed_precision", tc.mixed_precision != "no"),
+                ("train.report_to", bool(tc.report_to)),
+                ("train.log_batches", tc.log_batches),
+            )
+            if on
+        ]
+        if unused:
+            raise ValueError(f"{', '.join(unused)}: not supported by {job}")
         return self
 
     def own_loss_is_metric(self, slot: str) -> bool:

@@ -1,6 +1,7 @@
 """A training job as the command line runs it, by `cfg.job`: `train`, the ideal point resolved,
 then the trainer's loop (with PAFT's L1 penalty when `schedule.l1` asks for it); `parallel`, its
-two branches and the merge (`merging/paft.py`). The job is dispatched here and nowhere else in
+two branches and the merge (`merging/paft.py`); `reward_model`, a Bradley-Terry reward model
+(`training/reward_model.py`). The job is dispatched here and nowhere else in
 training."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from unitune.merging.methods import method_of
 from unitune.merging.paft import l1_penalty, train_parallel
 from unitune.training.calibration import resolve_ideal
 from unitune.training.loop import train as train_loop
+from unitune.training.reward_model import train_reward_model
 from unitune.training.rundir import lock_output_dir
 
 
@@ -35,6 +37,8 @@ def train(
             return train_parallel(
                 cfg, console=console, progress=progress, ideal=ideal, resume=resume
             )
+        if cfg.job == "reward_model":  # a Bradley-Terry reward model on data.pref
+            return train_reward_model(cfg, console=console, progress=progress, resume=resume)
         star = ideal if ideal is not None else resolve_ideal(cfg, console)
         return train_loop(
             cfg, star, console=console, progress=progress, resume=resume, penalty=l1_penalty(cfg)

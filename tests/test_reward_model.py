@@ -1,0 +1,189 @@
+"""The `reward_model` job: Bradley–Terry reward models trained through `unitune train`."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from conftest import write_jsonl
+from transformers import AutoModelForSequenceClassification
+from typer.testing import CliRunner
+
+from unitune.cli import app
+from unitune.config import ConfigError, parse_config
+from unitune.objectives.reward import bradley_terry
+
+runner = CliRunner()
+
+
+def rm_config(tiny_config, tmp_path, name: str = "rm", **train) -> dict:
+    """tiny_config as a reward-model job on the tiny pairs (no SFT data, no schedule)."""
+    cfg = tiny_config("reward_model", **train)
+    cfg.update(name=name, job="reward_model", output_dir=str(tmp_path / "runs" / name))
+    del cfg["data"]["sft"], cfg["schedule"]
+    return cfg
+
+
+def run(tmp_path, cfg: dict, *args: str):
+    path = tmp_path / f"{cfg['name']}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return runner.invoke(app, ["train", str(path), "--no-progress", *args])
+
+
+def lines(run_dir, kind: str) -> list[dict]:
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if r["type"] == kind]
+
+
+# ------------------------------------------------------------------------------------ the loss
+def test_bradley_terry_by_hand_and_as_trl() -> None:
+    rc, rr = torch.tensor([2.0, 0.0, -1.0]), torch.tensor([1.0, 0.0, 1.0])
+    # -log sigmoid(d) = log(1 + e^-d), d = 1, 0, -2
+    by_hand = (
+        torch.log1p(torch.exp(torch.tensor(-1.0)))
+        + torch.log(torch.tensor(2.0))
+        + torch.log1p(torch.exp(torch.tensor(2.0)))
+    ) / 3
+    assert bradley_terry(rc, rr).item() == pytest.approx(by_hand.item(), rel=1e-6)
+    assert bradley_terry(rc, rc).item() == pytest.approx(0.6931472, rel=1e-6)  # log 2
+    margin = torch.tensor([0.5, 0.0, 1.0])
+    # TRL 1.x RewardTrainer.compute_loss: -logsigmoid(rewards_chosen - rewards_rejected [- margin])
+    # .mean(), the rewards being the model's logits split into chosen and rejected halves
+    logits = torch.cat([rc, rr]).unsqueeze(-1)
+    trl_c, trl_r = torch.chunk(logits.squeeze(-1), chunks=2)
+    assert torch.equal(bradley_terry(rc, rr), -F.logsigmoid(trl_c - trl_r).mean())
+    assert torch.equal(bradley_terry(rc, rr, margin), -F.logsigmoid(trl_c - trl_r - margin).mean())
+
+
+def test_trl_reward_trainer_loss_is_this_formula() -> None:
+    """The installed TRL's RewardTrainer still computes the loss the test above mirrors."""
+    import inspect
+
+    from trl import RewardTrainer
+
+    src = inspect.getsource(RewardTrainer.compute_loss)
+    assert "-nn.functional.logsigmoid(rewards_chosen - rewards_rejected).mean()" in src
+    assert 'logsigmoid(rewards_chosen - rewards_rejected - inputs["margin"])' in src
+
+
+# ----------------------------------------------------------------------------- training, saving
+def test_reward_model_learns_saves_and_judges(tiny_config, tmp_path) -> None:
+    cfg = rm_config(tiny_config, tmp_path, max_steps=12, eval_every=4)
+    res = run(tmp_path, cfg)
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "runs" / "rm"
+    train, evals = lines(out, "train"), lines(out, "eval")
+    assert [r["step"] for r in train] == list(range(1, 13))
+    assert {"loss", "lr", "grad_norm", "accuracy", "margin"} <= set(train[0])
+    assert [r["step"] for r in evals] == [0, 4, 8, 12]
+    assert all({"loss", "accuracy", "margin"} <= set(r) for r in evals)
+    assert evals[-1]["pairs"] == 3
+    assert evals[-1]["accuracy"] == 1.0 > 0.5
+    assert evals[-1]["loss"] < evals[0]["loss"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["job"] == "reward_model" and summary["name"] == "rm"
+    assert summary["steps"] == {"reward_model": 12}
+    assert summary["final"]["accuracy"] == 1.0 and summary["peak_rss_mb"] > 0
+    assert summary["wall_s"] >= summary["train_s"] > 0
+
+    # the saved directory is a plain transformers reward model that gives the trained rewards
+    model_dir = out / "model"
+    rm = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    assert rm.config.num_labels == 1 and rm.config.pad_token_id is not None
+    from transformers import AutoTokenizer
+
+    from unitune.data import load_preference
+    from unitune.training.reward_model import evaluate
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    pairs, _ = load_preference(cfg["data"]["pref"]["eval"], tok, max_length=64)
+    again = evaluate(rm, list(pairs), tok.pad_token_id, torch.device("cpu"), 8)
+    assert again["loss"] == pytest.approx(evals[-1]["loss"], abs=1e-6)
+    assert again["accuracy"] == 1.0
+
+    # and unitune's rm: judge scores the chosen answers above the rejected ones
+    from unitune.judges.registry import make_judge
+
+    judge = make_judge(f"rm:{model_dir}")
+    prompts = ["Describe a hen.", "Describe a gnu."]
+    good = judge.score(prompts, ["A hen is a WONDERFUL animal!", "A gnu is a WONDERFUL animal!"],
+                       ["", ""])  # fmt: skip
+    bad = judge.score(prompts, ["A hen is an animal.", "A gnu is an animal."], ["", ""])
+    assert all(g > b for g, b in zip(good, bad, strict=True)), (good, bad)
+
+
+def test_lora_reward_model_saves_merged(tiny_config, tmp_path) -> None:
+    cfg = rm_config(tiny_config, tmp_path, name="rm-lora", max_steps=3, eval_every=3)
+    cfg["model"]["lora"] = {"r": 4, "alpha": 8}
+    res = run(tmp_path, cfg)
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "runs" / "rm-lora"
+    model_dir = out / "model"
+    assert not (model_dir / "adapter_config.json").exists()  # merged: a plain model
+    rm = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    from transformers import AutoTokenizer
+
+    from unitune.data import load_preference
+    from unitune.training.reward_model import evaluate
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    pairs, _ = load_preference(cfg["data"]["pref"]["eval"], tok, max_length=64)
+    again = evaluate(rm, list(pairs), tok.pad_token_id, torch.device("cpu"), 8)
+    assert again["loss"] == pytest.approx(lines(out, "eval")[-1]["loss"], abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------- resume
+def test_resume_is_bitwise_the_uninterrupted_run(tiny_config, tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    whole = rm_config(tiny_config, tmp_path, name="whole", max_steps=4, eval_every=2)
+    assert run(tmp_path, whole).exit_code == 0
+    part = rm_config(tiny_config, tmp_path, name="part", max_steps=2, eval_every=2, save_every=2)
+    assert run(tmp_path, part).exit_code == 0
+    part["train"]["max_steps"] = 4
+    res = run(tmp_path, part, "--resume")
+    assert res.exit_code == 0, res.output
+    assert "resumed from" in res.output
+    a = load_file(tmp_path / "runs" / "whole" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "runs" / "part" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = ("eval_s", "elapsed_s", "step_s")
+    wa = [
+        {k: v for k, v in r.items() if k not in strip}
+        for r in lines(tmp_path / "runs" / "whole", "train")
+    ]
+    wb = [
+        {k: v for k, v in r.items() if k not in strip}
+        for r in lines(tmp_path / "runs" / "part", "train")
+    ]
+    assert wa == wb
+
+
+# ---------------------------------------------------------------------------------- bad input
+def test_reward_model_config_errors(tiny_config, tmp_path) -> None:
+    base = rm_config(tiny_config, tmp_path)
+    cases = {
+        "needs data.pref": lambda c: c["data"].pop("pref"),
+        "data.sft": lambda c: c["data"].update(sft={"train": "x.jsonl"}),
+        "schedule.name 'mix'": lambda c: c.update(schedule={"name": "mix"}),
+        "objectives": lambda c: c.update(objectives={"pref": {"name": "ipo"}}),
+        "eval.generate": lambda c: c.update(eval={"generate": True}),
+    }
+    for needle, change in cases.items():
+        cfg = json.loads(json.dumps(base))
+        change(cfg)
+        with pytest.raises(ConfigError, match=needle.replace("(", r"\(")) as err:
+            parse_config(cfg)
+        assert "\n" not in str(err.value)
+
+
+def test_unpaired_data_is_a_one_line_error(tiny_config, tmp_path) -> None:
+    cfg = rm_config(tiny_config, tmp_path, name="unpaired")
+    rows = [{"prompt": "Describe a cat.", "completion": "A cat.", "label": True}] * 4
+    cfg["data"]["pref"]["train"] = str(write_jsonl(tmp_path / "kto.jsonl", rows))
+    res = run(tmp_path, cfg)
+    assert res.exit_code != 0
+    assert "needs preference pairs" in res.output and "kto.jsonl" in res.output
+    assert "Traceback" not in res.output
+    assert not (tmp_path / "runs" / "unpaired").exists()  # nothing written before the error
