@@ -144,7 +144,7 @@ def test_job_parallel_refuses_a_per_step_schedule_and_needs_both_datasets(tiny_c
     assert "parallel.merge.density" in _cli_train(raw, tmp_path)
     raw = tiny_config("mix")
     raw["job"] = "merge"
-    assert "job: Input should be 'train' or 'parallel'" in _cli_train(raw, tmp_path)
+    assert "job: Input should be 'train', 'parallel' or 'reward_model'" in _cli_train(raw, tmp_path)
 
 
 def test_parallel_is_a_job_not_a_schedule_and_neither_key_is_resumable():

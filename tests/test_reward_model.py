@@ -160,6 +160,43 @@ def test_resume_is_bitwise_the_uninterrupted_run(tiny_config, tmp_path) -> None:
     assert wa == wb
 
 
+def test_sigterm_checkpoints_and_resumes_bitwise(tiny_config, tmp_path, monkeypatch) -> None:
+    """SIGTERM after step 2: the step is checkpointed (save_every is off), the CLI exits
+    128 + SIGTERM naming --resume, and the resumed run ends on the uninterrupted run's weights."""
+    import os
+    import signal
+
+    from safetensors.torch import load_file
+
+    from unitune.training import checkpoint, reward_model
+
+    whole = rm_config(tiny_config, tmp_path, name="whole", max_steps=4, eval_every=2)
+    assert run(tmp_path, whole).exit_code == 0
+    step = reward_model.train_step
+
+    def signalled(*args, **kw):
+        line = step(*args, **kw)
+        if line["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return line
+
+    monkeypatch.setattr(reward_model, "train_step", signalled)
+    cut = rm_config(tiny_config, tmp_path, name="cut", max_steps=4, eval_every=2)
+    res = run(tmp_path, cut)
+    assert res.exit_code == 128 + signal.SIGTERM, res.output
+    assert "--resume" in res.output
+    out = tmp_path / "runs" / "cut"
+    (ckpt,) = checkpoint.list_checkpoints(out)
+    assert checkpoint.verify(ckpt)["step"] == 2 and not (out / "model").exists()
+    monkeypatch.setattr(reward_model, "train_step", step)
+    res = run(tmp_path, cut, "--resume")
+    assert res.exit_code == 0, res.output
+    a = load_file(tmp_path / "runs" / "whole" / "model" / "model.safetensors")
+    b = load_file(out / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in lines(out, "eval")] == [0, 2, 4]
+
+
 # ---------------------------------------------------------------------------------- bad input
 def test_reward_model_config_errors(tiny_config, tmp_path) -> None:
     base = rm_config(tiny_config, tmp_path)
