@@ -224,3 +224,16 @@ def test_unpaired_data_is_a_one_line_error(tiny_config, tmp_path) -> None:
     assert "needs preference pairs" in res.output and "kto.jsonl" in res.output
     assert "Traceback" not in res.output
     assert not (tmp_path / "runs" / "unpaired").exists()  # nothing written before the error
+
+
+def test_report_skips_a_reward_model_run_with_a_note(tmp_path) -> None:
+    """`unitune report` compares schedules' runs on f_sft / f_pref; a reward model has neither."""
+    from unitune.study.report.collect import find_runs
+
+    (tmp_path / "rm").mkdir()
+    (tmp_path / "rm" / "summary.json").write_text(json.dumps({"job": "reward_model"}))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.json").write_text(json.dumps({"job": "train"}))
+    found, notes = find_runs([tmp_path])
+    assert found == [tmp_path / "run"]
+    assert len(notes) == 1 and "rm" in notes[0] and "reward_model" in notes[0]

@@ -129,6 +129,9 @@ def find_runs(dirs: list[Path]) -> tuple[list[Path], list[str]]:
 
     def walk(d: Path) -> None:
         if (d / "summary.json").is_file():
+            if _job(d / "summary.json") == "reward_model":  # no f_sft / f_pref to compare
+                notes.append(f"{d}: a reward model (job reward_model), not a training run: skipped")
+                return
             if d.resolve() not in seen:
                 seen.add(d.resolve())
                 found.append(d)
@@ -152,6 +155,14 @@ def find_runs(dirs: list[Path]) -> tuple[list[Path], list[str]]:
         where = ", ".join(str(d) for d in dirs)
         raise ReportError(f"no summary.json found under {where}")
     return found, notes
+
+
+def _job(summary: Path) -> str | None:
+    """The `job` a summary.json records (None when it cannot be read: `read_run` reports it)."""
+    try:
+        return json.loads(summary.read_text(encoding="utf-8")).get("job")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
 
 
 def _read_text(path: Path) -> str:
