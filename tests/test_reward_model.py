@@ -237,3 +237,40 @@ def test_report_skips_a_reward_model_run_with_a_note(tmp_path) -> None:
     found, notes = find_runs([tmp_path])
     assert found == [tmp_path / "run"]
     assert len(notes) == 1 and "rm" in notes[0] and "reward_model" in notes[0]
+
+
+def test_two_processes_are_one_process_with_accumulation(tiny_config, tmp_path) -> None:
+    """DDP (torchrun, 2 CPU processes, gloo) = 1 process with grad_accum 2: each rank draws
+    every other batch and the gradients are averaged; one writer for every file."""
+    from safetensors.torch import load_file
+    from test_distributed import torchrun
+
+    two = rm_config(tiny_config, tmp_path, name="two", max_steps=4, eval_every=2, batch_size=2)
+    two["train"]["save_every"] = 2
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(two))
+    # the same on 2 processes cut at step 2 and resumed from its checkpoint, in the same launch
+    cut = {**two, "name": "cut", "output_dir": str(tmp_path / "runs" / "cut")}
+    cut2, cut4 = tmp_path / "cut2.yaml", tmp_path / "cut4.yaml"
+    cut2.write_text(yaml.safe_dump({**cut, "train": {**cut["train"], "max_steps": 2}}))
+    cut4.write_text(yaml.safe_dump(cut))
+    from unitune.training.checkpoint import step_path
+
+    torchrun([path, cut2, f"{cut4}@{step_path(cut['output_dir'], 2)}"], tmp_path)
+    one = rm_config(tiny_config, tmp_path, name="one", max_steps=4, eval_every=2, batch_size=2,
+                    grad_accum=2)  # fmt: skip
+    assert run(tmp_path, one).exit_code == 0
+    a = load_file(tmp_path / "runs" / "one" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "runs" / "two" / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5) for k in a)
+    for kind in ("train", "eval"):
+        la, lb = lines(tmp_path / "runs" / "one", kind), lines(tmp_path / "runs" / "two", kind)
+        assert [r["step"] for r in la] == [r["step"] for r in lb]  # each line once
+        for ra, rb in zip(la, lb, strict=True):
+            assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5)
+            assert ra["accuracy"] == pytest.approx(rb["accuracy"])
+    c = load_file(tmp_path / "runs" / "cut" / "model" / "model.safetensors")
+    assert all(torch.equal(b[k], c[k]) for k in b)  # resumed on 2 processes: bitwise
+    summary = json.loads((tmp_path / "runs" / "two" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_batch"] == 4

@@ -16,17 +16,20 @@ with it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
 import random
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from rich.console import Console
 from transformers import get_scheduler
 
@@ -39,9 +42,8 @@ from unitune.data import DataError, collate, detect_kind, length_batches
 from unitune.models.classifier import load_sequence_classifier
 from unitune.models.save import save_model
 from unitune.objectives.reward import bradley_terry
-from unitune.training import checkpoint
+from unitune.training import checkpoint, engines
 from unitune.training.batches import BatchStream, Split, flatten, item_length, load_data
-from unitune.training.engines import EngineError
 from unitune.training.loop import NonFiniteError
 from unitune.training.resume import (
     ResumeError,
@@ -98,10 +100,8 @@ class RewardState:
 
 
 def check_pairs(cfg: Config) -> None:
-    """Before any model loads: one process, and `data.pref` holds pairs, not unpaired feedback
-    (a `DataError` naming the file)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise EngineError(f"job {JOB} runs on one process; start it without a distributed launch")
+    """Before any model loads: `data.pref` holds pairs, not unpaired feedback (a `DataError`
+    naming the file)."""
     dcfg = cfg.data.pref
     assert dcfg is not None  # Config._reward_model_job
     if dcfg.format != "auto":
@@ -149,6 +149,28 @@ def evaluate(model: Any, items: list, pad_id: int, device: torch.device, batch: 
     return {"loss": bradley_terry(rc, rr).item(), **pair_figures(rc, rr), "pairs": len(rc)}
 
 
+def accelerator(cfg: Config) -> Accelerator:
+    """One process or DDP (`torchrun` / `accelerate launch`); a sharding engine is refused."""
+    AcceleratorState._reset_state(reset_partial_state=False)  # another run's accumulation
+    acc = engines.accelerator(cfg)
+    engine = engines.Engine.of(acc)
+    if engine.kind not in ("single", "ddp"):
+        raise engines.EngineError(
+            f"job {JOB} runs on one process or DDP, not {engine.describe()}; launch it with "
+            "torchrun or a plain multi-process accelerate config"
+        )
+    return acc
+
+
+def global_mean(acc: Accelerator, values: dict[str, float]) -> dict[str, float]:
+    """`values` averaged over the processes (every rank logs and decides on the same)."""
+    if acc.num_processes == 1:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=acc.device)
+    t = acc.reduce(t, reduction="sum").cpu() / acc.num_processes
+    return dict(zip(values, t.tolist(), strict=True))
+
+
 def train_reward_model(
     cfg: Config,
     *,
@@ -159,16 +181,23 @@ def train_reward_model(
     """Train the reward model `cfg` describes; returns the summary written to summary.json.
 
     `resume`: True for the newest valid checkpoint of `cfg.output_dir`, or a checkpoint path.
+    On several processes (DDP) each draws its own batches (`BatchStream`'s rank / world) and the
+    gradients are averaged, so 2 processes equal 1 with `grad_accum: 2`; every process scores
+    the held-out pairs (they hold the same weights) and the main one writes every file.
     Raises `Interrupted` after checkpointing on SIGTERM / SIGINT, `NonFiniteError`, `DataError`,
     `ModelLoadError`, `ResumeError`, `checkpoint.CheckpointError`."""
     con = console or Console()
     t_start, tc, out = time.time(), cfg.train, Path(cfg.output_dir)
     check_pairs(cfg)
     usage.reset_peaks()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    acc = accelerator(cfg)
+    device, main = acc.device, acc.is_main_process
+    if not main:
+        con.quiet = True
     with Interrupts() as stop:
         torch.manual_seed(tc.seed)  # the new head's initial weights
-        model, tokenizer = load_sequence_classifier(cfg.model)
+        with acc.main_process_first():  # a builtin's directory is written to the cache once
+            model, tokenizer = load_sequence_classifier(cfg.model)
         model.to(device).train()
         split = load_pairs(cfg, tokenizer)
         report_data({"pref": split}, con, cfg.data.max_length)
@@ -178,14 +207,23 @@ def train_reward_model(
             tc.lr_schedule, optimizer, num_warmup_steps=tc.warmup_steps,
             num_training_steps=tc.max_steps,
         )  # fmt: skip
-        state = RewardState(BatchStream(split.train, tc.batch_size, tc.seed))
+        stream = BatchStream(split.train, tc.batch_size, tc.seed, rank=acc.process_index,
+                             world=acc.num_processes)  # fmt: skip
+        state = RewardState(stream)
         if resume:
-            restore(cfg, model, optimizer, scheduler, state, find_checkpoint(out, resume, con), con)
-        else:
+            ckpt = find_checkpoint(out, resume, con)
+            restore(cfg, model, optimizer, scheduler, state, ckpt, con)
+            acc.wait_for_everyone()  # every process has read it before the main one prunes
+            if main:
+                for later in checkpoint.list_checkpoints(out):
+                    if checkpoint.step_of(later) > ckpt.step:  # a future this resume replaces
+                        shutil.rmtree(later)
+        elif main:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write(out / "config.yaml", dump_config(cfg))
+        trained = acc.prepare(model)  # DDP on several processes; `model` stays the bare one
         pad_id = tokenizer.pad_token_id
-        log = MetricsLog(out / "metrics.jsonl", keep=state.metrics_lines)
+        log = MetricsLog(out / "metrics.jsonl", keep=state.metrics_lines, enabled=main)
         t_session = time.time()
 
         def eval_now() -> None:
@@ -202,12 +240,15 @@ def train_reward_model(
             snapshot = state.state_dict()
             snapshot["metrics_lines"] = log.lines
             snapshot["train_s"] += time.time() - t_session
-            path = checkpoint.save_checkpoint(
-                out, state.step, model=model, optimizer=optimizer, scheduler=scheduler,
-                state={"config": cfg.model_dump(mode="json"), "state": snapshot},
-                tensors=TrainState.rng_tensors(), keep_last=tc.keep_last,
-            )  # fmt: skip
-            con.log(f"checkpoint step {state.step}: {path}")
+            path = checkpoint.step_path(out, state.step)
+            if main:  # one writer; the others wait until it is in place
+                path = checkpoint.save_checkpoint(
+                    out, state.step, model=model, optimizer=optimizer, scheduler=scheduler,
+                    state={"config": cfg.model_dump(mode="json"), "state": snapshot},
+                    tensors=TrainState.rng_tensors(), keep_last=tc.keep_last,
+                )  # fmt: skip
+                con.log(f"checkpoint step {state.step}: {path}")
+            acc.wait_for_everyone()
             return checkpoint.Checkpoint(path, state.step, {})
 
         bar = ProgressBar(cfg.name or JOB, tc.max_steps, console=con, enabled=progress)
@@ -217,22 +258,23 @@ def train_reward_model(
                 if not state.last_eval or state.last_eval["step"] < state.step:
                     eval_now()
                 while state.step < tc.max_steps:
-                    line = train_step(cfg, model, params, optimizer, scheduler, state,
-                                      split.train, pad_id, device)  # fmt: skip
+                    line = train_step(cfg, acc, trained, params, optimizer, scheduler, state,
+                                      split.train, pad_id)  # fmt: skip
                     log.write(line)
                     if state.step % tc.eval_every == 0 or state.step == tc.max_steps:
                         eval_now()
                     state.metrics_lines = log.lines
-                    if stop.requested or (tc.save_every and state.step % tc.save_every == 0):
+                    signum = signalled(acc, stop)  # every rank stops at the same step
+                    if signum or (tc.save_every and state.step % tc.save_every == 0):
                         save()
-                    if stop.requested:
-                        raise Interrupted(stop.requested, checkpoint=latest(out))
+                    if signum:
+                        raise Interrupted(signum, checkpoint=latest(out))
                     ev = state.last_eval
                     bar.advance(info=f"loss={line['loss']:.3f} eval_acc={ev['accuracy']:.2f}")
         finally:
             log.close()
     train_s = state.train_s + time.time() - t_session
-    if tc.save_model:
+    if tc.save_model and main:
         save_model(model, tokenizer, out / "model", merge_lora=True)
     summary = {
         "name": cfg.name or JOB,
@@ -248,10 +290,21 @@ def train_reward_model(
         "steps": {JOB: state.step},
         "data": {"pref": report_dict(split)},
         "skipped_nonfinite": state.skipped,
-        "world_size": 1,
+        "world_size": acc.num_processes,
+        "global_batch": tc.batch_size * acc.num_processes * tc.grad_accum,
     }
-    atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+    if main:
+        atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+    acc.wait_for_everyone()
     return summary
+
+
+def signalled(acc: Accelerator, stop: Interrupts) -> int | None:
+    """The signal any process got, the same on every rank."""
+    if acc.num_processes == 1:
+        return stop.requested
+    got = global_mean(acc, {"signal": float(stop.requested or 0)})["signal"]
+    return stop.requested or (signal.SIGTERM if got > 0 else None)
 
 
 def load_pairs(cfg: Config, tokenizer: Any) -> Split:
@@ -265,6 +318,7 @@ def load_pairs(cfg: Config, tokenizer: Any) -> Split:
 
 def train_step(
     cfg: Config,
+    acc: Accelerator,
     model: Any,
     params: list[torch.nn.Parameter],
     optimizer: torch.optim.Optimizer,
@@ -272,26 +326,32 @@ def train_step(
     state: RewardState,
     items: list,
     pad_id: int,
-    device: torch.device,
 ) -> dict[str, Any]:
-    """One optimizer step over `grad_accum` micro-batches; returns its train line."""
+    """One optimizer step over `grad_accum` micro-batches (the processes' gradients averaged on
+    the last, DDP's `no_sync` before it); returns its train line, averaged over the processes."""
     tc, t0 = cfg.train, time.time()
     loss_sum, chosen, rejected, tokens = 0.0, [], [], 0
-    for _ in range(tc.grad_accum):
+    for micro in range(tc.grad_accum):
         idx = next(state.stream)
-        rc, rr, n_tokens = rewards(model, [items[i] for i in idx], pad_id, device)
-        loss = bradley_terry(rc, rr)
-        (loss / tc.grad_accum).backward()
+        last = micro == tc.grad_accum - 1
+        with contextlib.nullcontext() if last else acc.no_sync(model):
+            rc, rr, n_tokens = rewards(model, [items[i] for i in idx], pad_id, acc.device)
+            loss = bradley_terry(rc, rr)
+            (loss / tc.grad_accum).backward()
         loss_sum += loss.item() / tc.grad_accum
         chosen.append(rc.detach())
         rejected.append(rr.detach())
         tokens += int(n_tokens)
+    figures = global_mean(
+        acc, {"loss": loss_sum, **pair_figures(torch.cat(chosen), torch.cat(rejected))}
+    )
+    tokens = round(global_mean(acc, {"tokens": float(tokens)})["tokens"] * acc.num_processes)
     limit = tc.max_grad_norm if tc.max_grad_norm is not None else math.inf
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
-    if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+    if not (math.isfinite(figures["loss"]) and math.isfinite(grad_norm)):
         if tc.on_nonfinite == "error":
             raise NonFiniteError(
-                f"step {state.step + 1}: non-finite loss ({loss_sum}) or gradient norm "
+                f"step {state.step + 1}: non-finite loss ({figures['loss']}) or gradient norm "
                 f"({grad_norm}); set train.on_nonfinite: skip to skip such steps"
             )
         state.skipped.append(state.step + 1)
@@ -301,9 +361,8 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     state.step += 1
     state.tokens += tokens
-    return {"type": "train", "step": state.step, "objective": "bradley_terry", "loss": loss_sum,
-            "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-            **pair_figures(torch.cat(chosen), torch.cat(rejected)), "tokens": tokens,
+    return {"type": "train", "step": state.step, "objective": "bradley_terry", **figures,
+            "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": tokens,
             "step_s": round(time.time() - t0, 4)}  # fmt: skip
 
 
@@ -336,8 +395,4 @@ def restore(
         ckpt, model=model, optimizer=optimizer, scheduler=scheduler
     )
     state.load_state_dict(saved_state["state"], tensors)
-    out = Path(cfg.output_dir)
-    for later in checkpoint.list_checkpoints(out):
-        if checkpoint.step_of(later) > ckpt.step:  # a future this resume replaces
-            shutil.rmtree(later)
     con.log(f"resumed from {ckpt.path} at step {state.step}")
