@@ -119,9 +119,9 @@ def generate(
     device = _device(model)
     out: list[str] = [""] * len(prompts)
     bar = ProgressBar("generating", len(prompts), console=console, enabled=progress, transient=True)
-    with eval_mode(model), _forked_rng(device, seed), bar:
+    with eval_mode(model), forked_rng(device, seed), bar:
         for batch in batches:
-            ids, mask = _left_pad([encoded[i] for i in batch], tokenizer.pad_token_id, device)
+            ids, mask = left_pad([encoded[i] for i in batch], tokenizer.pad_token_id, device)
             with torch.inference_mode():
                 new = model.generate(
                     input_ids=ids,
@@ -147,12 +147,7 @@ def _generation_config(
     and the model's generation config, the KV cache on (training configs turn it off)."""
     from transformers import GenerationConfig
 
-    eos: list[int] = []
-    own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for e in (tokenizer.eos_token_id, own):
-        for i in e if isinstance(e, (list, tuple)) else [e]:
-            if i is not None and i not in eos:
-                eos.append(int(i))
+    eos = eos_ids(model, tokenizer)
     kwargs: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
         "do_sample": do_sample,
@@ -165,7 +160,19 @@ def _generation_config(
     return GenerationConfig(**kwargs)
 
 
-def _left_pad(
+def eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every token that ends a response: the tokenizer's EOS and each EOS id of the model's
+    generation config (several for some models: Llama 3's <|eot_id|>, Phi-3.5's <|end|>)."""
+    eos: list[int] = []
+    own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for e in (tokenizer.eos_token_id, own):
+        for i in e if isinstance(e, (list, tuple)) else [e]:
+            if i is not None and i not in eos:
+                eos.append(int(i))
+    return eos
+
+
+def left_pad(
     rows: list[list[int]], pad_id: int | None, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
@@ -187,7 +194,7 @@ def _device(model: Any) -> torch.device:
 
 
 @contextlib.contextmanager
-def _forked_rng(device: torch.device, seed: int) -> Iterator[None]:
+def forked_rng(device: torch.device, seed: int) -> Iterator[None]:
     """Seed torch's RNG (CPU and the model's CUDA device) inside a fork, restored on exit."""
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):

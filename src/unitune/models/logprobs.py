@@ -46,12 +46,18 @@ from unitune.models.head import LogitTransform, logit_transform
 
 
 def _chunk_logp(
-    hidden: Tensor, head: nn.Module, targets: Tensor, transform: LogitTransform | None = None
+    hidden: Tensor,
+    head: nn.Module,
+    targets: Tensor,
+    transform: LogitTransform | None = None,
+    temperature: float = 1.0,
 ) -> Tensor:
-    """log softmax(transform(head(hidden)))[targets], in fp32."""
+    """log softmax(transform(head(hidden)) / temperature)[targets], in fp32."""
     logits = head(hidden).float()
     if transform is not None:
         logits = transform(logits)
+    if temperature != 1.0:
+        logits = logits / temperature
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
@@ -75,19 +81,24 @@ def token_logps(
     *,
     chunk_size: int = 1024,
     transform: LogitTransform | None = None,
+    temperature: float = 1.0,
 ) -> Tensor:
     """log p(target) for each selected position of `hidden` ([N, H] rows), chunk by chunk.
 
-    `transform`: what the model does to its logits after the head (`head.logit_transform`)."""
+    `transform`: what the model does to its logits after the head (`head.logit_transform`);
+    `temperature`: the logits are divided by it (the distribution a sampler at that temperature
+    draws from)."""
     rows = hidden[positions[:, 0], positions[:, 1]]
     trains_head = any(p.requires_grad for p in head.parameters())
     out = []
     for start in range(0, rows.shape[0], chunk_size):
         h, t = rows[start : start + chunk_size], targets[start : start + chunk_size]
         if torch.is_grad_enabled() and (h.requires_grad or trains_head):
-            out.append(checkpoint(_chunk_logp, h, head, t, transform, use_reentrant=False))
+            out.append(
+                checkpoint(_chunk_logp, h, head, t, transform, temperature, use_reentrant=False)
+            )
         else:
-            out.append(_chunk_logp(h, head, t, transform))
+            out.append(_chunk_logp(h, head, t, transform, temperature))
     return torch.cat(out) if out else rows.new_zeros(0, dtype=torch.float32)
 
 
@@ -121,6 +132,44 @@ def sequence_logps(
     sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
     sums = sums.index_add(0, positions[:, 0], logp)
     return sums, mask.sum(dim=1)
+
+
+def completion_logps(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    starts: Tensor,
+    width: int,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """Per-token log-probs of sampled completions at the sampling temperature, `[B, width]`.
+
+    Row `b` of the right-padded batch holds a prompt of `starts[b]` tokens followed by its
+    completion; entry `(b, t)` is `log softmax(logits / temperature)` of token
+    `input_ids[b, starts[b] + t]` given everything before it, for `t < width` where that position
+    is attended, and 0 elsewhere. Only the completion positions go through the LM head (chunked,
+    checkpointed in training, as `sequence_logps`). Dividing by the temperature makes these the
+    log-probs of the distribution the sampler drew from (TRL PR #3029: GRPO computed them at
+    temperature 1)."""
+    decoder, head = _decoder_and_head(model)
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    b, length = input_ids.shape
+    cols = starts[:, None].to(input_ids.device) + torch.arange(width, device=input_ids.device)
+    inside = cols < length
+    cols = cols.clamp(max=length - 1)
+    wanted = inside & attention_mask.gather(1, cols).bool() & (cols > 0)
+    rows = torch.arange(b, device=input_ids.device)[:, None].expand(b, width)
+    positions = torch.stack([rows[wanted], cols[wanted] - 1], dim=1)  # the predicting states
+    targets = input_ids[rows[wanted], cols[wanted]]
+    transform = logit_transform(getattr(model, "config", None))
+    logp = token_logps(
+        hidden, head, positions, targets,
+        chunk_size=chunk_size, transform=transform, temperature=temperature,
+    )  # fmt: skip
+    out = torch.zeros(b, width, dtype=torch.float32, device=input_ids.device)
+    return out.masked_scatter(wanted, logp)
 
 
 def _is_flash(impl: str | None) -> bool:
