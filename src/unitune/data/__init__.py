@@ -1,5 +1,5 @@
-"""The data layer: read, validate and tokenize SFT, preference-pair and unpaired feedback data;
-batch and collate it.
+"""The data layer: read, validate and tokenize SFT, preference-pair and unpaired feedback data,
+and the prompts of online training; batch and collate it.
 
 See `unitune.data.tokenize` for the truncation policy and `unitune.data.validation` for the
 accepted formats.
@@ -15,6 +15,7 @@ from unitune.data.load import (
     load_preference,
     load_sft,
 )
+from unitune.data.prompts import PromptItem, load_prompt_data
 from unitune.data.sequences import (
     Feedback,
     Pair,
@@ -32,6 +33,7 @@ __all__ = [
     "TokenStore",
     "Feedback",
     "Pair",
+    "PromptItem",
     "Sequence",
     "collate",
     "data_fingerprint",
@@ -42,6 +44,7 @@ __all__ = [
     "length_batches",
     "load_feedback",
     "load_preference",
+    "load_prompt_data",
     "load_sft",
     "mismatched",
     "split_holdout",
