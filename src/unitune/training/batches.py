@@ -27,6 +27,7 @@ from unitune.data import (
     length_batches,
     load_feedback,
     load_preference,
+    load_prompt_data,
     load_sft,
     mismatched,
     split_holdout,
@@ -82,6 +83,9 @@ def load_data(cfg: Config, tokenizer) -> dict[str, Split]:
         obj = REGISTRY[getattr(cfg.objectives, slot).name]
         kw = dict(common, split=dcfg.split, columns=dcfg.columns)
         kind, notes = obj.data, []
+        if kind == "prompts":  # an online objective samples from prompts
+            out[slot] = _prompt_split(cfg, dcfg, tokenizer)
+            continue
         named = NAMED_FORMATS.get(dcfg.format)  # a format asked for by name, else detected
         if named is not None and named.kind != ("demonstrations" if slot == "sft" else "pairs"):
             detail = f"data.{slot}.format: {dcfg.format} is {named.slot_format}"
@@ -130,6 +134,49 @@ def load_data(cfg: Config, tokenizer) -> dict[str, Split]:
             notes.append(f"pairs unpaired for {obj.name}: chosen desirable, rejected undesirable")
         out[slot] = Split(kind, train, held, report, eval_report, notes)
     return out
+
+
+def _prompt_split(cfg: Config, dcfg: DatasetConfig, tokenizer) -> Split:
+    """The prompts of an online preference slot (`load_prompt_data`), held out from `eval` or
+    `eval_fraction` and cut to `max_samples` / `eval_max_samples` as the other kinds are.
+
+    Prompts longer than `data.max_length - online.max_new_tokens` are skipped and counted in the
+    reports. Prompt data is not kept in the tokenized-data cache (`data.cache` is for the
+    offline kinds). Options that only offline preference data has are refused.
+    """
+    for key, why in (
+        ("score_range", "online.score_range maps the rewards"),
+        ("label_threshold", "the rewards are computed online (online.rewards)"),
+    ):
+        if getattr(dcfg, key) is not None:
+            detail = f"data.pref.{key}: prompt data has no scores or labels; {why}"
+            raise DataError(dcfg.train, None, None, detail)
+    if dcfg.format != "auto":
+        detail = (
+            f"data.pref.format: {dcfg.format} is not read by an objective on prompts; prompt "
+            "records (prompt, messages or preference pairs) are detected from their keys"
+        )
+        raise DataError(dcfg.train, None, None, detail)
+    kw = {
+        "split": dcfg.split,
+        "columns": dcfg.columns,
+        "max_length": cfg.data.max_length,
+        # online.max_new_tokens (the config's `online:` section; 64, its default, without one)
+        "max_new_tokens": getattr(getattr(cfg, "online", None), "max_new_tokens", 64),
+        "on_bad_record": cfg.data.on_bad_record,
+        "num_proc": cfg.data.num_proc,
+    }
+    train, report = load_prompt_data(dcfg.train, tokenizer, **kw)
+    if dcfg.eval is not None:
+        held, eval_report = load_prompt_data(dcfg.eval, tokenizer, **kw)
+    else:
+        train, held = split_holdout(train, dcfg.eval_fraction, cfg.train.seed)
+        eval_report = None
+    if dcfg.max_samples is not None:
+        train = train[: dcfg.max_samples]
+    if dcfg.eval_max_samples is not None:
+        held = held[: dcfg.eval_max_samples]
+    return Split("prompts", train, held, report, eval_report)
 
 
 def _refuse_scores(objective: str, dcfg: DatasetConfig) -> None:
