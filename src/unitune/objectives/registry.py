@@ -1,7 +1,8 @@
 """Objectives by name. Adding one is one function plus one `register(...)` line.
 
 The function takes the log-probs of its data kind — `SeqLogps` (demonstrations), `PairLogps`
-(preference pairs), `FeedbackLogps` (unpaired feedback: labels or scores), or `TokenLogps` when it
+(preference pairs), `FeedbackLogps` (unpaired feedback: labels or scores), `RolloutLogps` (prompts:
+an online objective on the policy's own samples, scored by rewards), or `TokenLogps` when it
 declares its own `forward` (IFT) — and keyword-only hyper-parameters with defaults; the config
 model for those hyper-parameters is derived from the signature and its type hints, so unknown or
 mistyped keys are config errors.
@@ -23,18 +24,24 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, create_model
 from torch import Tensor
 
-from unitune.objectives.types import FeedbackLogps, PairLogps, SeqLogps
+from unitune.objectives.types import FeedbackLogps, PairLogps, RolloutLogps, SeqLogps
 
 Slot = Literal["sft", "pref"]
-Data = Literal["demonstrations", "pairs", "unpaired"]
+Data = Literal["demonstrations", "pairs", "unpaired", "prompts"]
 Metric = Literal["f_sft", "f_pref"]
-SLOT_OF_DATA: dict[str, Slot] = {"demonstrations": "sft", "pairs": "pref", "unpaired": "pref"}
+SLOT_OF_DATA: dict[str, Slot] = {
+    "demonstrations": "sft", "pairs": "pref", "unpaired": "pref", "prompts": "pref",
+}  # fmt: skip
+BUNDLE_OF_DATA: dict[str, type] = {
+    "demonstrations": SeqLogps, "pairs": PairLogps, "unpaired": FeedbackLogps,
+    "prompts": RolloutLogps,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Objective:
     name: str
-    slot: Slot  # "sft": demonstrations; "pref": pairs or unpaired feedback
+    slot: Slot  # "sft": demonstrations; "pref": pairs, unpaired feedback or prompts (online)
     fn: Callable[..., Tensor]
     params: type[BaseModel]
     needs_ref: bool  # needs reference log-probs (cached before training)
@@ -56,6 +63,12 @@ class Objective:
     # hyper-parameters renamed since an earlier release, old -> new: the old key in a config is
     # an error naming the new one
     renamed: dict[str, str] = dataclasses.field(default_factory=dict)
+    # online (data "prompts"): the samples per prompt G it takes by default (`online.
+    # num_generations` overrides), the fewest it can learn from (a pair needs two), and whether it
+    # fits rewards mapped to [0, 1] (UNA's score map applies); None / 1 / False offline
+    generations: int | None = None
+    min_generations: int = 1
+    unit_rewards: bool = False
 
     def loss(self, logps, params: BaseModel | None = None) -> Tensor:
         p = params if params is not None else self.params()
@@ -88,8 +101,15 @@ def register(
     needs_labels: bool = False,
     metric: Metric | None = None,
     renamed: dict[str, str] | None = None,
+    generations: int | None = None,
+    min_generations: int = 1,
+    unit_rewards: bool = False,
 ) -> Callable[..., Tensor]:
-    """Register `fn` under `name`; its keyword-only arguments become validated config keys."""
+    """Register `fn` under `name`; its keyword-only arguments become validated config keys.
+
+    An online objective (`data="prompts"`) declares `generations`, its default samples per prompt
+    G, and `min_generations` when it compares samples of a prompt; `unit_rewards` when it fits
+    rewards in [0, 1]."""
     hints = typing.get_type_hints(fn)
     fields = {}
     for p in inspect.signature(fn).parameters.values():
@@ -101,13 +121,19 @@ def register(
     slot = SLOT_OF_DATA[data]
     if metric is not None and metric != f"f_{slot}":
         raise ValueError(f"{name}: a {slot} objective cannot equal {metric}")
-    bundle = {"demonstrations": SeqLogps, "pairs": PairLogps, "unpaired": FeedbackLogps}[data]
+    if (data == "prompts") != (generations is not None):
+        raise ValueError(f"{name}: generations (samples per prompt) is for, and required by, "
+                         "an objective on prompts")  # fmt: skip
+    if generations is not None and not 1 <= min_generations <= generations:
+        raise ValueError(f"{name}: min_generations {min_generations} must be in [1, {generations}]")
+    bundle = BUNDLE_OF_DATA[data]
     unknown = [i for i in inputs if i not in {f.name for f in dataclasses.fields(bundle)}]
     if unknown:  # an auxiliary input fills the bundle's field of its name
         raise ValueError(f"{name}: {bundle.__name__} has no field for inputs {unknown}")
     REGISTRY[name] = Objective(
         name, slot, fn, params, needs_ref, source, data=data, forward=forward, summary=summary,
         inputs=inputs, needs_labels=needs_labels, metric=metric, renamed=renamed or {},
+        generations=generations, min_generations=min_generations, unit_rewards=unit_rewards,
     )  # fmt: skip
     return fn
 
