@@ -18,6 +18,7 @@ LAYERS = [
     "objectives",  # pure losses + registry
     "schedules",  # which objectives train at each step
     "judges",  # scorers of generated answers (eval.judge is validated by their registry)
+    "rewards",  # reward functions, models and judges combined with weights; reward shaping
     "config",  # the run's config, validated by the registries below
     "eval",  # held-out metrics, generation, win rate, retention, chat
     "training",  # batches, references, policy, the loop, state, checkpoints, run directory
