@@ -326,9 +326,8 @@ def test_masked_tokens_never_reach_the_loss(name):
 
 
 @pytest.mark.parametrize("name", ONLINE)
-def test_nan_rewards_are_left_out(name):
-    """A NaN reward changes nothing but its own sample's share: the loss with it equals the loss
-    where its reward is whatever makes it carry no signal; all NaN: zero loss, zero gradient."""
+def test_all_rewards_nan_give_a_zero_loss_that_still_has_a_graph(name):
+    """No sample scored: loss 0 with zero gradient, and `backward` works (the step goes on)."""
     obj = REGISTRY[name]
     G = max(obj.generations or 2, 2)
     lp = rollout(4, 3, G)
