@@ -147,9 +147,7 @@ def load_function(parsed: RewardSpec, label: str) -> RewardFn:
             raise spec_error(label, spec, f"{what} has no {parsed.function!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise spec_error(
-            label, spec, f"{parsed.function!r} is a {type(obj).__name__}, not callable"
-        )
+        raise spec_error(label, spec, f"{parsed.function!r} is not callable ({type(obj).__name__})")
     return obj
 
 
@@ -194,13 +192,12 @@ def load_rm(
         raise spec_error(label, parsed.spec, "is a file; rm: needs a reward model's directory")
     try:
         judge = load_reward_model(
-            parsed.argument,
-            trust_remote_code=trust_remote_code,
-            device=device,
-            label=f"{label}: reward rm:",
+            parsed.argument, trust_remote_code=trust_remote_code, device=device, label="rm:"
         )
     except ModelLoadError as err:
-        raise RewardSpecError(first_line(err)) from None
+        # the loader's messages start "rm: 'PATH'": said here of the spec instead
+        text = first_line(err).removeprefix(f"rm: {parsed.argument!r}").lstrip(": ")
+        raise spec_error(label, parsed.spec, text) from None
     check_one_output(judge, label, parsed.spec)
     judge.batch_size = batch_size
     return judge
@@ -217,6 +214,7 @@ def rm_reward(judge: RewardModelJudge) -> RewardFn:
         return judge.score(list(prompts), texts, [""] * len(texts))
 
     reward.__name__ = judge.name
+    reward.judge = judge  # type: ignore[attr-defined]  # the loaded model, for the caller
     return reward
 
 
@@ -244,6 +242,7 @@ def judge_reward(judge: Any) -> RewardFn:
         return judge.score(list(prompts), [completion_text(c) for c in completions], refs)
 
     reward.__name__ = judge.name
+    reward.judge = judge  # type: ignore[attr-defined]  # the loaded model, for the caller
     return reward
 
 
@@ -265,7 +264,7 @@ def load_judge(
             key_env=judge_key_env,
             trust_remote_code=trust_remote_code,
             device=device,
-            label=f"{label}: reward judge:",
+            label=f"{label}: reward {parsed.spec!r}:",
         )
     except (JudgeError, ModelLoadError) as err:
         raise RewardSpecError(first_line(err)) from None
