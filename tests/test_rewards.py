@@ -23,6 +23,7 @@ from unitune.rewards import (
     clip,
     missing_eos,
     parse_reward_spec,
+    shape,
     una_map,
 )
 
@@ -441,6 +442,23 @@ def test_una_maps_by_hand():
         una_map(r, "minmax")
     with pytest.raises(ValueError, match="zscore needs the RunningStats"):
         una_map(r, "zscore")
+
+
+def test_shape_applies_the_penalty_the_clip_and_the_map_in_order():
+    r = torch.tensor([3.0, 0.5, NAN], dtype=torch.float64)
+    truncated = torch.tensor([True, True, False])
+    out = shape(
+        r,
+        truncated,
+        missing_eos_penalty=1.0,
+        clip_range=(-1.0, 1.0),
+        score_map="minmax",
+        score_range=(-1.0, 1.0),
+    )
+    # 3 - 1 = 2 -> clipped 1 -> (1 + 1) / 2; 0.5 - 1 = -0.5 -> 0.25; NaN stays NaN
+    assert out[:2].tolist() == [1.0, 0.25] and math.isnan(out[2])
+    plain = shape(r, truncated)
+    assert plain[:2].tolist() == [3.0, 0.5] and math.isnan(plain[2])
 
 
 def test_running_stats_merge_and_json_round_trip():

@@ -16,7 +16,7 @@ from unitune.rewards.base import (
 )
 from unitune.rewards.programmatic import PROGRAMMATIC, Programmatic
 from unitune.rewards.scoring import Reward, Rewards, build_rewards
-from unitune.rewards.shaping import UNA_MAPS, RunningStats, clip, missing_eos, una_map
+from unitune.rewards.shaping import UNA_MAPS, RunningStats, clip, missing_eos, shape, una_map
 from unitune.rewards.specs import REFERENCE_COLUMNS, RewardSpec, parse_reward_spec
 
 __all__ = [
@@ -36,5 +36,6 @@ __all__ = [
     "clip",
     "missing_eos",
     "parse_reward_spec",
+    "shape",
     "una_map",
 ]

@@ -135,3 +135,23 @@ def una_map(
     if how == "none":
         return rewards.clone()
     raise ValueError(f"una_map: unknown map {how!r}; expected one of {', '.join(UNA_MAPS)}")
+
+
+def shape(
+    rewards: Tensor,
+    truncated: Tensor,
+    *,
+    missing_eos_penalty: float | None = None,
+    clip_range: tuple[float, float] | None = None,
+    score_map: UnaMap = "none",
+    score_range: tuple[float, float] | None = None,
+    stats: RunningStats | None = None,
+) -> Tensor:
+    """The combined rewards shaped in order: `missing_eos`, `clip` to `clip_range`, then
+    `una_map` with `score_map` (the config's `online.missing_eos_penalty`, `reward_clip`,
+    `score_map`, `score_range`; the penalty comes before the map, as in the UNA authors'
+    code)."""
+    out = missing_eos(rewards, truncated, missing_eos_penalty)
+    if clip_range is not None:
+        out = clip(out, *clip_range)
+    return una_map(out, score_map, score_range, stats)
