@@ -435,6 +435,12 @@ def test_una_maps_by_hand():
     assert (stats.count, stats.mean, stats.std) == (3, pytest.approx(mean), pytest.approx(std))
     expected = [1 / (1 + math.exp(-(v - mean) / std)) for v in (0.0, 2.0, -1.0)]
     assert z[[0, 1, 3]].tolist() == pytest.approx(expected) and math.isnan(z[2])
+    # the statistics updated with another (gathered) batch: here [2, 4], mean 3, std 1
+    local = torch.tensor([4.0, NAN], dtype=torch.float64)
+    other = RunningStats()
+    g = una_map(local, "zscore", stats=other, update=torch.tensor([2.0, 4.0]))
+    assert g[0].item() == pytest.approx(1 / (1 + math.exp(-1))) and math.isnan(g[1])
+    assert (other.count, other.mean, other.std) == (2, 3.0, 1.0)
     same = una_map(torch.tensor([5.0, 5.0], dtype=torch.float64), "zscore", stats=RunningStats())
     assert same.tolist() == [0.5, 0.5]  # std 0: the floor, z = 0
     assert torch.equal(una_map(r, "none").nan_to_num(9), r.nan_to_num(9))

@@ -105,6 +105,7 @@ def una_map(
     stats: RunningStats | None = None,
     *,
     std_floor: float = 1e-4,
+    update: Tensor | None = None,
 ) -> Tensor:
     """The rewards mapped to [0, 1], the score `s` online UNA regresses `sigma(beta * r)` onto
     (UNA, arXiv 2408.15339, Eq. 9: the explicit reward must lie in [0, 1]).
@@ -114,8 +115,10 @@ def una_map(
     - `minmax`: `(R - lo) / (hi - lo)` over the declared `range = (lo, hi)`, clamped to [0, 1],
       as the paper normalises a bounded score;
     - `zscore`: `sigma((R - mean) / max(std, std_floor))` with the running mean and std of
-      `stats`, updated with this batch first (as OpenAI baselines' `VecNormalize` updates its
-      running statistics before normalising);
+      `stats`, updated first (as OpenAI baselines' `VecNormalize` updates its running
+      statistics before normalising) with `update` (default: `rewards`; on several processes
+      pass the whole generation batch gathered from all of them, so every process holds the
+      same statistics);
     - `none`: the rewards as they are (for rewards already in [0, 1]: `format`, `judge:demo`).
 
     NaN stays NaN.
@@ -130,7 +133,7 @@ def una_map(
     if how == "zscore":
         if stats is None:
             raise ValueError("una_map zscore needs the RunningStats to update")
-        stats.update(rewards)
+        stats.update(rewards if update is None else update)
         return torch.sigmoid((rewards - stats.mean) / max(stats.std, std_floor))
     if how == "none":
         return rewards.clone()
@@ -146,12 +149,13 @@ def shape(
     score_map: UnaMap = "none",
     score_range: tuple[float, float] | None = None,
     stats: RunningStats | None = None,
+    update: Tensor | None = None,
 ) -> Tensor:
     """The combined rewards shaped in order: `missing_eos`, `clip` to `clip_range`, then
     `una_map` with `score_map` (the config's `online.missing_eos_penalty`, `reward_clip`,
     `score_map`, `score_range`; the penalty comes before the map, as in the UNA authors'
-    code)."""
+    code). `update`: what zscore's statistics are updated with (see `una_map`)."""
     out = missing_eos(rewards, truncated, missing_eos_penalty)
     if clip_range is not None:
         out = clip(out, *clip_range)
-    return una_map(out, score_map, score_range, stats)
+    return una_map(out, score_map, score_range, stats, update=update)
