@@ -22,7 +22,11 @@ def test_every_objective_fits_its_own_slot_only(tiny_config):
     raw = tiny_config("alright")
     for name, obj in REGISTRY.items():
         other = "pref" if obj.slot == "sft" else "sft"
-        cfg = parse_config({**raw, "objectives": {obj.slot: {"name": name}}})
+        # an objective on prompts (online) trains from rewards: the config names one
+        online = {}
+        if obj.data == "prompts":
+            online = {"online": {"rewards": ["length:10"], "num_generations": 2}}
+        cfg = parse_config({**raw, "objectives": {obj.slot: {"name": name}}, **online})
         assert getattr(cfg.objectives, obj.slot).name == name
         with pytest.raises(ConfigError, match=rf"objectives\.{other}: .*'{name}' is a"):
             parse_config({**raw, "objectives": {other: {"name": name}}})

@@ -81,6 +81,7 @@ def train(
     from unitune.jobs import train as run_train
     from unitune.merging.errors import MergeError
     from unitune.models.errors import ModelLoadError
+    from unitune.rewards import RewardError, RewardSpecError
     from unitune.training.checkpoint import CheckpointError
     from unitune.training.engines import EngineError
     from unitune.training.hub import HubError
@@ -104,6 +105,8 @@ def train(
         HubError,
         RunDirLocked,
         MergeError,
+        RewardError,
+        RewardSpecError,
     ) as e:
         _fail(str(e))
     except Interrupted as e:

@@ -390,6 +390,65 @@ class EvalConfig(Strict):
         return self
 
 
+class RewardConfig(Strict):
+    """One reward of `online.rewards` and its weight in the combined reward."""
+
+    reward: str  # module:function, path.py:function, rm:PATH_OR_ID, judge:SPEC, format:RE, length:N
+    weight: float = 1.0
+
+
+class OnlineConfig(Strict):
+    """Online training of the preference slot (an objective on prompts: una_online, online_dpo,
+    grpo, rloo, ...): rollouts sampled by the policy, scored by `rewards`, learned from in the
+    same loop (training/online.py; README "Online training"; docs/methods.md)."""
+
+    # the rewards, combined as sum_k weight_k * r_k; a plain string has weight 1
+    rewards: list[RewardConfig] = Field(default_factory=list)
+    # samples per prompt (G); default: the objective's own (una_online 1, online_dpo 2, grpo 8)
+    num_generations: int | None = Field(None, gt=0)
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)  # 0: off
+    max_new_tokens: int = Field(64, gt=0)
+    # micro-batches one generation batch is split into (TRL's); default: train.grad_accum
+    steps_per_generation: int | None = Field(None, gt=0)
+    num_iterations: int = Field(1, gt=0)  # passes over each generation batch (TRL's mu)
+    # subtracted from the reward of a completion cut at max_new_tokens (no EOS)
+    missing_eos_penalty: float | None = Field(None, ge=0.0)
+    reward_clip: tuple[float, float] | None = None  # the combined reward clipped to [lo, hi]
+    # the map to [0, 1] of the rewards an objective that fits scores in [0, 1] (una_online)
+    # trains on: sigmoid of the raw reward (the UNA authors' code), minmax over score_range
+    # (the UNA paper), zscore (running mean and std, then sigmoid); default: sigmoid for such an
+    # objective, none for the others
+    score_map: Literal["sigmoid", "minmax", "zscore", "none"] | None = None
+    score_range: tuple[float, float] | None = None  # minmax's [lo, hi]
+    # completions of each generation written to <output_dir>/completions/step-N.jsonl
+    log_completions: int = Field(4, ge=0, json_schema_extra=RESUMABLE)
+    reward_batch_size: int = Field(8, gt=0)  # reward models score this many texts at once
+    # reward models and hub code: off unless turned on
+    trust_remote_code: bool = False
+    judge_url: str | None = Field(None, json_schema_extra=RESUMABLE)  # judge:openai:... rewards
+    judge_key_env: str = Field("OPENAI_API_KEY", json_schema_extra=RESUMABLE)
+
+    @field_validator("rewards", mode="before")
+    @classmethod
+    def _plain(cls, v: Any) -> Any:
+        """`- rm:PATH` is `- {reward: rm:PATH, weight: 1}`."""
+        if isinstance(v, list):
+            return [{"reward": r} if isinstance(r, str) else r for r in v]
+        return v
+
+    @model_validator(mode="after")
+    def _ranges(self) -> OnlineConfig:
+        for key in ("reward_clip", "score_range"):
+            lo_hi = getattr(self, key)
+            if lo_hi is not None and not lo_hi[0] < lo_hi[1]:
+                raise ValueError(f"{key}: [lo, hi] needs lo < hi, got {list(lo_hi)}")
+        if self.score_map == "minmax" and self.score_range is None:
+            raise ValueError("score_map minmax needs score_range: [lo, hi]")
+        return self
+
+
 class Config(Strict):
     name: str | None = Field(None, json_schema_extra=RESUMABLE)
     # train: one run of `schedule` (training/loop.py); parallel: PAFT, an SFT and a preference
@@ -403,6 +462,7 @@ class Config(Strict):
     parallel: ParallelConfig = ParallelConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    online: OnlineConfig = OnlineConfig()
     output_dir: str = Field("runs/run", json_schema_extra=RESUMABLE)
     # default: $UNITUNE_CACHE or ~/.cache/unitune
     cache_dir: str | None = Field(None, json_schema_extra=RESUMABLE)
@@ -418,6 +478,7 @@ class Config(Strict):
         for slot in self.schedule.slots():
             if getattr(self.data, slot) is None:
                 raise ValueError(f"schedule {self.schedule.name!r} needs data.{slot}")
+        self._online()
         sc = self.schedule
         uses_optima = sc.name in SCHEDULES and "loss_sft_star" in context_of(sc.name)
         if uses_optima and sc.ideal == "config":
@@ -489,9 +550,59 @@ class Config(Strict):
             raise ValueError(f"{', '.join(unused)}: not supported by {job}")
         return self
 
+    @property
+    def is_online(self) -> bool:
+        """Whether the preference slot trains online (its objective samples from the policy)."""
+        return getattr(self.objectives.pref.objective(), "data", "") == "prompts"
+
+    def num_generations(self) -> int:
+        """G: `online.num_generations`, else the preference objective's own default."""
+        g = self.online.num_generations
+        return (
+            g
+            if g is not None
+            else (getattr(self.objectives.pref.objective(), "generations", None) or 1)
+        )
+
+    def steps_per_generation(self) -> int:
+        return self.online.steps_per_generation or self.train.grad_accum
+
+    def _online(self) -> None:
+        """An online preference objective has rewards and whole groups in every micro-batch;
+        an `online:` section without one is refused rather than silently unused."""
+        if not self.is_online:
+            if "online" in self.model_fields_set:
+                raise ValueError(
+                    f"online: objectives.pref {self.objectives.pref.name!r} trains offline; the "
+                    "online section is for an objective on prompts (una_online, una_online_pair, "
+                    "online_dpo, grpo, rloo)"
+                )
+            return
+        on, g, pref = self.online, self.num_generations(), self.objectives.pref.name
+        if not on.rewards:
+            raise ValueError(
+                f"online.rewards: {pref} needs at least one reward (rm:PATH, module:function, "
+                "path.py:function, judge:SPEC, format:REGEX, length:N)"
+            )
+        if self.train.batch_size % g:
+            raise ValueError(
+                f"train.batch_size {self.train.batch_size}: it counts completions and must be a "
+                f"multiple of online.num_generations ({g}: {pref}'s groups stay whole)"
+            )
+        minimum = getattr(self.objectives.pref.objective(), "min_generations", 1)
+        if g < minimum:
+            raise ValueError(
+                f"online.num_generations {g}: {pref} compares samples of a prompt; it needs "
+                f"at least {minimum}"
+            )
+        if self.train.packing:
+            raise ValueError("train.packing: not supported with an online objective")
+
     def own_loss_is_metric(self, slot: str) -> bool:
         """Whether the objective of `slot` trains on exactly the held-out metric `f_<slot>` (its
         registry entry's `metric`, at `beta == eval.beta` when it has a beta)."""
+        if slot == "pref" and self.is_online:  # its f_pref: minus the held-out mean reward
+            return True
         obj = getattr(self.objectives, slot)
         return obj.objective().equals_metric(obj.params(), self.eval.beta)
 

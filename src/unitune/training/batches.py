@@ -204,7 +204,9 @@ def flatten(items: list) -> list[Sequence]:
     return list(items)
 
 
-def item_length(item: Sequence | Pair | Feedback) -> int:
+def item_length(item) -> int:
+    if hasattr(item, "prompt_ids"):  # a prompt of the online slot (`data.prompts.PromptItem`)
+        return len(item.prompt_ids)
     if isinstance(item, Pair):
         return max(len(item.chosen.input_ids), len(item.rejected.input_ids))
     if isinstance(item, Feedback):

@@ -53,7 +53,11 @@ class Evaluator:
         try:
             # the training precision, as for the reference log-probs
             with quiet(), s.acc.autocast():
-                scored = {slot: self._score(slot, at_start) for slot in s.data}
+                scored = {
+                    slot: self._score(slot, at_start)
+                    for slot, split in s.data.items()
+                    if split.kind != "prompts"  # online: answered and rewarded below
+                }
                 if "sft" in scored:
                     logp, n = scored["sft"]["main"]
                     out |= metrics.sft_metrics(
@@ -68,9 +72,11 @@ class Evaluator:
                     out |= metrics.pref_metrics(pair, self.beta)
                 if "pref" in scored and s.data["pref"].kind == "unpaired":
                     out |= self._feedback_metrics(scored["pref"])
-                for slot in s.data:
+                for slot in scored:
                     if not s.cfg.own_loss_is_metric(slot):  # else it is f_sft / f_pref
                         out[s.cfg.own_loss_key(slot)] = self._own_loss(slot, scored[slot])
+            if self.policy.online is not None:
+                out |= self.policy.online.evaluate()
         finally:
             module.train()
         if "f_sft" in out and "f_pref" in out:

@@ -15,6 +15,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -28,6 +29,7 @@ from unitune.core.progress import ProgressBar
 from unitune.eval.heldout import Ideal
 from unitune.judges.base import JudgeError
 from unitune.models.summary import trainable_parameters
+from unitune.rewards import RewardError
 from unitune.schedules.registry import build_schedule
 from unitune.training import checkpoint, trackers
 from unitune.training.batches import BatchStream
@@ -35,9 +37,10 @@ from unitune.training.evaluator import Evaluator, retention
 from unitune.training.finish import finish
 from unitune.training.generation import Generation
 from unitune.training.hub import require_token
+from unitune.training.online import Online, OnlineStream
 from unitune.training.policy import Penalty, Policy
 from unitune.training.reference_set import References
-from unitune.training.resume import find_checkpoint, latest, restore, save_step
+from unitune.training.resume import checkpoint_at, find_checkpoint, latest, restore, save_step
 from unitune.training.rundir import MetricsLog, report_dict, run_summary
 from unitune.training.session import Session
 from unitune.training.state import TrainState
@@ -88,13 +91,17 @@ def train(
         con, out = session.console, session.out
         generation = Generation(session) if cfg.eval.generate else None
         refs = References(session)
+        # the online slot: its rewards are loaded and its reference copied before `prepare`
+        online = Online(session) if cfg.is_online else None
         usage.reset_peaks(session.device)  # accelerator memory: from the first training step
-        module, state = new_state(session, ideal)
-        policy = Policy(session, module, refs, penalty)
+        module, state = new_state(session, ideal, online)
+        policy = Policy(session, module, refs, penalty, online)
         run = Run(session, refs, policy, Evaluator(policy, ideal, generation))
         ckpt = find_checkpoint(out, resume, con) if resume else None
         if ckpt is not None:
             restore(session, module, state, refs, ckpt)
+            if online is not None and state.reference_step is not None:
+                online.restore_reference(checkpoint_at(out, state.reference_step))
         elif session.main:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.yaml").write_text(dump_config(cfg))
@@ -134,6 +141,12 @@ def train(
             if e.checkpoint is None and state.step > 0:  # stopped inside an eval: keep the step
                 e.checkpoint = save(run, state, log, t_session)
             raise
+        except RewardError as e:  # a reward failed on a batch: nothing of the step is kept
+            last = latest(out)
+            where = f"last checkpoint: {last.path}" if last else "no checkpoint yet"
+            raise RewardError(
+                f"{e}; after step {state.step}; {where}", reward=e.reward, record=e.record
+            ) from None
         finally:
             log.close()
             items_log.close()
@@ -169,10 +182,11 @@ def train_step(
     Returns (plan, losses, tokens/s)."""
     session, policy = run.session, run.policy
     acc, tc, t0 = session.acc, session.cfg.train, time.time()
-    current: dict[str, list[int]] = {}
+    current: dict[str, Any] = {}
     plan: dict[str, float] | None = None
     losses: dict[str, float] = {}
     figures: dict[str, dict[str, float]] = {}  # each slot's figures of its last micro-batch
+    watched: dict[str, float] = {}  # what the schedule observes (`Loss.watched`)
     tokens = 0
     for _ in range(tc.grad_accum):
         for kind, stream in state.streams.items():
@@ -189,11 +203,14 @@ def train_step(
                 tokens += loss.tokens
                 figures[kind] = loss.figures
                 losses[kind] = losses.get(kind, 0.0) + loss.value.item() / tc.grad_accum
+                watched[kind] = watched.get(kind, 0.0) + loss.watched / tc.grad_accum
             acc.backward(total)
         for kind, idx in current.items():
+            idx = idx if isinstance(idx, list) else idx.items  # an online slot's prompts
             items_log.write({"step": state.step + 1, "objective": kind, "items": idx,
                                  "trained": kind in plan})  # fmt: skip
     losses = session.global_mean(losses)  # every rank logs, checks and observes the same values
+    watched = session.global_mean(watched)
     limit = tc.max_grad_norm if tc.max_grad_norm is not None else math.inf
     grad_norm = float(acc.clip_grad_norm_(policy.module.parameters(), limit))
     bad = [k for k, v in losses.items() if not math.isfinite(v)]
@@ -202,7 +219,7 @@ def train_step(
     else:
         state.optimizer.step()
         state.scheduler.step()
-        state.schedule.observe(losses)
+        state.schedule.observe(watched)
         for kind in plan:
             state.steps[kind] += 1
     state.optimizer.zero_grad(set_to_none=True)
@@ -210,12 +227,30 @@ def train_step(
     state.tokens += tokens
     step_s = time.time() - t0
     tok_s = tokens / max(step_s, 1e-9)
+    timing = step_timing(run, step_s)
     for kind, v in losses.items():
         log.write({"type": "train", "step": state.step, "objective": kind, "loss": v,
                    "lr": state.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                    "tokens": tokens, "step_s": round(step_s, 4), "tokens_per_s": round(tok_s, 1),
-                   **figures.get(kind, {})})  # fmt: skip
+                   **figures.get(kind, {}), **(timing if kind == "pref" else {})})  # fmt: skip
     return plan, losses, tok_s
+
+
+def step_timing(run: Run, step_s: float) -> dict[str, float]:
+    """An online step's seconds and shares: generating, scoring, pi_old's and the reference's
+    passes, and training (the rest of the step); {} without an online slot."""
+    if run.policy.online is None:
+        return {}
+    t = run.policy.online.take_timing()
+    parts = {
+        "generate": t.get("generate", 0.0),
+        "score": t.get("score", 0.0),
+        "reference": t.get("reference", 0.0) + t.get("old", 0.0),
+    }
+    parts["train"] = max(step_s - sum(parts.values()), 0.0)
+    out = {f"time/{k}_s": round(v, 4) for k, v in parts.items()}
+    out |= {f"time/{k}_share": round(v / max(step_s, 1e-9), 4) for k, v in parts.items()}
+    return out
 
 
 def nonfinite(
@@ -303,6 +338,8 @@ def switch_reference(run: Run, state: TrainState, log: MetricsLog, t_session: fl
     session = run.session
     session.console.log(f"{state.schedule.name}: step {state.step}: reference = the current model")
     state.reference_fp = run.refs.switch(run.policy.module)
+    if run.policy.online is not None:
+        run.policy.online.switch_reference()
     state.reference_step = state.step
     if session.cfg.train.save_every:
         save(run, state, log, t_session)
@@ -315,25 +352,31 @@ def save(run: Run, state: TrainState, log: MetricsLog, t_session: float) -> chec
 
 
 # ------------------------------------------------------------------------- set-up
-def new_state(session: Session, ideal: Ideal) -> tuple[nn.Module, TrainState]:
+def new_state(
+    session: Session, ideal: Ideal, online: Online | None = None
+) -> tuple[nn.Module, TrainState]:
     """The optimizer and the LR scheduler, the log-prob module and the optimizer prepared by
-    Accelerate, the batch streams and the schedule; returns (prepared module, state)."""
+    Accelerate, the batch streams (an online slot's: its rollouts) and the schedule; returns
+    (prepared module, state)."""
     tc, sc = session.cfg.train, session.cfg.schedule
     optimizer = adamw(trainable_parameters(session.model), lr=tc.lr, weight_decay=tc.weight_decay)
     lr_sched = get_scheduler(tc.lr_schedule, optimizer, tc.warmup_steps, tc.max_steps)
     # the LR scheduler stays ours: Accelerate's wrapper steps it once per process per step
     module, optimizer = session.acc.prepare(session.logps, optimizer)
     rank, world = session.acc.process_index, session.acc.num_processes
+    if online is not None:
+        online.attach(module)
     streams = {
-        k: BatchStream(s.train, tc.batch_size, tc.seed + i, session.partitions.get(k),
-                       rank=rank, world=world)
+        k: OnlineStream(online) if online is not None and s.kind == "prompts" else
+        BatchStream(s.train, tc.batch_size, tc.seed + i, session.partitions.get(k),
+                    rank=rank, world=world)
         for i, (k, s) in enumerate(sorted(session.data.items()))
     }  # fmt: skip
     schedule = build_schedule(
         sc.name, sc.options(), lam=sc.lam, total_steps=tc.max_steps, seed=tc.seed,
         loss_sft_star=ideal.loss_sft, loss_pref_star=ideal.loss_pref,
     )  # fmt: skip
-    return module, TrainState(optimizer, lr_sched, schedule, streams)
+    return module, TrainState(optimizer, lr_sched, schedule, streams, online=online)
 
 
 # -------------------------------------------------------------------------------- helpers

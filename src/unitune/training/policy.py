@@ -23,6 +23,7 @@ from unitune.objectives import FeedbackLogps, PairLogps, SeqLogps
 from unitune.training.batches import AUX_INPUTS, collate_items, flatten
 
 if TYPE_CHECKING:
+    from unitune.training.online import Online
     from unitune.training.reference_set import References
     from unitune.training.references import RefKey
     from unitune.training.session import Session
@@ -78,6 +79,13 @@ class Loss:
     value: torch.Tensor
     tokens: int
     figures: dict[str, float]
+    # what a schedule watches of this slot when it is not the loss (an online slot: minus the
+    # batch's mean reward; docs/methods.md, "Online training")
+    observed: float | None = None
+
+    @property
+    def watched(self) -> float:
+        return self.observed if self.observed is not None else float(self.value)
 
 
 class Policy:
@@ -90,8 +98,10 @@ class Policy:
         module: nn.Module,
         refs: References,
         penalty: Penalty | None = None,
+        online: Online | None = None,
     ):
         self.session, self.module, self.refs = session, module, refs
+        self.online = online  # the online preference slot (training/online.py), if any
         self.penalty = penalty
         self.penalty_term = penalty.build(session.model) if penalty is not None else None
 
@@ -142,8 +152,11 @@ class Policy:
             logp, n = (t[rows].to(s.device) for t in scored[key[2]])
         return SeqLogps(logp, n, self.refs[key][rows].to(logp.device))
 
-    def loss(self, slot: str, idx: list[int]) -> Loss:
-        """The training objective of `slot` on the batch `idx`, with the batch's figures."""
+    def loss(self, slot: str, idx) -> Loss:
+        """The training objective of `slot` on the batch `idx` (an online slot: a `Pending`
+        micro-batch of rollouts), with the batch's figures."""
+        if self.online is not None and slot == "pref":
+            return self.online.loss(idx)
         obj, params, split = self.session.objectives[slot]
         lp = self.objective_input(slot, "train", idx)
         n_tok = sum(len(s.input_ids) for s in flatten([split.train[i] for i in idx]))
@@ -158,11 +171,12 @@ class Policy:
 
     @torch.no_grad()
     def probe(self, batches: dict[str, list[int]]) -> dict[str, float]:
-        """No-grad losses of both objectives on the current batches (MAXRIGHT's refresh)."""
+        """No-grad losses of both objectives on the current batches (MAXRIGHT's refresh); an
+        online slot gives what a schedule watches of it (`Loss.observed`)."""
         self.module.eval()
         try:
             return self.session.global_mean(
-                {k: float(self.loss(k, idx).value) for k, idx in batches.items()}
+                {k: self.loss(k, idx).watched for k, idx in batches.items()}
             )
         finally:
             self.module.train()

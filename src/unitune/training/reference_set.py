@@ -68,12 +68,16 @@ class References:
         wanted = [
             ((slot, "train", "main"), split.train)
             for slot, (obj, _, split) in s.objectives.items()
-            if obj.needs_ref
+            if obj.needs_ref and split.kind != "prompts"  # online: scored live (online.py)
         ]
         splits = ("train", "eval") if initial else ("train",)
         wanted += [(key, aux.seqs) for key, aux in s.aux.items() if key[1] in splits]
         if initial:
-            wanted += [((k, "eval", "main"), split.eval) for k, split in s.data.items()]
+            wanted += [
+                ((k, "eval", "main"), split.eval)
+                for k, split in s.data.items()
+                if split.kind != "prompts"
+            ]
         ref_ctx = reference_mode(s.model) if initial else nullcontext()
         # each process computes its share of the batches (`s.shard`), process 0 writes
         with ref_ctx, s.acc.autocast():

@@ -128,7 +128,8 @@ def save_step(
     """A checkpoint of this step (main process), `keep_last` kept, the switch point pinned.
     `session_s`: the training time of this session so far (added to the state's earlier)."""
     acc, tc, t0 = session.acc, session.cfg.train, time.time()
-    snapshot = state.state_dict()
+    snapshot = state.state_dict()  # every process: the online buffers are gathered
+    extra = state.tensors()
     snapshot["train_s"] += session_s
     path = checkpoint.step_path(session.out, state.step)
     engine_state = None
@@ -149,7 +150,7 @@ def save_step(
         scheduler=state.scheduler, engine_state=engine_state,
         state={"config": session.cfg.model_dump(mode="json"), "state": snapshot,
                "references": refs.entries},
-        tensors=state.rng_tensors(), keep_last=tc.keep_last,
+        tensors=extra, keep_last=tc.keep_last,
         keep={state.reference_step} if state.reference_step is not None else set(),
     )  # fmt: skip
     size = sum(f.stat().st_size for f in path.iterdir()) / 1e6

@@ -15,8 +15,8 @@ from unitune.training.batches import BatchStream
 @dataclass
 class TrainState:
     """Everything that changes during a run. `state_dict()` is JSON (Python's RNG included);
-    `rng_tensors()` the torch RNG states saved beside it; the optimizer and the LR scheduler are
-    saved by `checkpoint.save_checkpoint`."""
+    `tensors()` the torch RNG states and the rollout buffers saved beside it; the optimizer and
+    the LR scheduler are saved by `checkpoint.save_checkpoint`."""
 
     optimizer: torch.optim.Optimizer
     scheduler: Any
@@ -32,6 +32,8 @@ class TrainState:
     metrics_lines: int = 0
     train_s: float = 0.0  # training time of earlier sessions of this run
     eval_s: float = 0.0  # time spent in held-out evaluations so far (all sessions)
+    # the online slot (training/online.py): its buffer, prompt stream and reward statistics
+    online: Any = None
 
     def state_dict(self) -> dict[str, Any]:
         version, internal, gauss = random.getstate()
@@ -49,18 +51,28 @@ class TrainState:
             "schedule": self.schedule.state_dict(),
             "streams": {k: s.state_dict() for k, s in self.streams.items()},
             "python_rng": [version, list(internal), gauss],
+            # a collective with several processes: every process calls `state_dict()`
+            **({"online": self.online.state_dict()} if self.online is not None else {}),
         }
 
     @staticmethod
     def rng_tensors() -> dict[str, torch.Tensor]:
-        """torch's RNG states (CPU, and CUDA where there is one), saved beside `state_dict()`."""
+        """torch's RNG states (CPU, and CUDA where there is one)."""
         tensors = {"torch_rng": torch.get_rng_state()}
         if torch.cuda.is_available():
             tensors["cuda_rng"] = torch.cuda.get_rng_state()
         return tensors
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """`rng_tensors()` and the online slot's rollout buffers, saved beside `state_dict()`
+        (a collective, as `state_dict()`)."""
+        tensors = self.rng_tensors()
+        if self.online is not None:
+            tensors |= self.online.tensors()
+        return tensors
+
     def load_state_dict(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        """Restore from `state_dict()` and `rng_tensors()` as a checkpoint saved them."""
+        """Restore from `state_dict()` and `tensors()` as a checkpoint saved them."""
         for key in ("step", "tokens", "reference_fp", "reference_step", "metrics_lines"):
             setattr(self, key, state[key])
         self.steps, self.skipped = dict(state["steps"]), list(state["skipped"])
@@ -69,6 +81,8 @@ class TrainState:
         self.schedule.load_state_dict(state["schedule"])
         for k, s in self.streams.items():
             s.load_state_dict(state["streams"][k])
+        if self.online is not None:
+            self.online.load_state_dict(state["online"], tensors)
         version, internal, gauss = state["python_rng"]
         random.setstate((version, tuple(internal), gauss))
         torch.set_rng_state(tensors["torch_rng"])
