@@ -106,14 +106,12 @@ def sample(
     options = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=eos,
-        pad_token_id=pad_id, use_cache=True, **options,
+        pad_token_id=pad_id, use_cache=True, output_logits=True, return_dict_in_generate=True,
+        **options,
     )  # fmt: skip
     ids, attn = left_pad(rows, pad_id, device)
     with eval_mode(model), forked_rng(device, seed):
-        out = model.generate(
-            input_ids=ids, attention_mask=attn, generation_config=config,
-            output_logits=True, return_dict_in_generate=True,
-        )  # fmt: skip
+        out = model.generate(input_ids=ids, attention_mask=attn, generation_config=config)
     new = out.sequences[:, ids.shape[1] :]
     mask, truncated = cut_at_eos(new, eos, max_new_tokens)
     logits = torch.stack(out.logits, dim=1).float()  # [N, T, V] before any logits processor
