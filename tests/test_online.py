@@ -274,19 +274,24 @@ def test_online_config_errors(tiny_config, rewards_py):
         parse_config(offline)
 
 
-def test_two_processes_equal_one_process_with_accumulation(tiny_config, tiny_rm, tmp_path):
-    """GRPO on 2 processes x batch 4 against 1 process x batch 4 x grad_accum 2: each global
+@pytest.mark.parametrize("engine", ["ddp-cpu", "zero2", "zero3"])
+def test_two_processes_equal_one_process_with_accumulation(engine, tiny_config, tiny_rm, tmp_path):
+    """GRPO (with a KL term: the reference is a frozen copy) on 2 processes x batch 4 under DDP,
+    DeepSpeed ZeRO-2 and ZeRO-3 (generation gathers the partitioned weights) against 1 process
+    x batch 4 x grad_accum 2: each global
     micro-batch draws the same prompts with the same sampling seed wherever it runs, rewards
     (and the batch statistics) are gathered before they are used, dapo's normaliser counts the
     whole generation batch: the same completions, rewards and losses, and weights equal to
     float32 rounding compounded over the steps (as the offline test, tests/test_distributed.py)."""
     from test_distributed import torchrun
 
+    if engine != "ddp-cpu":
+        pytest.importorskip("deepspeed", reason="pyproject installs DeepSpeed on Linux only")
     rm = [f"rm:{tiny_rm}"]
-    two = online_config(tiny_config, rm, "grpo", max_steps=3, eval_every=3)
+    two = online_config(tiny_config, rm, "grpo", max_steps=3, eval_every=3, obj={"beta": 0.04})
     two["output_dir"] = str(tmp_path / "two")
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(two))
-    torchrun([tmp_path / "two.yaml"], tmp_path, accelerate="ddp-cpu")
+    torchrun([tmp_path / "two.yaml"], tmp_path, accelerate=engine)
     one = {**two, "output_dir": str(tmp_path / "one"), "train": {**two["train"], "grad_accum": 2}}
     train(parse_config(one), progress=False)
     a, b = records(tmp_path / "one", "train"), records(tmp_path / "two", "train")

@@ -27,7 +27,8 @@ import hashlib
 import json
 import math
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -155,12 +156,13 @@ class Online:
         )
         self.per_micro = cfg.train.batch_size  # completions per micro-batch
         self.eos = eos_ids(s.model, s.tokenizer)
-        self.rewards: Rewards = build_rewards(
-            [(r.reward, r.weight) for r in on.rewards],
-            trust_remote_code=on.trust_remote_code, device=str(s.device),
-            judge_url=on.judge_url, judge_key_env=on.judge_key_env, label="online.rewards",
-            batch_size=on.reward_batch_size,
-        )  # fmt: skip
+        with whole_models(s):  # reward models are not partitioned by ZeRO-3
+            self.rewards: Rewards = build_rewards(
+                [(r.reward, r.weight) for r in on.rewards],
+                trust_remote_code=on.trust_remote_code, device=str(s.device),
+                judge_url=on.judge_url, judge_key_env=on.judge_key_env, label="online.rewards",
+                batch_size=on.reward_batch_size,
+            )  # fmt: skip
         rank, world = s.acc.process_index, s.acc.num_processes
         # micro-batches of prompts, by length, each process every world-th (`BatchStream`)
         self.prompt_stream = BatchStream(
@@ -601,6 +603,22 @@ def rollout_forward(
         model, input_ids, attention_mask, starts, width,
         temperature=temperature, chunk_size=chunk_size,
     )  # fmt: skip
+
+
+@contextmanager
+def whole_models(session: Session) -> Iterator[None]:
+    """Models loaded inside are whole on each process: DeepSpeed ZeRO-3's `zero.Init`, which
+    transformers applies to every `from_pretrained` while a ZeRO-3 config is registered with it
+    (`integrations.deepspeed.is_deepspeed_zero3_enabled`), is off for the duration (a reward
+    model scores on each process and is not trained). The registration is put back after."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
 def seed_of(seed: int, key: int) -> int:
