@@ -184,7 +184,7 @@ def test_resume_is_bitwise_with_a_buffer_in_flight(tiny_config, tiny_rm, tmp_pat
     full = Path(raw["output_dir"])
     train(parse_config(raw), progress=False)
     want, want_w = run_records(full), final_weights(full)
-    for step in (1, 2, 5):
+    for step in (2, 5):  # inside a window, and in the second one
         cut = tmp_path / f"cut-{step}"
         shutil.copytree(full, cut, ignore=shutil.ignore_patterns("model", "summary.json"))
         for ckpt in checkpoint.list_checkpoints(cut):

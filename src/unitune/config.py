@@ -571,7 +571,7 @@ class Config(Strict):
         """An online preference objective has rewards and whole groups in every micro-batch;
         an `online:` section without one is refused rather than silently unused."""
         if not self.is_online:
-            if "online" in self.model_fields_set:
+            if self.online != OnlineConfig():  # set (a saved config holds the defaults)
                 raise ValueError(
                     f"online: objectives.pref {self.objectives.pref.name!r} trains offline; the "
                     "online section is for an objective on prompts (una_online, una_online_pair, "
