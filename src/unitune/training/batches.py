@@ -119,16 +119,7 @@ def load_data(cfg: Config, tokenizer) -> dict[str, Split]:
                 kw["label_threshold"] = dcfg.label_threshold
                 if obj.needs_labels and dcfg.label_threshold is None:
                     _refuse_scores(obj.name, dcfg)
-        train, report = loader(dcfg.train, tokenizer, **kw)
-        if dcfg.eval is not None:
-            held, eval_report = loader(dcfg.eval, tokenizer, **kw)
-        else:
-            train, held = split_holdout(train, dcfg.eval_fraction, cfg.train.seed)
-            eval_report = None
-        if dcfg.max_samples is not None:
-            train = train[: dcfg.max_samples]
-        if dcfg.eval_max_samples is not None:
-            held = held[: dcfg.eval_max_samples]
+        train, held, report, eval_report = _train_and_held(loader, dcfg, tokenizer, cfg, kw)
         if kind == "unpaired" and len(train) and isinstance(train[0], Pair):
             train, held = unpair(train), unpair(held)
             notes.append(f"pairs unpaired for {obj.name}: chosen desirable, rejected undesirable")
@@ -161,14 +152,20 @@ def _prompt_split(cfg: Config, dcfg: DatasetConfig, tokenizer) -> Split:
         "split": dcfg.split,
         "columns": dcfg.columns,
         "max_length": cfg.data.max_length,
-        # online.max_new_tokens (the config's `online:` section; 64, its default, without one)
-        "max_new_tokens": getattr(getattr(cfg, "online", None), "max_new_tokens", 64),
+        "max_new_tokens": cfg.online.max_new_tokens,
         "on_bad_record": cfg.data.on_bad_record,
         "num_proc": cfg.data.num_proc,
     }
-    train, report = load_prompt_data(dcfg.train, tokenizer, **kw)
+    train, held, report, eval_report = _train_and_held(load_prompt_data, dcfg, tokenizer, cfg, kw)
+    return Split("prompts", train, held, report, eval_report)
+
+
+def _train_and_held(loader, dcfg: DatasetConfig, tokenizer, cfg: Config, kw: dict) -> tuple:
+    """(train, held out, train report, eval report) of one dataset read by `loader`: held out
+    from `eval` or `eval_fraction`, then cut to `max_samples` / `eval_max_samples`."""
+    train, report = loader(dcfg.train, tokenizer, **kw)
     if dcfg.eval is not None:
-        held, eval_report = load_prompt_data(dcfg.eval, tokenizer, **kw)
+        held, eval_report = loader(dcfg.eval, tokenizer, **kw)
     else:
         train, held = split_holdout(train, dcfg.eval_fraction, cfg.train.seed)
         eval_report = None
@@ -176,7 +173,7 @@ def _prompt_split(cfg: Config, dcfg: DatasetConfig, tokenizer) -> Split:
         train = train[: dcfg.max_samples]
     if dcfg.eval_max_samples is not None:
         held = held[: dcfg.eval_max_samples]
-    return Split("prompts", train, held, report, eval_report)
+    return train, held, report, eval_report
 
 
 def _refuse_scores(objective: str, dcfg: DatasetConfig) -> None:

@@ -352,16 +352,15 @@ class Online:
         batch_std = float(finite.std()) if finite.numel() > 1 else 0.0
         tokens = float(s.all_sum(rollouts.mask.sum().double().cpu()))
         num_items = tokens / (self.S * s.acc.num_processes)
-        figures = self.figures(scores, combined, rollouts)
+        per = {name: gather_rows(s, _values(vals)) for name, vals in scores.per_function.items()}
+        figures = self.figures(every, per, rollouts)
         self.generations += 1
         for k, v in (("generate", t1 - t0), ("score", t2 - t1), ("old", t3 - t2),
                      ("reference", t4 - t3)):  # fmt: skip
             self.timing[k] = self.timing.get(k, 0.0) + v
-        per = {n: torch.tensor([math.nan if v is None else float(v) for v in vals],
-                               dtype=torch.float64)
-               for n, vals in scores.per_function.items()}  # fmt: skip
+        mine = {name: _values(vals) for name, vals in scores.per_function.items()}
         buf = Buffer(prompts, rollouts, rewards, combined, old, ref, batch_std, num_items,
-                     figures, per)  # fmt: skip
+                     figures, mine)  # fmt: skip
         self.log_completions(buf)
         return buf
 
@@ -402,11 +401,11 @@ class Online:
         rng = self.cfg.online.score_range
         return una_map(combined, self.map, range=rng).float()
 
-    def figures(self, scores, combined: Tensor, rollouts: Rollouts) -> dict[str, float]:
-        """The generation's figures under TRL's names, over every process's rows."""
+    def figures(self, every: Tensor, per: dict[str, Tensor], rollouts: Rollouts) -> dict:
+        """The generation's figures under TRL's names, over every process's rows: `every` the
+        combined reward, `per` each reward's values (NaN where it did not score)."""
         s, G = self.session, self.G
         out: dict[str, float] = {}
-        every = gather_rows(s, combined)
         ok = every[~torch.isnan(every)]
         out["reward"] = float(ok.mean()) if ok.numel() else math.nan
         groups = every.view(-1, G)
@@ -414,10 +413,7 @@ class Online:
         out["reward_std"] = float(stds.nanmean()) if stds.numel() else math.nan
         out["frac_reward_zero_std"] = zero_std_groups(every.float(), G) / max(len(groups), 1)
         out["frac_reward_none"] = float(torch.isnan(every).double().mean())
-        for name, vals in scores.per_function.items():
-            t = torch.tensor([math.nan if v is None else float(v) for v in vals],
-                             dtype=torch.float64)  # fmt: skip
-            t = gather_rows(s, t)
+        for name, t in per.items():
             t = t[~torch.isnan(t)]
             out[f"rewards/{name}/mean"] = float(t.mean()) if t.numel() else math.nan
             out[f"rewards/{name}/std"] = float(t.std()) if t.numel() > 1 else 0.0
@@ -652,6 +648,11 @@ def gather_rows(session: Session, t: Tensor) -> Tensor:
     from accelerate.utils import gather_object
 
     return torch.cat([torch.as_tensor(x) for x in gather_object([t.cpu()])])
+
+
+def _values(vals: list) -> Tensor:
+    """A reward's values as float64, NaN where it returned None."""
+    return torch.tensor([math.nan if v is None else float(v) for v in vals], dtype=torch.float64)
 
 
 def _nanstd(x: Tensor) -> Tensor:
