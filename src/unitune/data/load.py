@@ -289,34 +289,42 @@ def _tokenize_chunk(job: _Job, encoder: Encoder, records: list[RawRecord]) -> _C
     return out
 
 
-_worker: tuple[_Job, Encoder] | None = None  # a tokenizing process's job
+# a tokenizing process's job, its encoder and the function that tokenizes a chunk
+_worker: tuple[Any, Encoder, Callable] | None = None
 
 
-def _start_worker(job: _Job) -> None:
+def _start_worker(job: Any, tokenize: Callable) -> None:
     global _worker
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
-    _worker = (job, Encoder(job.tokenizer))
+    _worker = (job, Encoder(job.tokenizer), tokenize)
 
 
-def _work(records: list[RawRecord]) -> _Chunk:
+def _work(records: list[RawRecord]) -> Any:
     assert _worker is not None
-    return _tokenize_chunk(*_worker, records)
+    job, encoder, tokenize = _worker
+    return tokenize(job, encoder, records)
 
 
-def _tokenized_chunks(
-    job: _Job, encoder: Encoder, chunks: Iterator[list[RawRecord]], num_proc: int
-) -> Iterator[_Chunk]:
-    """Each chunk tokenized, in order; on `num_proc` processes a few chunks ahead."""
+def chunks_in_order(
+    job: Any,
+    encoder: Encoder,
+    chunks: Iterator[list[RawRecord]],
+    num_proc: int,
+    tokenize: Callable[[Any, Encoder, list[RawRecord]], Any],
+) -> Iterator[Any]:
+    """`tokenize(job, encoder, records)` of each chunk, in order; on `num_proc` processes a few
+    chunks ahead (`tokenize` a module-level function, `job` picklable with a `tokenizer`)."""
     if num_proc <= 1:
         for records in chunks:
-            yield _tokenize_chunk(job, encoder, records)
+            yield tokenize(job, encoder, records)
         return
     # fork where there is one: no re-import of the caller's main module (a script without an
     # `if __name__ == "__main__"` guard works) and a fast start; the workers only tokenize
     method = "fork" if "fork" in get_all_start_methods() else "spawn"
     pool = ProcessPoolExecutor(
-        num_proc, mp_context=get_context(method), initializer=_start_worker, initargs=(job,)
-    )
+        num_proc, mp_context=get_context(method), initializer=_start_worker,
+        initargs=(job, tokenize),
+    )  # fmt: skip
     try:
         ahead: deque = deque()
         for records in chunks:
@@ -408,7 +416,7 @@ def _load(
             if batch:
                 yield batch
 
-        for chunk in _tokenized_chunks(job, encoder, chunks(), num_proc):
+        for chunk in chunks_in_order(job, encoder, chunks(), num_proc, _tokenize_chunk):
             report.n_records -= chunk.blank
             for number, err in chunk.errors:
                 bad(number, err)

@@ -36,19 +36,21 @@ and tokenizing them is cheap next to generating from them.
 from __future__ import annotations
 
 import logging
-import os
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_all_start_methods, get_context
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
 from unitune.data.errors import DataError, DataReport, RecordError
 from unitune.data.formats import RawRecord, open_source
-from unitune.data.load import CHUNK_RECORDS, MAX_LOGGED_SKIPS, SourceLike, _rename
+from unitune.data.load import (
+    CHUNK_RECORDS,
+    MAX_LOGGED_SKIPS,
+    SourceLike,
+    _rename,
+    chunks_in_order,
+)
 from unitune.data.tokenize import Encoder
 from unitune.data.validation import (
     Format,
@@ -217,45 +219,6 @@ def _prompt_chunk(job: _Job, encoder: Encoder, records: list[RawRecord]) -> _Chu
     return out
 
 
-_worker: tuple[_Job, Encoder] | None = None  # a tokenizing process's job
-
-
-def _start_worker(job: _Job) -> None:
-    global _worker
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
-    _worker = (job, Encoder(job.tokenizer))
-
-
-def _work(records: list[RawRecord]) -> _Chunk:
-    assert _worker is not None
-    return _prompt_chunk(*_worker, records)
-
-
-def _chunks_done(
-    job: _Job, encoder: Encoder, chunks: Iterator[list[RawRecord]], num_proc: int
-) -> Iterator[_Chunk]:
-    """Each chunk's items, in order; on `num_proc` processes a few chunks ahead (as
-    `unitune.data.load` tokenizes)."""
-    if num_proc <= 1:
-        for records in chunks:
-            yield _prompt_chunk(job, encoder, records)
-        return
-    method = "fork" if "fork" in get_all_start_methods() else "spawn"
-    pool = ProcessPoolExecutor(
-        num_proc, mp_context=get_context(method), initializer=_start_worker, initargs=(job,)
-    )
-    try:
-        ahead: deque = deque()
-        for records in chunks:
-            ahead.append(pool.submit(_work, records))
-            if len(ahead) >= 2 * num_proc:
-                yield ahead.popleft().result()
-        while ahead:
-            yield ahead.popleft().result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
 def load_prompt_data(
     source: SourceLike,
     tokenizer: PreTrainedTokenizerBase,
@@ -333,7 +296,7 @@ def load_prompt_data(
             if batch:
                 yield batch
 
-        for chunk in _chunks_done(job, encoder, chunks(), num_proc):
+        for chunk in chunks_in_order(job, encoder, chunks(), num_proc, _prompt_chunk):
             for number, err in chunk.errors:
                 bad(number, err)
             items += chunk.items
