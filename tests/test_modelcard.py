@@ -111,3 +111,99 @@ def test_card_of_a_parallel_job_names_the_job_and_its_merge(tiny_config):
                  "| merge | ties (weights [1.0, 0.25]) |"):  # fmt: skip
         assert text in card, text
     assert "alright" not in card  # the default schedule name of a parallel job's config
+
+
+# ----------------------------------------------------------------------- the reward-model card
+RM_SUMMARY = {
+    "name": "rm",
+    "job": "reward_model",
+    "final": {
+        "step": 6,
+        "loss": 0.4375,
+        "accuracy": 0.75,
+        "margin": 1.5,
+        "pairs": 4,
+        "eval_s": 0.5,
+        "elapsed_s": 2.0,
+    },  # fmt: skip
+    "steps": {"reward_model": 6},
+    "global_batch": 4,
+    "data": {"pref": {"kind": "pairs", "train": 12, "eval": 4}},
+}
+
+
+def rm_raw(tiny_config, **model) -> dict:
+    raw = tiny_config("reward_model")
+    raw.update(name="rm", job="reward_model")
+    del raw["data"]["sft"], raw["schedule"]
+    raw["model"].update(model)
+    return raw
+
+
+def test_reward_model_card(tiny_config):
+    """A reward model's card: text-classification front matter, Bradley-Terry, the pairs
+    counted, the held-out figures, scoring with AutoModelForSequenceClassification (logits[0, 0]
+    over the chat template) and the rm: spec of online.rewards and eval.judge."""
+    from unitune.training.modelcard import card_for, reward_model_card
+
+    cfg = parse_config(rm_raw(tiny_config, name="builtin:smollm2-135m"))
+    card = reward_model_card(cfg, RM_SUMMARY)
+    assert card_for(cfg, RM_SUMMARY) == card  # picked by the job
+    meta = front_matter(card)
+    assert meta == {
+        "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "library_name": "transformers",
+        "license": "apache-2.0",
+        "tags": ["unitune", "reward-model", "bradley-terry"],
+        "datasets": ["pref_train.jsonl"],
+        "pipeline_tag": "text-classification",
+    }
+    assert metrics_table(card) == {"loss": 0.4375, "accuracy": 0.75, "margin": 1.5, "pairs": 4}
+    where = f"{Path(cfg.output_dir).name}/model"  # absolute output_dir: by its last component
+    for text in ("A Bradley-Terry reward model", "higher score means a more preferred",
+                 "| steps | 6 |", "| batch | 4 pairs per step (4 per process, grad_accum 1) |",
+                 "| max_length | 64 |", "| pref | `pref_train.jsonl` | 12 | pref_eval.jsonl (4) |",
+                 "AutoModelForSequenceClassification.from_pretrained(", "apply_chat_template",
+                 "logits[0, 0]", f"  - rm:path/to/{where}",
+                 f"judge: rm:path/to/{where}"):  # fmt: skip
+        assert text in card, text
+    for policy in ("AutoModelForCausalLM", "schedule", "lam", "text-generation"):
+        assert policy not in card, policy
+    assert str(Path(cfg.data.pref.train).parent) not in card and "/tmp" not in card
+
+
+def test_reward_model_card_lora_secrets_and_repo(tiny_config, monkeypatch):
+    from unitune.training.modelcard import reward_model_card
+
+    monkeypatch.setenv("WANDB_API_KEY", "wandbkey-0123456789")
+    raw = rm_raw(tiny_config, lora={"r": 4, "alpha": 8})
+    raw["name"] = "rm-wandbkey-0123456789"
+    raw["data"]["pref"]["train"] = str(Path.home() / "secret-dir" / "pairs.jsonl")
+    card = reward_model_card(parse_config(raw), {**RM_SUMMARY, "name": raw["name"]},
+                             repo_id="someone/tiny-rm")  # fmt: skip
+    meta = front_matter(card)
+    assert meta["tags"] == ["unitune", "reward-model", "bradley-terry", "lora"]
+    assert meta["library_name"] == "transformers"  # LoRA merged: a plain model
+    assert meta["datasets"] == ["pairs.jsonl"]
+    assert "| LoRA | r=4, alpha=8, dropout=0.0, modules all-linear, merged into the saved " in card
+    assert "wandbkey-0123456789" not in card and "# rm-***" in card
+    assert str(Path.home()) not in card and "secret-dir" not in card
+    assert 'AutoModelForSequenceClassification.from_pretrained("someone/tiny-rm")' in card
+    assert "rm:someone/tiny-rm" in card
+
+
+def test_card_from_a_reward_model_run(tiny_config, tmp_path):
+    """`unitune push` of a reward-model run re-writes the reward model's card, not a policy's.
+    (The config as written, not `dump_config`'s: config.py refuses the `objectives` section
+    that dump writes for every job.)"""
+    import yaml
+
+    from unitune.training.modelcard import card_from_run
+
+    run = tmp_path / "rm-run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(rm_raw(tiny_config)))
+    (run / "summary.json").write_text(json.dumps(RM_SUMMARY))
+    card = card_from_run(run, repo_id="someone/rm")
+    assert front_matter(card)["pipeline_tag"] == "text-classification"
+    assert 'AutoModelForSequenceClassification.from_pretrained("someone/rm")' in card

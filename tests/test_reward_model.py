@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from conftest import write_jsonl
+from test_hub import hub as local_hub  # noqa: F401  (a fixture: the local Hub)
 from transformers import AutoModelForSequenceClassification
 from typer.testing import CliRunner
 
@@ -87,6 +88,22 @@ def test_reward_model_learns_saves_and_judges(tiny_config, tmp_path) -> None:
     assert summary["final"]["accuracy"] == 1.0 and summary["peak_rss_mb"] > 0
     assert summary["wall_s"] >= summary["train_s"] > 0
 
+    # its model card: the reward model's, with summary.json's final held-out figures
+    from test_modelcard import metrics_table
+
+    from unitune.training.modelcard import front_matter
+
+    card = (out / "model" / "README.md").read_text()
+    meta = front_matter(card)
+    assert meta["pipeline_tag"] == "text-classification" and "reward-model" in meta["tags"]
+    table = metrics_table(card)
+    want = {k: v for k, v in summary["final"].items() if k in ("loss", "accuracy", "margin")}
+    assert set(want) <= set(table) and table["pairs"] == summary["final"]["pairs"] == 3
+    for k, v in want.items():
+        assert table[k] == pytest.approx(v, abs=5e-5), k
+    assert f"| pref | `pref_train.jsonl` | {summary['data']['pref']['train']} |" in card
+    assert str(tmp_path) not in card and "rm:path/to/rm/model" in card
+
     # the saved directory is a plain transformers reward model that gives the trained rewards
     model_dir = out / "model"
     rm = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
@@ -131,6 +148,59 @@ def test_lora_reward_model_saves_merged(tiny_config, tmp_path) -> None:
     pairs, _ = load_preference(cfg["data"]["pref"]["eval"], tok, max_length=64)
     again = evaluate(rm, list(pairs), tok.pad_token_id, torch.device("cpu"), 8)
     assert again["loss"] == pytest.approx(lines(out, "eval")[-1]["loss"], abs=1e-5)
+
+
+# ------------------------------------------------------------------------------ push_to_hub
+def with_push(cfg: dict, repo: str):
+    """The parsed config with `train.push_to_hub` set (config.py's reward_model check refuses the
+    key in a config file; the job itself pushes as every run does)."""
+    parsed = parse_config(cfg)
+    return parsed.model_copy(
+        update={"train": parsed.train.model_copy(update={"push_to_hub": repo})}
+    )
+
+
+def test_push_to_hub_uploads_the_model_with_its_card(local_hub, tiny_config, tmp_path):  # noqa: F811
+    """`train.push_to_hub`: after saving, the model directory goes to the Hub (a local server
+    answering HTTP 500): the create-repo request names the repo, the failure is one HubError
+    line saying where the model is kept, and the card names the repo; no token in any file."""
+    from test_hub import TOKEN, create_requests
+
+    from unitune.training.hub import HubError
+    from unitune.training.reward_model import train_reward_model
+
+    cfg = with_push(rm_config(tiny_config, tmp_path, name="rm-push", max_steps=1, eval_every=1),
+                    "someone/tiny-rm")  # fmt: skip
+    with pytest.raises(HubError) as err:
+        train_reward_model(cfg, progress=False)
+    (req,) = create_requests(local_hub)
+    assert json.loads(req[3])["name"] == "tiny-rm"
+    out = tmp_path / "runs" / "rm-push"
+    msg = str(err.value)
+    assert "\n" not in msg and TOKEN not in msg
+    assert msg.startswith("push to someone/tiny-rm failed: ")
+    assert f"saved locally at {out / 'model'}" in msg and f"unitune push {out}" in msg
+    card = (out / "model" / "README.md").read_text()
+    assert 'AutoModelForSequenceClassification.from_pretrained("someone/tiny-rm")' in card
+    assert "rm:someone/tiny-rm" in card
+    assert json.loads((out / "summary.json").read_text())["steps"] == {"reward_model": 1}
+    for f in ("config.yaml", "summary.json", "model/README.md", "metrics.jsonl"):
+        assert TOKEN not in (out / f).read_text(), f
+
+
+def test_push_without_a_token_fails_before_training(tiny_config, tmp_path, monkeypatch) -> None:
+    import huggingface_hub.constants
+
+    from unitune.training.hub import HubError
+    from unitune.training.reward_model import train_reward_model
+
+    for key in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    cfg = with_push(rm_config(tiny_config, tmp_path, name="rm-no-token"), "someone/x")
+    with pytest.raises(HubError, match="train.push_to_hub: no Hugging Face token"):
+        train_reward_model(cfg, progress=False)
+    assert not (tmp_path / "runs" / "rm-no-token").exists()
 
 
 # ------------------------------------------------------------------------------------- resume

@@ -4,8 +4,11 @@ convention: YAML front matter (`base_model`, `library_name`, `license` when know
 parameters, `lam`, seed, steps, the final held-out metrics, how to load it, the unitune version.
 
 `model_card(cfg, summary)` is the text (from the config and the run's summary.json);
-`write_model_card(model_dir, cfg, summary)` writes it atomically. Local paths appear by their file
-name only, and every secret is redacted (`redact.py`).
+`reward_model_card(cfg, summary)` that of a `reward_model` run (a Bradley-Terry reward model:
+`text-classification`, scored with `AutoModelForSequenceClassification`, used as `rm:PATH`);
+`card_for` picks by `cfg.job` and `write_model_card(model_dir, cfg, summary)` writes it
+atomically. Local paths appear by their file name only, and every secret is redacted
+(`redact.py`).
 """
 
 from __future__ import annotations
@@ -101,32 +104,86 @@ def _num(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def _front(cfg: Config, library: str, tags: list[str], data: list[Any], pipeline: str) -> dict:
+    """The card's YAML front matter: base_model and license when known, the library, the tags
+    (each once), the training data by name, the pipeline tag."""
+    base, license_ = base_model(cfg)
+    meta: dict[str, Any] = {}
+    if base:
+        meta["base_model"] = base
+    meta["library_name"] = library
+    if license_:
+        meta["license"] = license_
+    meta["tags"] = list(dict.fromkeys(tags))
+    meta["datasets"] = list(dict.fromkeys(_display(d.train) for d in data))
+    meta["pipeline_tag"] = pipeline
+    return meta
+
+
+def _base_text(cfg: Config) -> str:
+    """The base model as the card's text names it: a link to its hub page, else its name."""
+    base, _ = base_model(cfg)
+    text = f"[`{base}`](https://huggingface.co/{base})" if base else f"`{_display(cfg.model.name)}`"
+    return text + (f" (revision `{cfg.model.revision}`)" if cfg.model.revision else "")
+
+
+def _lora_row(cfg: Config, merged: bool = False) -> list[str]:
+    """The training table's LoRA row (none for full fine-tuning)."""
+    lo = cfg.model.lora
+    if lo is None:
+        return []
+    merge = ", merged into the saved weights" if merged else ""
+    mods = lo.target_modules if isinstance(lo.target_modules, str) else ", ".join(lo.target_modules)
+    return [f"| LoRA | r={lo.r}, alpha={lo.alpha}, dropout={lo.dropout}, "
+            f"modules {mods}{merge} |"]  # fmt: skip
+
+
+def _data_rows(cfg: Config, slots: list[str], summary: dict[str, Any]) -> list[str]:
+    """One row per dataset: its name (a hub dataset with its split), the records kept for
+    training, the held-out set and its records (from summary.json's `data`)."""
+    rows = []
+    for slot in slots:
+        d = getattr(cfg.data, slot)
+        if d is None:
+            continue
+        rep = summary.get("data", {}).get(slot, {})
+        held = _display(d.eval) if d.eval else f"{d.eval_fraction:g} of the training data"
+        split = f" (split `{d.split}`)" if not _is_local(d.train) else ""
+        rows.append(f"| {slot} | `{_display(d.train)}`{split} | {rep.get('train', '')} | {held} "
+                    f"({rep.get('eval', '')}) |")  # fmt: skip
+    return rows
+
+
+def _metrics_rows(final: dict[str, Any], what: dict[str, str]) -> list[str]:
+    """One row per numeric metric of the final eval line (not its step count or times)."""
+    return [
+        f"| {k} | {_num(v)} | {what.get(k, '')} |"
+        for k, v in final.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in NOT_METRICS
+    ]
+
+
+def _render(meta: dict[str, Any], lines: list[str]) -> str:
+    """Front matter and body, the home directory shown as `~` and every secret redacted."""
+    head = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
+    text = f"---\n{head}---\n\n" + "\n".join(lines)
+    return redact(text.replace(str(Path.home()), "~"))
+
+
 def model_card(cfg: Config, summary: dict[str, Any], *, repo_id: str | None = None) -> str:
     """The model card of a run: `cfg` is its config, `summary` its summary.json. `repo_id` (or
     `train.push_to_hub`) is named in the loading example; else the local model directory."""
     tc, sc = cfg.train, cfg.schedule
     adapter = cfg.model.lora is not None and not cfg.model.lora.merge_on_save
-    base, license_ = base_model(cfg)
     slots = _slots(cfg)
     objectives = [getattr(cfg.objectives, s).name for s in slots]
-    data = {s: getattr(cfg.data, s) for s in slots if getattr(cfg.data, s) is not None}
-    meta: dict[str, Any] = {}
-    if base:
-        meta["base_model"] = base
-    meta["library_name"] = "peft" if adapter else "transformers"
-    if license_:
-        meta["license"] = license_
+    data = [getattr(cfg.data, s) for s in slots if getattr(cfg.data, s) is not None]
     schedule = _schedule(cfg)
     tags = ["unitune", *objectives, schedule] + (["lora"] if cfg.model.lora else [])
-    meta["tags"] = list(dict.fromkeys(tags))
-    meta["datasets"] = list(dict.fromkeys(_display(d.train) for d in data.values()))
-    meta["pipeline_tag"] = "text-generation"
+    meta = _front(cfg, "peft" if adapter else "transformers", tags, data, "text-generation")
 
     title = summary.get("name") or cfg.name or schedule
-    shown = _display(cfg.model.name)
-    base_text = f"[`{base}`](https://huggingface.co/{base})" if base else f"`{shown}`"
-    if cfg.model.revision:
-        base_text += f" (revision `{cfg.model.revision}`)"
+    base_text = _base_text(cfg)
     kinds = " and ".join(f"`{o}`" for o in objectives)
     lines = [
         f"# {title}",
@@ -160,28 +217,18 @@ def model_card(cfg: Config, summary: dict[str, Any], *, repo_id: str | None = No
         f"| max_length | {cfg.data.max_length} |",
         f"| precision | weights {cfg.model.dtype}, mixed precision {tc.mixed_precision} |",
     ]
-    if cfg.model.lora:
-        lo = cfg.model.lora
-        lines.append(f"| LoRA | r={lo.r}, alpha={lo.alpha}, dropout={lo.dropout}, "
-                     f"modules {', '.join(lo.target_modules)} |")  # fmt: skip
+    lines += _lora_row(cfg)
     if cfg.job == "parallel":
         pm = cfg.parallel.merge
         lines.append(f"| merge | {pm.method} (weights {list(pm.weights)}) |")
     lines += ["", "## Data", "", "| slot | training data | training records | held out |",
               "|---|---|---|---|"]  # fmt: skip
-    for slot, d in data.items():
-        rep = summary.get("data", {}).get(slot, {})
-        held = _display(d.eval) if d.eval else f"{d.eval_fraction:g} of the training data"
-        split = f" (split `{d.split}`)" if not _is_local(d.train) else ""
-        lines.append(f"| {slot} | `{_display(d.train)}`{split} | {rep.get('train', '')} | {held} "
-                     f"({rep.get('eval', '')}) |")  # fmt: skip
+    lines += _data_rows(cfg, slots, summary)
     final = summary.get("final", {})
     measures = summary.get("measures", {})
     lines += ["", f"## Final metrics (held-out, step {final.get('step', tc.max_steps)})", "",
               "| metric | value | what |", "|---|---|---|"]  # fmt: skip
-    for k, v in final.items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in NOT_METRICS:
-            lines.append(f"| {k} | {_num(v)} | {measures.get(k, '')} |")
+    lines += _metrics_rows(final, measures)
     where = repo_id or tc.push_to_hub or _local_model(cfg.output_dir)
     if adapter:
         load = [
@@ -200,17 +247,110 @@ def model_card(cfg: Config, summary: dict[str, Any], *, repo_id: str | None = No
         ]
     lines += ["", "## How to load", "", "```python", *load, "```", "",
               f"Trained with unitune {unitune.__version__}.", ""]  # fmt: skip
-    head = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
-    text = f"---\n{head}---\n\n" + "\n".join(lines)
-    return redact(text.replace(str(Path.home()), "~"))
+    return _render(meta, lines)
+
+
+# what the reward-model job's held-out figures are (`training/reward_model.evaluate`)
+REWARD_MEASURES = {
+    "loss": "Bradley-Terry loss, mean of -log sigmoid(r_chosen - r_rejected)",
+    "accuracy": "pairwise accuracy: fraction of pairs with r_chosen > r_rejected",
+    "margin": "mean of r_chosen - r_rejected",
+    "pairs": "held-out pairs scored",
+}
+
+
+def reward_model_card(cfg: Config, summary: dict[str, Any], *, repo_id: str | None = None) -> str:
+    """The model card of a `reward_model` run: a Bradley-Terry reward model (Bradley & Terry
+    1952; the reward model of Ouyang et al. 2022, eq. 1; TRL's `RewardTrainer`), saved as a
+    plain `AutoModelForSequenceClassification` with one output, LoRA merged. `summary` is the
+    run's summary.json; `repo_id` (or `train.push_to_hub`) is named in the examples, else the
+    local model directory."""
+    tc = cfg.train
+    pref = cfg.data.pref
+    tags = ["unitune", "reward-model", "bradley-terry"] + (["lora"] if cfg.model.lora else [])
+    meta = _front(cfg, "transformers", tags, [pref] if pref else [], "text-classification")
+    title = summary.get("name") or cfg.name or "reward model"
+    base_text = _base_text(cfg)
+    data = f" on the preference pairs of `{_display(pref.train)}`" if pref else ""
+    lines = [
+        f"# {title}",
+        "",
+        f"A Bradley-Terry reward model trained from {base_text} with unitune "
+        f"{unitune.__version__}{data}. It is a sequence classifier with one output: the score "
+        "of a conversation (read at its last token); a higher score means a more preferred "
+        "response. Trained on the loss -log sigmoid(r_chosen - r_rejected) over each pair's "
+        "chosen and rejected conversations, as TRL's `RewardTrainer`.",
+        "",
+        "## Training",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| base model | {base_text} |",
+        "| objective | Bradley-Terry, -log sigmoid(r_chosen - r_rejected) |",
+        f"| seed | {tc.seed} |",
+        f"| steps | {summary.get('steps', {}).get('reward_model', tc.max_steps)} |",
+        f"| batch | {summary.get('global_batch', tc.batch_size * tc.grad_accum)} pairs per step "
+        f"({tc.batch_size} per process, grad_accum {tc.grad_accum}) |",
+        f"| learning rate | {tc.lr:g} ({tc.lr_schedule}, warmup {tc.warmup_steps}) |",
+        f"| max_length | {cfg.data.max_length} |",
+        f"| precision | weights {cfg.model.dtype}, mixed precision {tc.mixed_precision} |",
+        *_lora_row(cfg, merged=True),
+        "",
+        "## Data",
+        "",
+        "| slot | training data | training pairs | held-out pairs |",
+        "|---|---|---|---|",
+        *_data_rows(cfg, ["pref"], summary),
+    ]
+    final = summary.get("final", {})
+    lines += ["", f"## Final metrics (held-out, step {final.get('step', tc.max_steps)})", "",
+              "| metric | value | what |", "|---|---|---|",
+              *_metrics_rows(final, REWARD_MEASURES)]  # fmt: skip
+    where = repo_id or tc.push_to_hub or _local_model(cfg.output_dir)
+    score = [
+        "import torch",
+        "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+        "",
+        f'model = AutoModelForSequenceClassification.from_pretrained("{where}").eval()',
+        f'tokenizer = AutoTokenizer.from_pretrained("{where}")',
+        "",
+        "messages = [",
+        '    {"role": "user", "content": "Describe a cat."},',
+        '    {"role": "assistant", "content": "A cat is a small, curious animal."},',
+        "]",
+        "text = tokenizer.apply_chat_template(messages, tokenize=False)",
+        'inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)',
+        "with torch.no_grad():",
+        "    score = model(**inputs).logits[0, 0].item()  # higher = preferred",
+    ]
+    lines += [
+        "", "## How to score", "",
+        "The conversation is rendered with the tokenizer's chat template, as unitune's `rm:` "
+        "rewards and judges read it (a tokenizer without one: the prompt and the response on "
+        "separate lines, with the tokenizer's special tokens).", "",
+        "```python", *score, "```", "",
+        "## Use in unitune", "",
+        "As the reward of online training, and as the judge of generation-based evaluation:", "",
+        "```yaml", "online:", "  rewards:", f"    - rm:{where}", "eval:", f"  judge: rm:{where}",
+        "```", "",
+        f"Trained with unitune {unitune.__version__}.", "",
+    ]  # fmt: skip
+    return _render(meta, lines)
+
+
+def card_for(cfg: Config, summary: dict[str, Any], *, repo_id: str | None = None) -> str:
+    """The card of the run's job: `reward_model_card` for a reward model, else `model_card`."""
+    card = reward_model_card if cfg.job == "reward_model" else model_card
+    return card(cfg, summary, repo_id=repo_id)
 
 
 def write_model_card(
     model_dir: str | Path, cfg: Config, summary: dict[str, Any], *, repo_id: str | None = None
 ) -> Path:
-    """`model_dir/README.md` (replacing peft's), written atomically; returns its path."""
+    """`model_dir/README.md` (replacing peft's), the card of the run's job, written atomically;
+    returns its path."""
     path = Path(model_dir) / "README.md"
-    atomic_write(path, model_card(cfg, summary, repo_id=repo_id))
+    atomic_write(path, card_for(cfg, summary, repo_id=repo_id))
     return path
 
 
@@ -223,4 +363,4 @@ def card_from_run(run_dir: str | Path, *, repo_id: str | None = None) -> str | N
     if not ((run_dir / "config.yaml").is_file() and (run_dir / "summary.json").is_file()):
         return None
     cfg = load_config(run_dir / "config.yaml")
-    return model_card(cfg, json.loads((run_dir / "summary.json").read_text()), repo_id=repo_id)
+    return card_for(cfg, json.loads((run_dir / "summary.json").read_text()), repo_id=repo_id)

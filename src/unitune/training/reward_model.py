@@ -10,8 +10,10 @@ The run directory is every run's (`rundir.py`: lock, config.yaml, metrics.jsonl,
 checkpoints are `checkpoint.save_checkpoint`'s, holding the model (or adapter and head), the
 optimizer, the LR scheduler, the batch position and the RNG states, so that a resumed run ends
 bitwise equal to the uninterrupted one. The trained model is saved to `<output_dir>/model/` as a
-plain transformers directory (LoRA merged) with its tokenizer: `rm:<output_dir>/model` scores
-with it.
+plain transformers directory (LoRA merged) with its tokenizer and its model card
+(`modelcard.reward_model_card`): `rm:<output_dir>/model` scores with it. With
+`train.push_to_hub` it is uploaded as every run's model is (`hub.push_model`, the token checked
+before training).
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ from unitune.models.save import save_model
 from unitune.objectives.reward import bradley_terry
 from unitune.training import checkpoint, engines
 from unitune.training.batches import BatchStream, Split, flatten, item_length, load_data
+from unitune.training.hub import push_model, require_token
 from unitune.training.loop import NonFiniteError
+from unitune.training.modelcard import write_model_card
 from unitune.training.resume import (
     ResumeError,
     config_changes,
@@ -185,9 +189,12 @@ def train_reward_model(
     gradients are averaged, so 2 processes equal 1 with `grad_accum: 2`; every process scores
     the held-out pairs (they hold the same weights) and the main one writes every file.
     Raises `Interrupted` after checkpointing on SIGTERM / SIGINT, `NonFiniteError`, `DataError`,
-    `ModelLoadError`, `ResumeError`, `checkpoint.CheckpointError`."""
+    `ModelLoadError`, `ResumeError`, `checkpoint.CheckpointError`, and `HubError` when
+    `train.push_to_hub` has no token (before training) or the upload fails (the model kept)."""
     con = console or Console()
     t_start, tc, out = time.time(), cfg.train, Path(cfg.output_dir)
+    if tc.push_to_hub:
+        require_token()  # before anything is trained
     check_pairs(cfg)
     usage.reset_peaks()
     acc = accelerator(cfg)
@@ -274,8 +281,6 @@ def train_reward_model(
         finally:
             log.close()
     train_s = state.train_s + time.time() - t_session
-    if tc.save_model and main:
-        save_model(model, tokenizer, out / "model", merge_lora=True)
     summary = {
         "name": cfg.name or JOB,
         "job": JOB,
@@ -293,9 +298,15 @@ def train_reward_model(
         "world_size": acc.num_processes,
         "global_batch": tc.batch_size * acc.num_processes * tc.grad_accum,
     }
+    if tc.save_model and main:
+        save_model(model, tokenizer, out / "model", merge_lora=True)
+        write_model_card(out / "model", cfg, summary)  # README.md, beside the weights
     if main:
         atomic_write(out / "summary.json", json.dumps(summary, indent=2))
     acc.wait_for_everyone()
+    if tc.push_to_hub and tc.save_model and main:
+        url = push_model(out / "model", tc.push_to_hub, private=tc.hub_private, run_dir=out)
+        con.log(f"pushed {out / 'model'} to {url}")
     return summary
 
 
