@@ -298,6 +298,11 @@ def test_two_processes_equal_one_process_with_accumulation(engine, tiny_config, 
     for key in ("reward", "reward_std", "completions/mean_length", "frac_reward_zero_std"):
         assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-6), key
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-4, abs=1e-6)
+    # a step's figures cover every micro-batch: the mean over the accumulated micro-batches of
+    # one process is the mean over the two processes (the largest for a /max figure)
+    for key in ("kl", "sampling/sampling_logp_difference/max"):
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-3, abs=1e-7), key
+    assert any(r["kl"] > 0 for r in a)
     ea, eb = records(tmp_path / "one", "eval"), records(tmp_path / "two", "eval")
     assert [e["eval_reward"] for e in ea] == pytest.approx([e["eval_reward"] for e in eb], 1e-4)
     wa, wb = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")

@@ -185,7 +185,7 @@ def train_step(
     current: dict[str, Any] = {}
     plan: dict[str, float] | None = None
     losses: dict[str, float] = {}
-    figures: dict[str, dict[str, float]] = {}  # each slot's figures of its last micro-batch
+    figures: dict[str, dict[str, list[float]]] = {}  # each slot's figures, per micro-batch
     watched: dict[str, float] = {}  # what the schedule observes (`Loss.watched`)
     tokens = 0
     for _ in range(tc.grad_accum):
@@ -201,7 +201,8 @@ def train_step(
                 loss = policy.loss(kind, current[kind])
                 total = total + weight * loss.value
                 tokens += loss.tokens
-                figures[kind] = loss.figures
+                for name, v in loss.figures.items():
+                    figures.setdefault(kind, {}).setdefault(name, []).append(v)
                 losses[kind] = losses.get(kind, 0.0) + loss.value.item() / tc.grad_accum
                 watched[kind] = watched.get(kind, 0.0) + loss.watched / tc.grad_accum
             acc.backward(total)
@@ -211,6 +212,7 @@ def train_step(
                                  "trained": kind in plan})  # fmt: skip
     losses = session.global_mean(losses)  # every rank logs, checks and observes the same values
     watched = session.global_mean(watched)
+    figures = {kind: step_figures(session, f) for kind, f in sorted(figures.items())}
     limit = tc.max_grad_norm if tc.max_grad_norm is not None else math.inf
     grad_norm = float(acc.clip_grad_norm_(policy.module.parameters(), limit))
     bad = [k for k, v in losses.items() if not math.isfinite(v)]
@@ -234,6 +236,16 @@ def train_step(
                    "tokens": tokens, "step_s": round(step_s, 4), "tokens_per_s": round(tok_s, 1),
                    **figures.get(kind, {}), **(timing if kind == "pref" else {})})  # fmt: skip
     return plan, losses, tok_s
+
+
+def step_figures(session: Session, per_micro: dict[str, list[float]]) -> dict[str, float]:
+    """A slot's figures over the whole step: the mean over its micro-batches and the processes,
+    the largest for a `.../max` figure (every rank has the same names: the same plan)."""
+    names = sorted(per_micro)
+    top = [n for n in names if n.endswith("max")]
+    mean = session.global_mean({n: sum(per_micro[n]) / len(per_micro[n]) for n in names
+                                if n not in top})  # fmt: skip
+    return mean | session.global_max({n: max(per_micro[n]) for n in top})
 
 
 def step_timing(run: Run, step_s: float) -> dict[str, float]:

@@ -132,6 +132,15 @@ class Session:
         t = self.all_sum(torch.tensor([values[k] for k in keys], dtype=torch.float64))
         return dict(zip(keys, (t / self.acc.num_processes).tolist(), strict=True))
 
+    def global_max(self, values: dict[str, float]) -> dict[str, float]:
+        """The largest of each value over the processes (the same keys on every rank)."""
+        if self.acc.num_processes == 1 or not values:
+            return values
+        keys = list(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64).to(self.device)
+        t = self.acc.gather(t[None]).amax(dim=0).cpu()
+        return dict(zip(keys, t.tolist(), strict=True))
+
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
         """`t` summed over the processes (on CPU, as given)."""
         if self.acc.num_processes == 1:
