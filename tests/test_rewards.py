@@ -330,6 +330,25 @@ def test_reward_models_refused_before_training(tmp_path):
 
 
 # ------------------------------------------------------------------------- spec errors
+def test_the_fingerprint_follows_what_each_reward_reads(user_py, tmp_path):
+    """A cache keyed on the rewards (the calibration's) sees an edited reward function and a
+    retrained reward model; a programmatic reward is its spec."""
+    from unitune.rewards import rewards_fingerprint
+
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    (rm / "model.safetensors").write_bytes(b"weights one")
+    specs = [f"{user_py}:words", f"rm:{rm}", "length:10"]
+    first = rewards_fingerprint(specs)
+    assert rewards_fingerprint(specs) == first
+    (rm / "model.safetensors").write_bytes(b"weights two")
+    second = rewards_fingerprint(specs)
+    assert second != first
+    user_py.write_text(user_py.read_text() + "\n# edited\n")
+    assert rewards_fingerprint(specs) not in (first, second)
+    assert rewards_fingerprint(["length:10"]) != rewards_fingerprint(["length:11"])
+
+
 def test_bad_specs_are_one_line_errors_naming_the_spec(user_py, tmp_path):
     cases = [
         ("nokind", "'nokind': no kind; expected rm:PATH_OR_ID, judge:SPEC, format:REGEX"),

@@ -37,6 +37,16 @@ import torch
 # Durability
 
 
+def file_sha256(path: str | os.PathLike, digest: Any = None) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB chunks (fed into `digest` when given, whose
+    hex digest is returned)."""
+    digest = digest if digest is not None else hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     """Make a directory's entries (new files, renames) durable (POSIX; skipped on Windows)."""
     if os.name == "nt":

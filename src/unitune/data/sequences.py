@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import struct
 from collections.abc import Iterable
@@ -122,7 +123,8 @@ def drop_tail(ids: list[int], mask: list[int]) -> tuple[list[int], list[int]]:
 
 
 def data_fingerprint(items: Iterable[Sequence | Pair | Feedback]) -> str:
-    """sha256 over the token ids and target masks (and feedback targets), in order.
+    """sha256 over the token ids and target masks (and feedback targets; a prompt's ids and its
+    other columns), in order.
 
     Stable across processes. Used as the key of the reference log-prob cache: equal data gives
     an equal key. Items over a token store (`unitune.data.store.Items`) feed the same bytes from
@@ -144,8 +146,13 @@ def data_fingerprint(items: Iterable[Sequence | Pair | Feedback]) -> str:
             digest.update(b"F")
             _update(digest, item.seq)
             digest.update(struct.pack("<d", item.target))
+        elif hasattr(item, "prompt_ids"):  # a PromptItem (data/prompts.py) of an online slot
+            digest.update(b"Q")
+            ids = item.prompt_ids
+            digest.update(struct.pack(f"<q{len(ids)}q", len(ids), *ids))
+            digest.update(json.dumps(item.columns, sort_keys=True, default=str).encode())
         else:
-            raise TypeError(f"expected Sequence, Pair or Feedback, got {type(item).__name__}")
+            raise TypeError(f"expected Sequence, Pair, Feedback or a prompt, got {item!r:.60}")
     return digest.hexdigest()
 
 

@@ -17,7 +17,12 @@ from unitune.rewards.base import (
 from unitune.rewards.programmatic import PROGRAMMATIC, Programmatic
 from unitune.rewards.scoring import Reward, Rewards, build_rewards
 from unitune.rewards.shaping import UNA_MAPS, RunningStats, clip, missing_eos, shape, una_map
-from unitune.rewards.specs import REFERENCE_COLUMNS, RewardSpec, parse_reward_spec
+from unitune.rewards.specs import (
+    REFERENCE_COLUMNS,
+    RewardSpec,
+    parse_reward_spec,
+    rewards_fingerprint,
+)
 
 __all__ = [
     "PROGRAMMATIC",
@@ -36,6 +41,7 @@ __all__ = [
     "clip",
     "missing_eos",
     "parse_reward_spec",
+    "rewards_fingerprint",
     "shape",
     "una_map",
 ]

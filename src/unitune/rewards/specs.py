@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from unitune.core.io import file_sha256
 from unitune.judges.base import DEFAULT_KEY_ENV, JudgeError
 from unitune.judges.registry import make_judge, parse_judge_spec
 from unitune.judges.reward_model import RewardModelJudge, load_reward_model
@@ -101,6 +102,34 @@ def parse_reward_spec(spec: str, *, label: str = "online.rewards") -> RewardSpec
     if not _ATTR.fullmatch(function):
         raise spec_error(label, spec, f"{function!r} is not a function name")
     return RewardSpec(spec, kind, target, function)
+
+
+def rewards_fingerprint(specs: Sequence[str]) -> str:
+    """sha256 over what the rewards read, without loading them: a local reward model's files
+    (weights, config, tokenizer), a Python reward's source file; a hub id, a judge or a
+    programmatic reward by its spec alone (a cache keyed on it sees a retrained reward model or
+    an edited reward function)."""
+    digest = hashlib.sha256()
+    for spec in specs:
+        parsed = parse_reward_spec(spec)
+        digest.update(parsed.spec.encode() + b"\0")
+        source = None
+        if parsed.kind == "rm" and Path(parsed.argument).expanduser().is_dir():
+            source = Path(parsed.argument).expanduser()
+        elif parsed.kind == "file":
+            source = Path(parsed.argument).expanduser()
+        elif parsed.kind == "module":
+            try:
+                found = importlib.util.find_spec(parsed.argument)
+            except (ImportError, ValueError):
+                found = None
+            source = Path(found.origin) if found is not None and found.origin else None
+        files = sorted(source.iterdir()) if source and source.is_dir() else [source]
+        for f in files:
+            if f is not None and f.is_file():
+                digest.update(f.name.encode() + b"\0")
+                file_sha256(f, digest)
+    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------ Python functions

@@ -20,6 +20,7 @@ from unitune.data import data_fingerprint
 from unitune.eval.heldout import Ideal
 from unitune.models.fingerprint import model_fingerprint
 from unitune.models.load import load_model
+from unitune.rewards import rewards_fingerprint
 from unitune.training.batches import flatten, load_data
 from unitune.training.loop import train
 
@@ -50,7 +51,9 @@ def input_fingerprint(cfg: Config, console: Console) -> str:
     data = load_data(cfg, tokenizer)
     for kind, split in sorted(data.items()):
         parts += [kind, *(data_fingerprint(flatten(items)) for items in (split.train, split.eval))]
-    console.log("calibration key: fingerprints of the model and the data")
+    if cfg.is_online:  # an online slot's f_pref is its rewards' verdict: their files too
+        parts += [rewards_fingerprint([r.reward for r in cfg.online.rewards])]
+    console.log("calibration key: fingerprints of the model, the data and the rewards")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 

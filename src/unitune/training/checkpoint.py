@@ -41,7 +41,6 @@ a run directory at a time (under Accelerate: the main process).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -56,7 +55,14 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from unitune.core.io import ST_NAMES, TensorEntry, fsync_dir, safetensors_chunks, write_file
+from unitune.core.io import (
+    ST_NAMES,
+    TensorEntry,
+    file_sha256,
+    fsync_dir,
+    safetensors_chunks,
+    write_file,
+)
 from unitune.models.lora import is_peft
 
 VERSION = 1
@@ -77,7 +83,6 @@ TENSOR_TAG = "__tensor__"
 
 _STEP_DIR = re.compile(r"step-(\d+)")
 _HIDDEN_DIR = re.compile(r"\.step-(\d+)\.(tmp|old|del)-\d+")
-_CHUNK = 1 << 20
 
 
 class CheckpointError(RuntimeError):
@@ -188,7 +193,7 @@ def _adopt_tree(root: Path, sub: str) -> dict[str, dict]:
         if path.is_file():
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
-            info = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+            info = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
             files[path.relative_to(root).as_posix()] = info
         elif path.is_dir():
             fsync_dir(path)
@@ -375,7 +380,7 @@ def verify(path: Path) -> dict:
             raise fail(f"{name} is {actual} bytes, the manifest says {size} (truncated or corrupt)")
     for name, info in files.items():
         try:
-            actual_digest = _sha256(path / name)
+            actual_digest = file_sha256(path / name)
         except OSError as err:
             raise fail(f"cannot read {name}: {err.strerror or err}") from err
         if actual_digest != info["sha256"]:
@@ -672,14 +677,6 @@ def _write_safetensors(
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     with safe_open(str(path), framework="pt", device="cpu") as fh:
         return {name: fh.get_tensor(name) for name in fh.keys()}, dict(fh.metadata() or {})
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _one_line(text: str) -> str:
