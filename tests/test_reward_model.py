@@ -152,12 +152,20 @@ def test_lora_reward_model_saves_merged(tiny_config, tmp_path) -> None:
 
 # ------------------------------------------------------------------------------ push_to_hub
 def with_push(cfg: dict, repo: str):
-    """The parsed config with `train.push_to_hub` set (config.py's reward_model check refuses the
-    key in a config file; the job itself pushes as every run does)."""
-    parsed = parse_config(cfg)
-    return parsed.model_copy(
-        update={"train": parsed.train.model_copy(update={"push_to_hub": repo})}
-    )
+    """The config with `train.push_to_hub` set, parsed as a config file is."""
+    return parse_config({**cfg, "train": {**cfg["train"], "push_to_hub": repo}})
+
+
+def test_a_saved_reward_model_config_reads_back(tiny_config, tmp_path):
+    """config.yaml of a reward-model run (every section written out, the default objectives
+    included) parses again to the same config: `unitune push RUN_DIR` rebuilds its card."""
+    import yaml
+
+    from unitune.config import dump_config
+
+    cfg = with_push(rm_config(tiny_config, tmp_path, name="rm-again"), "someone/rm")
+    again = parse_config(yaml.safe_load(dump_config(cfg)))
+    assert dump_config(again) == dump_config(cfg)
 
 
 def test_push_to_hub_uploads_the_model_with_its_card(local_hub, tiny_config, tmp_path):  # noqa: F811

@@ -515,8 +515,9 @@ class Config(Strict):
 
     def _reward_model_job(self) -> Config:
         """What the reward-model job reads: `data.pref` (pairs), `model`, `train` and
-        `output_dir`. A section it would ignore (SFT data, objectives, a schedule, generation
-        or retention at evaluation, a hub push) is refused rather than silently unused."""
+        `output_dir` (with `train.push_to_hub`, the model and its card go to the Hub). A section
+        it would ignore (SFT data, objectives, a schedule, generation or retention at
+        evaluation) is refused rather than silently unused."""
         from unitune.schedules.registry import DEFAULT_SCHEDULE
 
         job = "job reward_model"
@@ -524,7 +525,9 @@ class Config(Strict):
             raise ValueError(f"{job} needs data.pref (preference pairs: prompt, chosen, rejected)")
         if self.data.sft is not None:
             raise ValueError(f"data.sft: {job} trains on data.pref only; leave data.sft out")
-        if "objectives" in self.model_fields_set:
+        # a saved config.yaml has every section: the default objectives are not a choice
+        default = type(self.objectives)().model_dump()
+        if "objectives" in self.model_fields_set and self.objectives.model_dump() != default:
             raise ValueError(f"objectives: {job} trains a Bradley-Terry loss; leave it out")
         sc = self.schedule
         if sc.name != DEFAULT_SCHEDULE or sc.options():
@@ -537,7 +540,6 @@ class Config(Strict):
             for key, on in (
                 ("eval.generate", ev.generate),
                 ("eval.retention_tasks", bool(ev.retention_tasks)),
-                ("train.push_to_hub", tc.push_to_hub is not None),
                 ("train.packing", tc.packing),
                 ("train.gradient_checkpointing", tc.gradient_checkpointing),
                 ("train.mixed_precision", tc.mixed_precision != "no"),
