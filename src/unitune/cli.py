@@ -278,11 +278,23 @@ def demo(
         False, "--full", help="the longer, stronger comparison: 40 steps, all held-out data"
     ),
     lam: float = typer.Option(0.5, help="weight / probability of the preference objective"),
-    schedules: str = typer.Option(
-        "sequential,mix,alright,maxright,parallel", help="comma-separated"
+    schedules: str | None = typer.Option(
+        None,
+        help="comma-separated; default sequential,mix,alright,maxright,parallel "
+        "(--online: the four per-step ones)",
     ),
     sft: str = typer.Option("sft", help="SFT-family objective"),
-    pref: str = typer.Option("dpo", help="preference-family objective"),
+    pref: str | None = typer.Option(
+        None, help="preference-family objective; default dpo (--online: una_online)"
+    ),
+    online: bool = typer.Option(
+        False,
+        "--online",
+        help="train a reward model on the demo pairs, then the preference slot online",
+    ),
+    reward_model_steps: int = typer.Option(
+        20, "--reward-model-steps", min=1, help="--online: the reward model's steps"
+    ),
     precision: str = typer.Option(
         "auto", help="auto (bf16 where the hardware has fast bf16, else no), no, bf16 or fp16"
     ),
@@ -294,22 +306,37 @@ def demo(
     """Compare the joint schedules and parallel (PAFT) on the embedded model and the demo data,
     then report them: table, win rate, retention, Pareto plot, HTML."""
     from unitune.models.config import ModelConfig
-    from unitune.study.demo import run_demo
+    from unitune.objectives import REGISTRY
+    from unitune.study.demo import ONLINE_SCHEDULES, SCHEDULES, run_demo
 
     if precision not in ("auto", "no", "bf16", "fp16"):
         _fail(f"--precision {precision!r}: expected auto, no, bf16 or fp16")
+    pref = pref or ("una_online" if online else "dpo")
+    kind = REGISTRY[pref].data if pref in REGISTRY else None
+    if kind is not None and (kind == "prompts") != online:
+        _fail(f"--pref {pref}: trains {'online' if kind == 'prompts' else 'offline'}; "
+              f"{'drop' if not online else 'add'} --online or name "
+              f"{'an offline' if not online else 'an online'} objective")  # fmt: skip
+    chosen = tuple(schedules.split(",")) if schedules else (
+        ONLINE_SCHEDULES if online else SCHEDULES
+    )  # fmt: skip
+    if online and "parallel" in chosen:
+        _fail("--schedules parallel: PAFT's parallel job trains offline only; "
+              f"with --online use {','.join(ONLINE_SCHEDULES)}")  # fmt: skip
     _check_model(ModelConfig(name=model), label="--model")
     run_demo(
         precision=None if precision == "auto" else precision,
         model=model,
         out_dir=out,
-        schedules=tuple(schedules.split(",")),
+        schedules=chosen,
         lam=lam,
         steps=steps,
         sft=sft,
         pref=pref,
         preset="full" if full else "quick",
         seeds=seeds,
+        online=online,
+        reward_model_steps=reward_model_steps,
         console=console,
         progress=not no_progress,
     )

@@ -3,10 +3,17 @@
 Runs `sequential`, `mix`, `alright`, `maxright` and `parallel` (PAFT: two branches, then a merge)
 at the same `lam` with equal data budgets on SmolLM2-135M-Instruct (embedded), then prints a
 comparison table and writes the trajectory plot.
+
+`online=True` (`unitune demo --online`): first a Bradley-Terry reward model trained on the demo
+pairs from the same model (`demo_reward_config`, reused while its config is unchanged), then the
+joint schedules with SFT on the demo's SFT data and online UNA on the pairs' prompts, scored by
+that reward model (`rm:<out>/reward-model/model`); f_pref is minus the held-out mean reward.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +55,14 @@ PRESETS = {
 # by construction, so against them a model could at best tie.
 DEMO_JUDGE = "demo"
 DEMO_RETENTION = ["unitune_mc"]
+# the online demo: the per-step schedules (PAFT's parallel job trains offline only), the
+# generation settings of examples/online-una.yaml (the UNA authors' temperature; the demo's
+# chosen answers are at most 27 tokens), and the reward model's training length (its held-out
+# pairwise accuracy reaches 1.00 within about 10 steps on SmolLM2-135M: README)
+ONLINE_SCHEDULES = ("sequential", "mix", "alright", "maxright")
+DEMO_ONLINE = {"num_generations": 1, "temperature": 0.7, "max_new_tokens": 32,
+               "missing_eos_penalty": 1.0, "score_map": "sigmoid"}  # fmt: skip
+REWARD_MODEL_STEPS = 20
 # the report's tables the demo prints over several seeds (all of them are in the HTML report)
 SHOWN = ("Final held-out metrics", "Ideal distance")
 
@@ -104,12 +119,17 @@ def demo_config(
     eval_samples: int | None = None,
     generate_samples: int = 16,
     name: str | None = None,
+    reward_model: Path | None = None,
 ) -> Config:
     """Equal budgets: every schedule draws one SFT and one preference batch per step, so each
     sees exactly the first `steps * batch_size` records of both training sets, once (`parallel`'s
-    branches each see their own set once, in `steps` steps each)."""
+    branches each see their own set once, in `steps` steps each). With `reward_model` the
+    preference slot trains online (`pref` an online objective): one sample per prompt of the
+    pairs, scored by `rm:<reward_model>`; its held-out prompts are those the win rate is
+    measured on."""
     n = steps * batch_size
     name = name or schedule
+    online = {"online": {"rewards": [f"rm:{reward_model}"], **DEMO_ONLINE}} if reward_model else {}
     return parse_config(
         {
             "name": name,
@@ -125,7 +145,7 @@ def demo_config(
                     "train": str(DEMO_DATA / "pref_train.jsonl"),
                     "eval": str(DEMO_DATA / "pref_eval.jsonl"),
                     "max_samples": n,
-                    "eval_max_samples": eval_samples,
+                    "eval_max_samples": generate_samples if reward_model else eval_samples,
                 },
                 "max_length": 128,
             },
@@ -161,10 +181,63 @@ def demo_config(
                 "max_new_tokens": 32,  # every held-out chosen response is at most 27 tokens
                 "retention_tasks": DEMO_RETENTION,
             },
+            **online,
             "output_dir": str(out_dir / name),
         },
         source="demo",
     )
+
+
+def demo_reward_config(*, model: str, out_dir: Path, steps: int = REWARD_MODEL_STEPS) -> Config:
+    """The online demo's reward model: a Bradley-Terry head on `model`, trained on the demo
+    pairs (examples/reward-model.yaml, shorter), saved to `<out_dir>/reward-model/model`."""
+    return parse_config(
+        {
+            "name": "reward-model",
+            "job": "reward_model",
+            "model": {"name": model},
+            "data": {
+                "pref": {
+                    "train": str(DEMO_DATA / "pref_train.jsonl"),
+                    "eval": str(DEMO_DATA / "pref_eval.jsonl"),
+                    "eval_max_samples": 32,
+                },
+                "max_length": 128,
+            },
+            "train": {
+                "max_steps": steps,
+                "batch_size": 8,
+                "lr": 1e-5,
+                "seed": 0,
+                "eval_every": max(steps // 2, 1),
+                "eval_batch_size": 16,  # fp32: the reward-model job has no mixed precision
+            },
+            "output_dir": str(out_dir / "reward-model"),
+        },
+        source="demo",
+    )
+
+
+def demo_reward_model(cfg: Config, console: Console, progress: bool = True) -> Path:
+    """Train the demo's reward model, or reuse the one `cfg.output_dir` holds when it was
+    trained to completion from the same config; returns its model directory."""
+    from unitune.config import dump_config
+    from unitune.jobs import train as jobs_train
+
+    out = Path(cfg.output_dir)
+    done = (out / "summary.json").exists() and (out / "model" / "config.json").exists()
+    if done and (out / "config.yaml").read_text() == dump_config(cfg):
+        final = json.loads((out / "summary.json").read_text())["final"]
+        console.log(f"reward model: {out / 'model'} (trained earlier; held-out pairwise "
+                    f"accuracy {final['accuracy']:.2f})")  # fmt: skip
+        return out / "model"
+    if out.exists():  # a stale or unfinished one: trained again from the start
+        shutil.rmtree(out)
+    console.log(f"reward model: {cfg.model.name} on the demo pairs, {cfg.train.max_steps} steps")
+    summary = jobs_train(cfg, console=console, progress=progress)
+    console.log(f"reward model: held-out pairwise accuracy {summary['final']['accuracy']:.2f}, "
+                f"margin {summary['final']['margin']:.2f}")  # fmt: skip
+    return out / "model"
 
 
 def comparison_tables(summaries: list[dict]) -> list[Table]:
@@ -172,9 +245,12 @@ def comparison_tables(summaries: list[dict]) -> list[Table]:
     evaluation and the cost. One row per run; a `parallel` run adds the base and its two branches
     under its row."""
     title = "unitune demo"
+    # an online preference slot has no held-out pairs: its held-out mean reward instead
+    online = any("eval_reward" in s["final"] for s in summaries)
+    third, key = ("held-out\nreward", "eval_reward") if online else ("reward\nacc", "reward_acc")
     losses = _table(
         f"{title}: held-out losses (lower is better)",
-        ("schedule", "lam", "f_sft", "f_pref", "reward\nacc", "ideal\ndist.", "steps\nsft/pref"),
+        ("schedule", "lam", "f_sft", "f_pref", third, "ideal\ndist.", "steps\nsft/pref"),
     )
     cost = _table(
         f"{title}: evaluation and cost", ("schedule", "win rate", "retention", "wall s", "eval s")
@@ -186,7 +262,7 @@ def comparison_tables(summaries: list[dict]) -> list[Table]:
             f"{s['lam']:.2f}" if s else "",
             f"{f['f_sft']:.4f}",
             f"{f['f_pref']:.4f}",
-            f"{f['reward_acc']:.2f}",
+            f"{f[key]:.2f}" if key in f else "",
             f"{f['ideal_distance']:.4f}" if "ideal_distance" in f else "",
             steps,
         )
@@ -259,12 +335,16 @@ def run_demo(
     precision: str | None = None,
     preset: str = "quick",
     seeds: int = 1,
+    online: bool = False,
+    reward_model_steps: int = REWARD_MODEL_STEPS,
     console: Console | None = None,
     progress: bool = True,
 ) -> list[dict]:
     """Every schedule (over `seeds` seeds: 0, 1, ...), then `unitune report` on their runs: the
     table (mean ± std over seeds with more than one), the win rate and retention columns, the
-    Pareto plot and the HTML report (`out_dir/report/index.html`)."""
+    Pareto plot and the HTML report (`out_dir/report/index.html`). `online`: the preference slot
+    (`pref`, an online objective) trains on the policy's own samples scored by a reward model
+    the demo trains first on the demo pairs (`reward_model_steps` steps)."""
     from unitune.jobs import train as jobs_train
     from unitune.study.report import build_report, rich_tables
     from unitune.training.calibration import calibrate
@@ -272,7 +352,12 @@ def run_demo(
     console = console or Console()
     chosen = PRESETS[preset]
     precision = precision or default_precision()
-    console.log(f"demo: {preset} preset, precision {precision}, {seeds} seed(s)")
+    mode = f", online ({pref})" if online else ""
+    console.log(f"demo: {preset} preset, precision {precision}, {seeds} seed(s){mode}")
+    rm = None
+    if online:
+        rm_cfg = demo_reward_config(model=model, out_dir=out_dir, steps=reward_model_steps)
+        rm = demo_reward_model(rm_cfg, console, progress=progress)
     cfgs = [
         demo_config(
             s,
@@ -288,6 +373,7 @@ def run_demo(
             eval_samples=chosen.eval_samples,
             generate_samples=chosen.generate_samples,
             name=s if seeds == 1 else f"{s}-seed{seed}",
+            reward_model=rm,
         )  # fmt: skip
         for s in schedules
         for seed in range(seeds)

@@ -85,7 +85,7 @@ class Loss:
 
     @property
     def watched(self) -> float:
-        return self.observed if self.observed is not None else float(self.value)
+        return self.observed if self.observed is not None else float(self.value.detach())
 
 
 class Policy:
