@@ -16,12 +16,16 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from unitune.eval.generate import forked_rng, left_pad
 from unitune.models.modes import eval_mode
+
+if TYPE_CHECKING:
+    from unitune.training.engines import Engine
 
 
 @dataclass
@@ -130,15 +134,147 @@ def sample(
 
 
 @contextlib.contextmanager
-def full_parameters(model: nn.Module, engine) -> Iterator[None]:
-    """The whole model's parameters present for generation under an engine that shards them
-    (DeepSpeed ZeRO-3: gathered layer by layer would cost a collective per token, so all are
-    gathered once for the whole rollout, as TRL's `unwrap_model_for_generation`); a no-op
-    otherwise."""
-    if getattr(engine, "name", "") == "deepspeed" and getattr(engine, "zero_stage", 0) == 3:
+def full_parameters(
+    model: nn.Module, engine: Engine, wrapped: nn.Module | None = None
+) -> Iterator[None]:
+    """The whole of `model`'s parameters present on every process for a rollout under an engine
+    that shards them, gathered once for the whole `with` block rather than layer by layer on
+    each forward (which, token by token, would cost one collective per layer per token; TRL
+    gathers once for generation too: `unwrap_model_for_generation`). Every process must enter
+    it (the gathers are collectives). A no-op under one process, DDP and ZeRO-1/2.
+
+    - DeepSpeed ZeRO-3: `deepspeed.zero.GatheredParameters` over all of `model`'s parameters
+      (read-only: nothing is written back).
+    - FSDP1 (`FullyShardedDataParallel`): `FSDP.summon_full_params(root, recurse=True,
+      writeback=False)` on the root unit, and for the block each FSDP unit inside `model` is
+      replaced by the module it wraps, so that generation runs the plain modules on the full
+      parameters (through the units, each forward would free the unit's gathered parameters
+      after it and gather them again on the next token). `summon_full_params` gives them in
+      full precision, whatever FSDP1's mixed-precision policy (autocast still applies).
+    - FSDP2 (`fully_shard`, `FSDPModule`): every unit under the root is unsharded once
+      (`FSDPModule.unshard`, in its all-gather dtype: the mixed-precision policy's
+      `param_dtype`) with its resharding after forward switched off
+      (`set_reshard_after_forward(False)`), then resharded (`FSDPModule.reshard`) and its
+      setting given back on exit.
+
+    `wrapped` is the prepared module that holds `model` (what `Accelerator.prepare` returned),
+    where FSDP's root unit is; it defaults to `model`. A `model` without any FSDP unit (a frozen
+    reference copied before `prepare`) needs nothing gathered. `engine` is the run's
+    `engines.Engine`.
+    """
+    root = model if wrapped is None else wrapped
+    if engine.kind == "deepspeed" and engine.zero_stage == 3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(model.parameters())):
             yield
-    else:
+        return
+    if engine.kind != "fsdp":
         yield
+        return
+    fsdp1, fsdp2 = _fsdp_classes()
+    if not any(isinstance(m, fsdp1 | fsdp2) for m in root.modules()):
+        yield  # nothing sharded: e.g. a frozen reference copied before `prepare`
+    elif isinstance(root, fsdp1) and getattr(root, "_is_root", None) is not False:
+        with fsdp1.summon_full_params(root, recurse=True, writeback=False):
+            with _fsdp1_units_bypassed(model, fsdp1):
+                yield
+    elif isinstance(root, fsdp2):
+        with _fsdp2_unsharded(root, fsdp2):
+            yield
+    else:
+        raise RuntimeError(
+            "full_parameters: the module given holds FSDP units but is not FSDP's root unit; "
+            "pass the prepared module (what Accelerator.prepare returned) as `wrapped`"
+        )
+
+
+def _fsdp_classes() -> tuple[type, type]:
+    """(FSDP1's `FullyShardedDataParallel`, FSDP2's `FSDPModule`), imported only under FSDP.
+    `FSDPModule` is exported by `torch.distributed.fsdp` (torch 2.6 on), earlier by
+    `torch.distributed._composable.fsdp`; a torch without FSDP2 gets a class that no module is
+    an instance of."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        try:
+            from torch.distributed._composable.fsdp import FSDPModule
+        except ImportError:
+
+            class FSDPModule:  # noqa: N801 - no FSDP2 in this torch
+                pass
+
+    return FullyShardedDataParallel, FSDPModule
+
+
+@contextlib.contextmanager
+def _fsdp1_units_bypassed(model: nn.Module, fsdp1: type) -> Iterator[None]:
+    """Each FSDP1 unit inside `model` replaced in its parent by the module it wraps (its
+    `.module`), put back on exit. Only inside `summon_full_params`, where the wrapped modules
+    hold the full parameters."""
+    swapped = []
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if isinstance(child, fsdp1):
+                swapped.append((parent, name, child))
+    try:
+        for parent, name, unit in swapped:
+            parent._modules[name] = unit.module
+        yield
+    finally:
+        for parent, name, unit in reversed(swapped):
+            parent._modules[name] = unit
+
+
+@contextlib.contextmanager
+def _fsdp2_unsharded(root: nn.Module, fsdp2: type) -> Iterator[None]:
+    """Every FSDP2 unit under `root` unsharded once for the block, not resharded by its forward
+    hooks, resharded on exit, its reshard-after-forward setting given back as it was.
+
+    torch (read in 2.13: `torch/distributed/fsdp/_fully_shard/`) has no public way to run FSDP2's
+    root lazy init (it runs on the root's first forward) nor to read a unit's
+    reshard-after-forward setting: both go through the unit's state (`_get_fsdp_state()`). The
+    root is initialised here because a rollout may come before any forward of the root, and the
+    forward of an uninitialised inner unit would make that unit a root of its own (then the
+    real root's first forward fails)."""
+    state = root._get_fsdp_state()
+    state._lazy_init()
+    if not state._is_root:
+        raise RuntimeError(
+            "full_parameters: the FSDP2 module given is not the root unit; pass the prepared "
+            "module (what Accelerator.prepare returned) as `wrapped`"
+        )
+    units = [m for m in root.modules() if isinstance(m, fsdp2)]
+    saved, seen = [], set()
+    for unit in units:
+        st = unit._get_fsdp_state()
+        if id(st) not in seen:
+            seen.add(id(st))
+            groups = [(g, g.post_forward_mesh_info) for g in _param_groups(st)]
+            saved.append((st, getattr(st, "_auto_reshard_after_forward", None), groups))
+    try:
+        for unit in units:
+            unit.set_reshard_after_forward(False, recurse=False)
+        for unit in units:
+            unit.unshard()
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+        for st, auto, groups in saved:
+            if auto is not None:
+                st._auto_reshard_after_forward = auto
+            for group, info in groups:
+                group.post_forward_mesh_info = info
+
+
+def _param_groups(state) -> list:
+    """An FSDP2 state's parameter groups: `_fsdp_param_groups` (torch 2.13: several per unit
+    with per-parameter meshes), else (older torch) its one `_fsdp_param_group`, or none."""
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is not None:
+        return list(groups)
+    group = getattr(state, "_fsdp_param_group", None)
+    return [group] if group is not None else []
