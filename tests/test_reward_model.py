@@ -352,3 +352,44 @@ def test_two_processes_are_one_process_with_accumulation(tiny_config, tmp_path) 
     assert all(torch.equal(b[k], c[k]) for k in b)  # resumed on 2 processes: bitwise
     summary = json.loads((tmp_path / "runs" / "two" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_batch"] == 4
+
+
+# ----------------------------------------------------------------------- what rm: PATH reads
+@pytest.mark.parametrize("plain", [False, True], ids=["conversational", "plain-text"])
+def test_rm_path_scores_exactly_what_the_job_trained_on(plain, tiny_config, tmp_path) -> None:
+    """The reward of an answer read through `rm:PATH` is the job's own reward of the same pair
+    side (the data loader's tokens: nothing after the answer's end of turn, which the chat
+    template's full rendering adds, "\\n" after ChatML's <|im_end|>), for conversational and
+    plain-text pairs; a reward model from elsewhere reads the full chat template (TRL)."""
+    from conftest import pref_records
+
+    from unitune.data import load_preference
+    from unitune.judges.reward_model import READS_KEY, load_reward_model
+    from unitune.training.reward_model import rewards
+
+    cfg = rm_config(tiny_config, tmp_path, name="rm-reads", max_steps=2, eval_every=2)
+    records = pref_records(["cat", "dog", "owl"])
+    if plain:
+        records = [{"prompt": r["prompt"][0]["content"], "chosen": r["chosen"][0]["content"],
+                    "rejected": r["rejected"][0]["content"]} for r in records]  # fmt: skip
+    cfg["data"]["pref"] = {"train": str(write_jsonl(tmp_path / "p.jsonl", records * 4)),
+                           "eval": str(write_jsonl(tmp_path / "e.jsonl", records))}  # fmt: skip
+    assert run(tmp_path, cfg).exit_code == 0
+    model_dir = tmp_path / "runs" / "rm-reads" / "model"
+    judge = load_reward_model(str(model_dir), device="cpu")
+    pairs, _ = load_preference(str(tmp_path / "e.jsonl"), judge.tokenizer, max_length=64)
+    with torch.no_grad():
+        chosen, rejected = rewards(judge.model, list(pairs), judge.tokenizer.pad_token_id,
+                                   torch.device("cpu"))[:2]  # fmt: skip
+    prompts = [r["prompt"] for r in records]
+    text = [r["chosen"] if plain else r["chosen"][0]["content"] for r in records]
+    assert judge.score(prompts, text, [""] * 3) == pytest.approx(chosen.tolist(), abs=1e-5)
+    text = [r["rejected"] if plain else r["rejected"][0]["content"] for r in records]
+    assert judge.score(prompts, text, [""] * 3) == pytest.approx(rejected.tolist(), abs=1e-5)
+    if not plain:  # without the mark it reads TRL's rendering: the template's tail included
+        delattr(judge.model.config, READS_KEY)
+        full = judge.tokenizer.apply_chat_template(
+            [*prompts[0], {"role": "assistant", "content": text[0]}], tokenize=False
+        )
+        assert judge.ids(prompts[0], text[0]) == judge.tokenizer(full)["input_ids"]
+        assert len(judge.ids(prompts[0], text[0])) > len(judge.data_ids(prompts[0], text[0]))

@@ -1,11 +1,23 @@
 """Reward-model judges (`rm:PATH_OR_ID`): any `AutoModelForSequenceClassification`, safetensors
-only, pointwise: the score of `prompt + response` is its logit."""
+only, pointwise: the score of `prompt + response` is its logit.
+
+What the reward model reads is what it was trained on. A reward model `job: reward_model` saved
+says so in its config (`READS_KEY`): it trained on unitune's data loader's tokens of each pair
+(a conversation through the chat template up to the answer's end-of-turn token, nothing after
+it; a plain prompt + answer + EOS), so it reads the same tokens here. Any other reward model
+reads as TRL trains and scores one: the whole chat template over the conversation and the
+answer (a plain prompt as a user turn when the tokenizer has a template), else the prompt and
+the answer on separate lines.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
+from unitune.data.errors import RecordError
+from unitune.data.tokenize import Encoder, assemble, plan_example
+from unitune.data.validation import ChatExample, TextExample
 from unitune.judges.base import JudgeKind, JudgeOptions, Prompt, conversation_text
 from unitune.models.source import (
     ModelLoadError,
@@ -15,6 +27,9 @@ from unitune.models.source import (
     hub_problem,
     local_model_path,
 )
+
+# the config key and value of a reward model `job: reward_model` saved: it reads data-loader tokens
+READS_KEY, READS_DATA = "unitune_reads", "data_loader_tokens"
 
 
 class RewardModelJudge:
@@ -35,6 +50,33 @@ class RewardModelJudge:
             tokenizer.pad_token = tokenizer.eos_token
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
+        self._encoder: Encoder | None = None
+
+    def ids(self, prompt: Prompt, response: str) -> list[int]:
+        """The token ids the reward model reads for one answer (the module docstring)."""
+        if getattr(self.model.config, READS_KEY, None) == READS_DATA:
+            try:
+                return self.data_ids(prompt, response)
+            except RecordError:  # a prompt over max_length: read as text, cut from the left
+                pass
+        text, special = self.text(prompt, response)
+        return self.tokenizer(
+            text, add_special_tokens=special, truncation=True, max_length=self.max_length
+        )["input_ids"]
+
+    def data_ids(self, prompt: Prompt, response: str) -> list[int]:
+        """The data loader's tokens of `prompt` + `response` (`data/tokenize.py`): what
+        `job: reward_model` trains on."""
+        if self._encoder is None:
+            self._encoder = Encoder(self.tokenizer)
+        if isinstance(prompt, str):
+            example = TextExample(prompt, response, "prompt", "completion")
+        else:
+            messages = [*prompt, {"role": "assistant", "content": response}]
+            example = ChatExample(messages, len(prompt), "prompt", "completion")
+        plan = plan_example(example, self._encoder)
+        encoded = self._encoder.encode_many([text for text, _ in plan.pieces])
+        return assemble(plan, encoded, self._encoder, self.max_length).input_ids
 
     def text(self, prompt: Prompt, response: str) -> tuple[str, bool]:
         """What the reward model reads, and whether the tokenizer's special tokens are to be
@@ -59,19 +101,13 @@ class RewardModelJudge:
         side, tok.truncation_side, tok.padding_side = tok.truncation_side, "left", "right"
         try:
             for start in range(0, len(prompts), self.batch_size):
-                rendered = [
-                    self.text(p, r)
+                rows = [
+                    self.ids(p, r)
                     for p, r in zip(
                         prompts[start : start + self.batch_size],
                         responses[start : start + self.batch_size],
                         strict=True,
                     )
-                ]
-                rows = [
-                    tok(t, add_special_tokens=special, truncation=True, max_length=self.max_length)[
-                        "input_ids"
-                    ]
-                    for t, special in rendered
                 ]
                 batch = tok.pad({"input_ids": rows}, return_tensors="pt")
                 with torch.inference_mode():

@@ -41,6 +41,7 @@ from unitune.core.interrupts import Interrupted, Interrupts
 from unitune.core.io import atomic_write
 from unitune.core.progress import ProgressBar
 from unitune.data import DataError, collate, detect_kind, length_batches
+from unitune.judges.reward_model import READS_DATA, READS_KEY
 from unitune.models.classifier import load_sequence_classifier
 from unitune.models.save import save_model
 from unitune.objectives.reward import bradley_terry
@@ -299,6 +300,8 @@ def train_reward_model(
         "global_batch": tc.batch_size * acc.num_processes * tc.grad_accum,
     }
     if tc.save_model and main:
+        # rm:PATH reads what it trained on: the data loader's tokens (judges/reward_model.py)
+        setattr(model.config, READS_KEY, READS_DATA)
         save_model(model, tokenizer, out / "model", merge_lora=True)
         write_model_card(out / "model", cfg, summary)  # README.md, beside the weights
     if main:
