@@ -26,6 +26,9 @@ REFUSED = [  # (engine, config change, words of the reason)
     (Engine("fsdp", 2, fsdp_version=1, orig_params=False), {"model": {"lora": {}}},
      "fsdp_use_orig_params: true"),
     (Engine("ddp", 2, fsdp_requested=True), {}, "only with an accelerator"),
+    (Engine("fsdp", 2, fsdp_version=2), {"schedule": {"name": "sequential"},
+     "objectives": {"pref": {"name": "grpo", "beta": 0.04}},
+     "online": {"rewards": ["length:8"], "num_generations": 2}}, "whole frozen copy"),
 ]  # fmt: skip
 
 

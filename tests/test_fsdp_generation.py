@@ -167,18 +167,26 @@ def whole():
     return out
 
 
+def same(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Token ids and masks exactly; log-probs to float32 rounding."""
+    if want.is_floating_point():
+        return torch.allclose(got, want, atol=1e-6, rtol=1e-6)
+    return torch.equal(got, want)
+
+
 @pytest.mark.parametrize("version", [2, 1])
 def test_sharded_generation_equals_the_whole_model(sharded, whole, version):
     """Greedy and seeded sampled rollouts under full_parameters on each of the 2 processes:
-    the same tokens, masks and sampler log-probs as on one process, exactly (the gathered
-    weights are the weights); again after a training forward and backward."""
+    the same tokens and masks as on one process, exactly (the gathered weights are the
+    weights), and the same sampler log-probs to float32 rounding (the sharded and the whole
+    model may order a reduction differently across threads); again after a training step."""
     for rank, one in enumerate(whole):
         res = sharded[rank][version]
         for kind in ("greedy", "sampled"):
             for key, want in one[kind].items():
-                assert torch.equal(res[kind][key], want), (version, rank, kind, key)
+                assert same(res[kind][key], want), (version, rank, kind, key)
         for key, want in one["greedy"].items():
-            assert torch.equal(res["greedy_again"][key], want), (version, rank, "again", key)
+            assert same(res["greedy_again"][key], want), (version, rank, "again", key)
         assert torch.allclose(res["train_logp"], one["train_logp"], atol=1e-6)
         # not trivial: tokens were generated, and the sampled ones are not the greedy ones
         assert one["greedy"]["mask"].sum(dim=1).tolist() == [MAX_NEW[rank]] * 2

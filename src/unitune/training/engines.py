@@ -133,6 +133,12 @@ def check(cfg: Config, engine: Engine) -> None:
                 "reads whole weights and keeps a full copy of the starting ones, but each "
                 "process holds a shard: use DDP or ZeRO-2"
             )
+        if cfg.is_online and cfg.schedule.name == "sequential":
+            problems.append(
+                "schedule sequential with an online preference slot: at the switch the current "
+                "model becomes the reference as a whole frozen copy, but each process holds a "
+                "shard of it: use DDP or ZeRO-2"
+            )
         if cfg.model.lora is not None and cfg.model.lora.merge_on_save:
             problems.append(
                 "model.lora.merge_on_save needs the whole model on one process: save the "

@@ -254,7 +254,7 @@ class Online:
             if s.poll is not None:
                 s.poll()
             idx = batches[j if j is not None else 0]
-            with full_parameters(model, s.engine), s.acc.autocast():
+            with full_parameters(model, s.engine, wrapped=self.module), s.acc.autocast():
                 r = sample(
                     model, [items[i].prompt_ids for i in idx], num_generations=1, eos=self.eos,
                     pad_id=s.pad_id, max_new_tokens=on.max_new_tokens, do_sample=False,
@@ -321,7 +321,7 @@ class Online:
         for _ in range(self.S):
             key = self.prompt_stream.drawn * self.prompt_stream.world + self.prompt_stream.rank
             idx = next(self.prompt_stream)
-            with full_parameters(model, s.engine), s.acc.autocast():
+            with full_parameters(model, s.engine, wrapped=self.module), s.acc.autocast():
                 chunks.append(
                     sample(
                         model,
@@ -445,11 +445,12 @@ class Online:
         """The reference's per-token log-probs at the sampling temperature: the frozen copy, or
         (LoRA, reference at the start) the policy with its adapters switched off."""
         s = self.session
-        if self.reference is not None:
-            model, ctx = self.reference, nullcontext()
+        if self.reference is not None:  # a whole frozen copy: nothing to gather under FSDP
+            model, ctx, wrapped = self.reference, nullcontext(), None
         else:
             model, ctx = s.acc.unwrap_model(self.module).model, reference_mode(s.model)
-        with ctx, s.acc.autocast(), full_parameters(model, s.engine):
+            wrapped = self.module  # FSDP's root unit: the prepared policy
+        with ctx, s.acc.autocast(), full_parameters(model, s.engine, wrapped=wrapped):
             out = completion_logps(
                 model, r.input_ids.to(s.device), r.attention_mask.to(s.device), r.starts,
                 r.mask.shape[1],
