@@ -78,7 +78,7 @@ def test_the_online_una_example_trains_with_the_demo_reward_model(demo_rm, tmp_p
     assert raw["online"]["rewards"] == ["rm:runs/reward-model/model"]
     raw["online"] |= {"rewards": [f"rm:{model_dir}"], "max_new_tokens": 12}
     raw["data"]["pref"] |= {"max_samples": 8, "eval_max_samples": 4}
-    raw["train"] |= {"max_steps": 2, "eval_every": 2, "save_every": 0, "batch_size": 4}
+    raw["train"] |= {"max_steps": 2, "eval_every": 2, "batch_size": 4}
     raw["output_dir"], raw["cache_dir"] = str(tmp_path / "run"), str(tmp_path / "cache")
     summary = train(parse_config(raw), progress=False)
     assert summary["steps"]["pref"] == 2

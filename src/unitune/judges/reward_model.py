@@ -76,7 +76,7 @@ class RewardModelJudge:
             example = ChatExample(messages, len(prompt), "prompt", "completion")
         plan = plan_example(example, self._encoder)
         encoded = self._encoder.encode_many([text for text, _ in plan.pieces])
-        return assemble(plan, encoded, self._encoder, self.max_length).input_ids
+        return list(assemble(plan, encoded, self._encoder, self.max_length).input_ids)
 
     def text(self, prompt: Prompt, response: str) -> tuple[str, bool]:
         """What the reward model reads, and whether the tokenizer's special tokens are to be
