@@ -26,6 +26,7 @@ import copy
 import hashlib
 import json
 import math
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -607,10 +608,14 @@ def whole_models(session: Session) -> Iterator[None]:
     """Models loaded inside are whole on each process: DeepSpeed ZeRO-3's `zero.Init`, which
     transformers applies to every `from_pretrained` while a ZeRO-3 config is registered with it
     (`integrations.deepspeed.is_deepspeed_zero3_enabled`), is off for the duration (a reward
-    model scores on each process and is not trained). The registration is put back after."""
-    from transformers.integrations import deepspeed as hf_ds
-
-    saved = hf_ds._hf_deepspeed_config_weak_ref
+    model scores on each process and is not trained). The registration is put back after.
+    Without one nothing is imported (importing DeepSpeed warns about the accelerator on a
+    machine without CUDA, with its source location)."""
+    hf_ds = sys.modules.get("transformers.integrations.deepspeed")
+    saved = getattr(hf_ds, "_hf_deepspeed_config_weak_ref", None)
+    if hf_ds is None or saved is None:
+        yield
+        return
     hf_ds.unset_hf_deepspeed_config()
     try:
         yield
