@@ -157,7 +157,7 @@ class Online:
         )
         self.per_micro = cfg.train.batch_size  # completions per micro-batch
         self.eos = eos_ids(s.model, s.tokenizer)
-        with whole_models(s):  # reward models are not partitioned by ZeRO-3
+        with whole_models():  # reward models are not partitioned by ZeRO-3
             self.rewards: Rewards = build_rewards(
                 [(r.reward, r.weight) for r in on.rewards],
                 trust_remote_code=on.trust_remote_code, device=str(s.device),
@@ -604,7 +604,7 @@ def rollout_forward(
 
 
 @contextmanager
-def whole_models(session: Session) -> Iterator[None]:
+def whole_models() -> Iterator[None]:
     """Models loaded inside are whole on each process: DeepSpeed ZeRO-3's `zero.Init`, which
     transformers applies to every `from_pretrained` while a ZeRO-3 config is registered with it
     (`integrations.deepspeed.is_deepspeed_zero3_enabled`), is off for the duration (a reward
