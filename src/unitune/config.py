@@ -410,6 +410,14 @@ class OnlineConfig(Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)  # 0: off
     max_new_tokens: int = Field(64, gt=0)
+    # what generates: unitune's decode loop (on a CPU on a packed copy of the policy in
+    # generation_dtype, refreshed before every generation) or HF generate on the policy
+    generator: Literal["unitune", "hf"] = "unitune"
+    # auto: bfloat16 where the run computes in it (mixed_precision bf16), else the model's dtype
+    generation_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # a warning when the sampler's log-probs differ from the training pass's by more than this
+    # (mean absolute difference per completion token; null: never)
+    max_logp_difference: float | None = Field(0.1, ge=0.0, json_schema_extra=RESUMABLE)
     # micro-batches one generation batch is split into (TRL's); default: train.grad_accum
     steps_per_generation: int | None = Field(None, gt=0)
     num_iterations: int = Field(1, gt=0)  # passes over each generation batch (TRL's mu)

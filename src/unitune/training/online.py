@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from unitune.core.io import atomic_write
 from unitune.eval.generate import eos_ids
+from unitune.models.generation_copy import GenerationCopy, generation_dtype
 from unitune.models.logprobs import completion_logps
 from unitune.models.lora import reference_mode
 from unitune.objectives import RolloutLogps
@@ -182,6 +183,27 @@ class Online:
         self.reference: nn.Module | None = None
         if self.uses_ref and not self._adapters():
             self.reference = self._frozen_copy(s.model)
+        self.copy: GenerationCopy | None = None  # what generates, where a copy is used
+        self.warned_gap = False
+
+    # ------------------------------------------------------------------------ the generator
+    def generator(self, model: nn.Module) -> nn.Module:
+        """What generates rollouts and held-out answers: on a CPU, under one process or DDP,
+        the generation copy (`models.generation_copy`: the policy's weights in the precision the
+        run computes in, LoRA merged, packed for the CPU's kernels), refreshed from the policy
+        here, before every generation, so it is never stale; elsewhere (a GPU, a sharding
+        engine) and with `online.generator: hf` the policy itself."""
+        s, on = self.session, self.cfg.online
+        if on.generator != "unitune" or s.device.type != "cpu":
+            return model
+        if s.engine.kind not in ("single", "ddp"):
+            return model
+        dtype = generation_dtype(model, on.generation_dtype, s.acc.mixed_precision)
+        if self.copy is None:
+            self.copy = GenerationCopy(model, dtype)
+        else:
+            self.copy.refresh(model)
+        return self.copy.module
 
     # ------------------------------------------------------------------------ set-up
     def _needs_reference(self) -> bool:
@@ -250,6 +272,7 @@ class Online:
         bs = self.cfg.train.eval_batch_size
         batches = [list(range(i, min(i + bs, len(items)))) for i in range(0, len(items), bs)]
         model = s.acc.unwrap_model(self.module).model
+        gen = self.generator(model)
         combined, lengths, trunc, kls = [], [], [], []
         for j in s.shard.share(len(batches)):
             if s.poll is not None:
@@ -257,8 +280,9 @@ class Online:
             idx = batches[j if j is not None else 0]
             with full_parameters(model, s.engine, wrapped=self.module), s.acc.autocast():
                 r = sample(
-                    model, [items[i].prompt_ids for i in idx], num_generations=1, eos=self.eos,
+                    gen, [items[i].prompt_ids for i in idx], num_generations=1, eos=self.eos,
                     pad_id=s.pad_id, max_new_tokens=on.max_new_tokens, do_sample=False,
+                    generator=on.generator,
                 )  # fmt: skip
             kl = self._answer_kl(r) if self._has_reference() else None
             if j is None:
@@ -318,6 +342,7 @@ class Online:
         s, on = self.session, self.cfg.online
         model = s.acc.unwrap_model(self.module).model
         t0 = time.time()
+        gen = self.generator(model)
         chunks, prompts = [], []
         for _ in range(self.S):
             key = self.prompt_stream.drawn * self.prompt_stream.world + self.prompt_stream.rank
@@ -325,7 +350,7 @@ class Online:
             with full_parameters(model, s.engine, wrapped=self.module), s.acc.autocast():
                 chunks.append(
                     sample(
-                        model,
+                        gen,
                         [self.split.train[i].prompt_ids for i in idx],
                         num_generations=self.G,
                         eos=self.eos,
@@ -335,6 +360,7 @@ class Online:
                         top_p=on.top_p,
                         top_k=on.top_k,
                         seed=seed_of(self.cfg.train.seed, key),
+                        generator=on.generator,
                     )  # fmt: skip
                 )
             prompts += [i for i in idx for _ in range(self.G)]
@@ -516,7 +542,21 @@ class Online:
             gap = (r.sample_logp.to(m.device) - lp.logp.detach()).abs() * m
             out["sampling/sampling_logp_difference/mean"] = float(gap.sum() / n)
             out["sampling/sampling_logp_difference/max"] = float(gap.max())
+            self._warn_gap(out["sampling/sampling_logp_difference/mean"])
         return out
+
+    def _warn_gap(self, mean: float) -> None:
+        """One warning when the sampler's log-probs are further from the training pass's than
+        `online.max_logp_difference` (mean absolute difference per completion token)."""
+        limit = self.cfg.online.max_logp_difference
+        if self.warned_gap or limit is None or not mean > limit:
+            return
+        self.warned_gap = True
+        self.session.console.log(
+            f"[yellow]warning:[/] the sampler's log-probs differ from the training pass's by "
+            f"{mean:.3f} per token on average (online.max_logp_difference: {limit}): a stale or "
+            "lower-precision generator; see sampling/sampling_logp_difference in the metrics"
+        )
 
     def take_timing(self) -> dict[str, float]:
         """The seconds of this step spent generating, scoring, in pi_old's and the reference's

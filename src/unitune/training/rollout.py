@@ -1,13 +1,15 @@
 """Rollouts: completions sampled by the policy, cut at their first EOS, as training rows.
 
-`sample(...)` draws `G` completions per prompt with HF `generate` (temperature, top-p, top-k,
-`max_new_tokens`) from a generator seeded by the caller, so a rollout is a pure function of the
+`sample(...)` draws `G` completions per prompt with unitune's decode loop
+(`unitune.models.decode`: HF `generate`'s tokens, token for token, at less cost per step; or HF
+`generate` itself with `generator="hf"`) at the temperature, top-p, top-k and `max_new_tokens`
+asked, from a generator seeded by the caller, so a rollout is a pure function of the
 weights, the prompts and the seed: a resumed run samples exactly what the uninterrupted one did.
 Each completion ends at its first EOS, whichever of the model's EOS ids it is (Phi-3.5 has
 several: TRL PR #7039); that EOS is a target token and everything after it is masked, whatever
 the pad token is (pad == EOS: TRL PR #4970; text after EOS trained on: TRL PR #2708). A
 completion with no EOS within `max_new_tokens` is *truncated*. The sampler's own log-probs
-(`sample_logp`: `log softmax(logits / T)` of the drawn tokens, from `generate`'s logits) are kept,
+(`sample_logp`: `log softmax(logits / T)` of the drawn tokens, from the sampler's logits) are kept,
 so that the training pass can be checked against them (a stale generator: TRL #5312).
 """
 
@@ -22,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from unitune.eval.generate import forked_rng, left_pad
+from unitune.models.decode import decode
 from unitune.models.modes import eval_mode
 
 if TYPE_CHECKING:
@@ -99,27 +102,28 @@ def sample(
     top_k: int = 0,
     seed: int = 0,
     do_sample: bool = True,
+    generator: str = "unitune",
 ) -> Rollouts:
     """`num_generations` completions of each prompt (token ids), drawn with torch's RNG seeded
     with `seed` inside a fork (the caller's random state does not move). `do_sample=False`:
-    greedy (the held-out answers). The model is put in eval mode and given back as it was."""
-    from transformers import GenerationConfig
-
+    greedy (the held-out answers). `model` is what generates: the policy or its generation copy
+    (`models.generation_copy`); it is put in eval mode and given back as it was. `generator`:
+    "unitune" (the decode loop) or "hf" (`model.generate`), which draw the same tokens."""
     rows = [p for p in prompts for _ in range(num_generations)]
     device = next(model.parameters()).device
-    options = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=eos,
-        pad_token_id=pad_id, use_cache=True, output_logits=True, return_dict_in_generate=True,
-        **options,
-    )  # fmt: skip
     ids, attn = left_pad(rows, pad_id, device)
-    with eval_mode(model), forked_rng(device, seed):
-        out = model.generate(input_ids=ids, attention_mask=attn, generation_config=config)
-    new = out.sequences[:, ids.shape[1] :]
+    if generator == "hf":
+        new, logits = _hf_generate(model, ids, attn, eos, pad_id, max_new_tokens, do_sample,
+                                   temperature, top_p, top_k, seed)  # fmt: skip
+        drawn = torch.log_softmax(logits / temperature, dim=-1).gather(-1, new[..., None])[..., 0]
+    else:
+        with eval_mode(model), forked_rng(device, seed):
+            out = decode(model, ids, attn, max_new_tokens=max_new_tokens, eos=eos, pad_id=pad_id,
+                         do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
+                         logps=True)  # fmt: skip
+        new, drawn = out.tokens, out.logp
+        assert drawn is not None
     mask, truncated = cut_at_eos(new, eos, max_new_tokens)
-    logits = torch.stack(out.logits, dim=1).float()  # [N, T, V] before any logits processor
-    drawn = torch.log_softmax(logits / temperature, dim=-1).gather(-1, new[..., None])[..., 0]
     sample_logp = drawn * mask
     lengths = mask.sum(dim=1).long().tolist()
     seqs = [r + c[:n] for r, c, n in zip(rows, new.tolist(), lengths, strict=True)]
@@ -131,6 +135,24 @@ def sample(
         attention[i, : len(s)] = 1
     starts = torch.tensor([len(r) for r in rows], dtype=torch.long)
     return Rollouts(input_ids, attention, starts, mask.cpu(), truncated.cpu(), sample_logp.cpu())
+
+
+def _hf_generate(
+    model: nn.Module, ids: Tensor, attn: Tensor, eos: list[int], pad_id: int,
+    max_new_tokens: int, do_sample: bool, temperature: float, top_p: float, top_k: int, seed: int,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """HF `generate`'s new tokens [N, T] and raw logits [N, T, V] (float32)."""
+    from transformers import GenerationConfig
+
+    options = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=eos,
+        pad_token_id=pad_id, use_cache=True, output_logits=True, return_dict_in_generate=True,
+        **options,
+    )  # fmt: skip
+    with eval_mode(model), forked_rng(ids.device, seed):
+        out = model.generate(input_ids=ids, attention_mask=attn, generation_config=config)
+    return out.sequences[:, ids.shape[1] :], torch.stack(out.logits, dim=1).float()
 
 
 @contextlib.contextmanager

@@ -1,0 +1,160 @@
+"""The model copy unitune generates with on a CPU: the policy's weights in the precision the run
+computes in, LoRA merged, each linear layer's weight packed once for the CPU's GEMM kernels.
+
+A decoding step multiplies a handful of rows by every weight of the model, so it is bound by
+reading weights, and on a CPU the matmul kernels re-lay each weight out for their blocked
+format on every call. Packing it once (oneDNN's `_reorder_linear_weight` for bfloat16, MKL's
+`_mkl_reorder_linear_weight` for float32: what `torch.compile` does on a CPU with weight
+freezing) and keeping bfloat16 weights as bfloat16 (autocast casts every weight at every call)
+take that work out of the loop (README, "Generation").
+
+`GenerationCopy(model, dtype)` deep-copies the model once (a PEFT model: its base with the
+adapters merged); `refresh(model)` copies the policy's current weights into it and packs them
+again: the online trainer refreshes before every generation batch, so the copy is never stale.
+Where the kernels are not there (a torch built without oneDNN or MKL, a GPU) the linear layers
+stay as they are and only the precision changes.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+
+def _pack_kind(dtype: torch.dtype) -> str | None:
+    """Which packed kernel runs `dtype` on this CPU, or None."""
+    if dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
+        return "mkldnn" if hasattr(torch.ops.mkldnn, "_reorder_linear_weight") else None
+    if dtype == torch.float32 and torch.backends.mkl.is_available():
+        return "mkl" if hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight") else None
+    return None
+
+
+class PackedLinear(nn.Module):
+    """An `nn.Linear` whose weight is also held packed for the CPU kernels (inference only).
+    `weight` stays a parameter (tied embeddings share it); `repack()` after it changes."""
+
+    ROWS = 16  # the kernels' hint for the number of rows of a call (a decoding batch)
+
+    def __init__(self, linear: nn.Linear, kind: str) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.kind = kind
+        self.packed: Tensor | None = None
+        self.repack()
+
+    @torch.no_grad()
+    def repack(self) -> None:
+        w = self.weight.detach()
+        if self.kind == "mkldnn":
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w, self.ROWS)
+        else:
+            self.packed = torch.ops.mkl._mkl_reorder_linear_weight(w, self.ROWS)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() or x.dtype != self.weight.dtype or x.device.type != "cpu":
+            return nn.functional.linear(x, self.weight, self.bias)
+        shape = x.shape
+        rows = x.reshape(-1, shape[-1])
+        if not rows.is_contiguous():
+            rows = rows.contiguous()
+        if self.kind == "mkldnn":
+            y = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
+        else:
+            y = torch.ops.mkl._mkl_linear(rows, self.packed, self.weight, self.bias, self.ROWS)
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def _base(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _is_lora_layer(module: nn.Module) -> bool:
+    return hasattr(module, "get_delta_weight") and hasattr(module, "base_layer")
+
+
+class GenerationCopy:
+    """A copy of `model` in `dtype` for decoding (see the module docstring); `.module` is the
+    copy, in eval mode, no gradients."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, *, pack: bool = True) -> None:
+        if hasattr(model, "merge_and_unload"):  # PEFT: its base with the adapters merged
+            module = copy.deepcopy(model).merge_and_unload()
+        else:
+            module = copy.deepcopy(model)
+        module.to(dtype=dtype).eval().requires_grad_(False)
+        if getattr(module.config, "use_cache", True) is False:
+            module.config.use_cache = True
+        self.dtype = dtype
+        self.kind = _pack_kind(dtype) if pack else None
+        on_cpu = all(p.device.type == "cpu" for p in module.parameters())
+        self.packed: list[PackedLinear] = []
+        if self.kind is not None and on_cpu:
+            self._pack(module)
+        self.module = module
+
+    def _pack(self, module: nn.Module) -> None:
+        for name, child in list(module.named_modules()):
+            if type(child) is not nn.Linear:
+                continue
+            parent_name, _, attr = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            try:
+                packed = PackedLinear(child, self.kind)
+            except RuntimeError:  # a shape or layout the kernels refuse: leave it plain
+                continue
+            setattr(parent, attr, packed)
+            self.packed.append(packed)
+
+    @torch.no_grad()
+    def refresh(self, model: nn.Module) -> None:
+        """Copy `model`'s current weights (LoRA merged) into the copy and repack them."""
+        source = _base(model)
+        mine = dict(self.module.named_modules())
+        done: set[int] = set()
+        for name, mod in mine.items():
+            theirs = source.get_submodule(name) if name else source
+            if _is_lora_layer(theirs):
+                base = theirs.get_base_layer()
+                w = base.weight.detach().float()
+                if not getattr(theirs, "disable_adapters", False):
+                    for adapter in theirs.active_adapters:
+                        if adapter in getattr(theirs, "lora_A", {}):
+                            w = w + theirs.get_delta_weight(adapter).float()
+                self._put(mod.weight, w, done)
+                if getattr(base, "bias", None) is not None and mod.bias is not None:
+                    self._put(mod.bias, base.bias.detach(), done)
+                continue
+            own = dict(mod.named_parameters(recurse=False))
+            for pname, theirs_p in theirs.named_parameters(recurse=False):
+                if pname in own:
+                    self._put(own[pname], theirs_p.detach(), done)
+            own_b = dict(mod.named_buffers(recurse=False))
+            for bname, theirs_b in theirs.named_buffers(recurse=False):
+                if bname in own_b and own_b[bname].shape == theirs_b.shape:
+                    own_b[bname].copy_(theirs_b)
+        for p in self.packed:
+            p.repack()
+
+    @staticmethod
+    def _put(target: Tensor, value: Tensor, done: set[int]) -> None:
+        if id(target) in done:  # a tied weight, copied once
+            return
+        target.copy_(value.to(device=target.device, dtype=target.dtype))
+        done.add(id(target))
+
+
+def generation_dtype(model: nn.Module, setting: str, mixed_precision: str = "no") -> torch.dtype:
+    """The dtype to generate in: `setting` "float32" / "bfloat16" as said; "auto": bfloat16
+    where the run computes in it (mixed precision "bf16", or bfloat16 weights), else the
+    model's own dtype."""
+    if setting == "float32":
+        return torch.float32
+    if setting == "bfloat16":
+        return torch.bfloat16
+    own = next(model.parameters()).dtype
+    return torch.bfloat16 if mixed_precision == "bf16" else own
