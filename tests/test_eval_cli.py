@@ -151,6 +151,19 @@ def test_chat_prints_one_reply_and_the_loop_keeps_history(run_dir, tiny):
     assert chat_loop(model, tok, read=eof, write=shown.append, stream=False) == []
 
 
+def test_chat_in_float32_packed_replies_as_the_model_does(run_dir, tiny):
+    """`--dtype float32`: the packed copy (MKL's packed GEMM where torch has it) greedily gives
+    the plain model's reply; `--dtype bfloat16` replies too; a bad dtype is one line."""
+    args = ["chat", str(run_dir), "--prompt", "Hi", "--max-new-tokens", "5"]
+    plain = runner.invoke(app, args)
+    packed = runner.invoke(app, [*args, "--dtype", "float32"])
+    assert packed.exit_code == 0, packed.output
+    assert packed.stdout.strip() == plain.stdout.strip()
+    bf16 = runner.invoke(app, [*args, "--dtype", "bfloat16"])
+    assert bf16.exit_code == 0, bf16.output
+    one_line_error(runner.invoke(app, [*args, "--dtype", "fp8"]), "--dtype must be one of")
+
+
 def test_eval_and_chat_bad_input_is_one_line(run_dir, tiny, tmp_path, tiny_data):
     one_line_error(runner.invoke(app, ["chat", str(tmp_path / "nope")]), "no such directory")
     pickles = tmp_path / "pickles"

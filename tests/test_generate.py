@@ -52,14 +52,16 @@ def test_generation_is_deterministic_and_batching_does_not_change_it(tiny):
 
 def test_generation_uses_the_chat_template_left_padded(tiny, monkeypatch):
     model, tok = tiny
+    import unitune.eval.generate as gen
+
     seen = {}
-    original = model.generate
+    original = gen.decode
 
-    def spy(**kwargs):
-        seen.update(kwargs)
-        return original(**kwargs)
+    def spy(model, ids, mask, **kwargs):
+        seen.update(input_ids=ids, attention_mask=mask)
+        return original(model, ids, mask, **kwargs)
 
-    monkeypatch.setattr(model, "generate", spy)
+    monkeypatch.setattr(gen, "decode", spy)
     generate(model, tok, PROMPTS[:2], max_new_tokens=2, batch_size=2)
     ids, mask = seen["input_ids"], seen["attention_mask"]
     assert mask[0, 0] == 0 and mask[:, -1].all()  # left padding: the shorter row starts padded
@@ -70,6 +72,34 @@ def test_generation_uses_the_chat_template_left_padded(tiny, monkeypatch):
     assert texts == expected
     assert expected[0].endswith("<|im_start|>assistant\n")
     assert render_prompt(tok, "plain text") == "plain text"
+
+
+def test_generation_equals_hf_generate(tiny):
+    """The responses are HF `generate`'s (a fresh config with the EOS ids and the pad token),
+    greedy and sampled with the same seed."""
+    from transformers import GenerationConfig
+
+    from unitune.eval.generate import eos_ids, forked_rng, left_pad
+
+    model, tok = tiny
+    for sampled in (False, True):
+        ours = generate(model, tok, PROMPTS, max_new_tokens=12, batch_size=4,
+                        do_sample=sampled, temperature=0.9, top_p=0.8, seed=5)  # fmt: skip
+        rows = [tok(t, add_special_tokens=False)["input_ids"] for t in
+                [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+                 for p in PROMPTS]]  # fmt: skip
+        order = sorted(range(len(rows)), key=lambda i: (len(rows[i]), i))
+        ids, mask = left_pad([rows[i] for i in order], tok.pad_token_id, torch.device("cpu"))
+        options = {"temperature": 0.9, "top_p": 0.8, "top_k": 0} if sampled else {}
+        config = GenerationConfig(max_new_tokens=12, do_sample=sampled, use_cache=True,
+                                  eos_token_id=eos_ids(model, tok),
+                                  pad_token_id=tok.pad_token_id, **options)  # fmt: skip
+        with forked_rng(torch.device("cpu"), 5), torch.inference_mode():
+            new = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        theirs = [""] * len(rows)
+        for i, row in zip(order, new[:, ids.shape[1] :].tolist(), strict=True):
+            theirs[i] = tok.decode(row, skip_special_tokens=True).strip()
+        assert ours == theirs
 
 
 def test_generation_errors(tiny):

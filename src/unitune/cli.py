@@ -449,6 +449,9 @@ def eval_(
     limit: float = typer.Option(None, "--limit", help="documents per task (a fraction if < 1)"),
     out: Path = typer.Option(None, "--out", "-o", help="output directory; default TARGET/eval"),
     no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar"),
+    dtype: str = typer.Option(
+        "model", "--dtype", help="model | float32 | bfloat16 (packed for the CPU's kernels)"
+    ),
 ) -> None:
     """Generate on held-out prompts, judge against the references (win rate), and measure
     benchmark retention (lm-eval); writes generations.jsonl and eval.json."""
@@ -466,7 +469,7 @@ def eval_(
             target, prompts=prompts, judge=judge, judge_url=judge_url, judge_key_env=judge_key_env,
             judge_trust_remote_code=judge_trust_remote_code, max_samples=max_samples,
             max_new_tokens=max_new_tokens, batch_size=batch_size, tasks=task_list, limit=limit,
-            out=out, progress=not no_progress, console=console,
+            out=out, progress=not no_progress, console=console, dtype=dtype,
         )  # fmt: skip
     except errors as e:
         _fail(str(e))
@@ -501,15 +504,20 @@ def chat(
     prompt: str = typer.Option(None, "--prompt", help="one message: print the reply and exit"),
     system: str = typer.Option(None, "--system", help="a system message"),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
+    dtype: str = typer.Option(
+        "model", "--dtype", help="model | float32 | bfloat16 (packed for the CPU's kernels)"
+    ),
 ) -> None:
     """Talk to a model through its chat template: one reply (--prompt) or a conversation."""
     from unitune.eval.chat import chat_loop, reply
-    from unitune.eval.evaluate import load_target
+    from unitune.eval.evaluate import DTYPES, load_target
     from unitune.eval.generate import GenerationError
     from unitune.models.errors import ModelLoadError
 
     try:
-        loaded = load_target(target)
+        if dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        loaded = load_target(target, dtype=dtype)
         if prompt is not None:
             messages = [{"role": "system", "content": system}] if system else []
             messages.append({"role": "user", "content": prompt})

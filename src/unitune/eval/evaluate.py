@@ -149,13 +149,15 @@ def is_run_dir(path: str | Path) -> bool:
     return (Path(path) / "config.yaml").is_file()
 
 
-def load_target(target: str, *, label: str = "TARGET") -> Target:
+def load_target(target: str, *, label: str = "TARGET", dtype: str = "model") -> Target:
     """Load a run directory's `model/` (a LoRA adapter onto the run's base, merged) or a model
-    name; one-line `ModelLoadError` / `ConfigError` otherwise."""
+    name; one-line `ModelLoadError` / `ConfigError` otherwise. `dtype` "float32" / "bfloat16":
+    the model in that precision, its linear layers packed for the CPU's kernels
+    (`models.generation_copy`, inference only); "model": as loaded."""
     check_target(target, label=label)
     if not is_run_dir(target):
         model, tokenizer = load_model(ModelConfig(name=target), label=label)
-        return Target(model, tokenizer, target)
+        return Target(_in_dtype(model, dtype), tokenizer, target)
     run = Path(target)
     cfg = load_config(run / "config.yaml")
     model_dir = run / "model"
@@ -163,7 +165,22 @@ def load_target(target: str, *, label: str = "TARGET") -> Target:
         model, tokenizer = _load_adapter(cfg, model_dir, label)
     else:
         model, tokenizer = load_model(_run_model(cfg, model_dir), label=label)
-    return Target(model, tokenizer, str(run), run, cfg)
+    return Target(_in_dtype(model, dtype), tokenizer, str(run), run, cfg)
+
+
+DTYPES = ("model", "float32", "bfloat16")
+
+
+def _in_dtype(model: Any, dtype: str) -> Any:
+    if dtype == "model":
+        return model
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    import torch
+
+    from unitune.models.generation_copy import GenerationCopy
+
+    return GenerationCopy(model, getattr(torch, dtype)).module
 
 
 def check_target(target: str, *, label: str = "TARGET") -> None:
@@ -321,6 +338,7 @@ def evaluate_target(
     out: str | Path | None = None,
     progress: bool = True,
     console: Any = None,
+    dtype: str = "model",
 ) -> tuple[dict[str, Any], Path]:
     """`unitune eval TARGET`: resolve what to evaluate on and with (a run directory's config
     gives the defaults: its held-out data, judge, retention tasks and limit), check the target
@@ -328,6 +346,8 @@ def evaluate_target(
     directory it was written to (default `TARGET/eval`). Every failure is a one-line
     `ConfigError`, `DataError`, `ModelLoadError`, `JudgeError`, `GenerationError` or
     `RetentionError`."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     target = str(target)
     run = is_run_dir(target)
     check_target(target)
@@ -372,7 +392,7 @@ def evaluate_target(
         if hasattr(the_judge, "check"):
             the_judge.check()
     report = evaluate(
-        load_target(target), out_dir, prompts=items, judge=the_judge, tasks=task_list,
+        load_target(target, dtype=dtype), out_dir, prompts=items, judge=the_judge, tasks=task_list,
         limit=limit, max_new_tokens=new_tokens, batch_size=batch_size, progress=progress,
         console=console, prompts_source=source,
     )  # fmt: skip

@@ -4,10 +4,11 @@ file, and the generations written as JSONL.
 A prompt is a list of `{"role", "content"}` messages, rendered with the tokenizer's chat template
 and its generation prompt (`add_generation_prompt=True`), or a plain string, used as it is (as
 plain-text training data is: the tokenizer's own special tokens such as BOS added, no template).
-Prompts are left-padded and generated in batches of similar length; decoding is greedy unless
-`do_sample` is set, and sampling draws from a generator seeded with `seed` inside a forked RNG, so
-generating neither depends on nor moves the caller's random state. Responses are the new tokens
-decoded with special tokens stripped.
+Prompts are left-padded and generated in batches of similar length by unitune's decode loop
+(`unitune.models.decode`: Hugging Face `generate`'s tokens, token for token, faster); decoding is
+greedy unless `do_sample` is set, and sampling draws from a generator seeded with `seed` inside a
+forked RNG, so generating neither depends on nor moves the caller's random state. Responses are
+the new tokens decoded with special tokens stripped.
 
 `load_prompts` reads a preference file (prompt + chosen: the chosen response is the reference) or
 an SFT file (messages: every turn up to the last assistant message is the prompt, that message the
@@ -39,6 +40,7 @@ from unitune.data.validation import (
     validate_preference,
     validate_sft,
 )
+from unitune.models.decode import decode
 from unitune.models.modes import eval_mode
 
 Message = dict[str, Any]
@@ -115,49 +117,24 @@ def generate(
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if streamer is not None and len(batches[0]) > 1:
         raise GenerationError("streaming generates one prompt at a time (batch_size=1)")
-    options = _generation_config(model, tokenizer, max_new_tokens, do_sample, temperature, top_p)
+    eos = eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
+    options = {"temperature": temperature, "top_p": top_p} if do_sample else {}
     device = _device(model)
     out: list[str] = [""] * len(prompts)
     bar = ProgressBar("generating", len(prompts), console=console, enabled=progress, transient=True)
     with eval_mode(model), forked_rng(device, seed), bar:
         for batch in batches:
-            ids, mask = left_pad([encoded[i] for i in batch], tokenizer.pad_token_id, device)
+            ids, mask = left_pad([encoded[i] for i in batch], pad, device)
             with torch.inference_mode():
-                new = model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    generation_config=options,
-                    streamer=streamer,
-                )[:, ids.shape[1] :]
+                new = decode(
+                    model, ids, mask, max_new_tokens=max_new_tokens, eos=eos, pad_id=pad,
+                    do_sample=do_sample, streamer=streamer, **options,
+                ).tokens  # fmt: skip
             for row, i in zip(new.tolist(), batch, strict=True):
                 out[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
             bar.advance(len(batch))
     return out
-
-
-def _generation_config(
-    model: Any,
-    tokenizer: Any,
-    max_new_tokens: int,
-    do_sample: bool,
-    temperature: float,
-    top_p: float,
-) -> Any:
-    """A fresh `GenerationConfig` (the model's own may ask for sampling): EOS from the tokenizer
-    and the model's generation config, the KV cache on (training configs turn it off)."""
-    from transformers import GenerationConfig
-
-    eos = eos_ids(model, tokenizer)
-    kwargs: dict[str, Any] = {
-        "max_new_tokens": max_new_tokens,
-        "do_sample": do_sample,
-        "eos_token_id": eos or None,
-        "pad_token_id": tokenizer.pad_token_id,
-        "use_cache": True,
-    }
-    if do_sample:
-        kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-    return GenerationConfig(**kwargs)
 
 
 def eos_ids(model: Any, tokenizer: Any) -> list[int]:
