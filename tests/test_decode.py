@@ -12,7 +12,7 @@ from conftest import perturbed_tiny
 from test_architectures import perturb_adapters, save_tiny
 
 from unitune.eval.generate import left_pad
-from unitune.models.decode import decode, warp
+from unitune.models.decode import decode, draw, warp
 from unitune.models.generation_copy import GenerationCopy, PackedLinear
 from unitune.training.rollout import sample
 
@@ -125,7 +125,7 @@ def test_sample_with_decode_equals_sample_with_hf_generate():
     prompts = [_chat(tok, f"Animal {i}?") for i in range(3)]
     kw = dict(num_generations=2, eos=[tok.eos_token_id], pad_id=tok.pad_token_id,
               max_new_tokens=10, temperature=0.9, top_p=0.95, seed=4)  # fmt: skip
-    a = sample(model, prompts, **kw)
+    a = sample(model, prompts, sampler="multinomial", **kw)
     b = sample(model, prompts, generator="hf", **kw)
     assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.mask, b.mask)
     torch.testing.assert_close(a.sample_logp, b.sample_logp, rtol=1e-5, atol=1e-5)
@@ -180,3 +180,52 @@ def test_copy_refresh_follows_the_policy_and_merges_lora(tmp_path):
     with model.disable_adapter():  # adapters off: the copy follows the base
         copy.refresh(model)
         assert close(copy.module, model)
+
+
+def test_inverse_cdf_draws_the_distribution():
+    """The inverse-CDF draw follows the probabilities (a chi-square test over 40,000 draws of
+    each of three rows, one with zeros: top-k / top-p leave those), never draws a token of
+    probability 0, and is a function of the seed."""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(3, 12, generator=g) * 1.5, dim=-1)
+    probs[2, ::3] = 0.0
+    probs[2] /= probs[2].sum()
+    n = 40_000
+    torch.manual_seed(1)
+    drawn = torch.stack([draw(probs, "inverse_cdf") for _ in range(n)], dim=1)  # [3, n]
+    for row in range(3):
+        counts = torch.bincount(drawn[row], minlength=12).double()
+        expected = probs[row].double() * n
+        seen = expected > 0
+        assert counts[~seen].sum() == 0  # no token of probability 0
+        chi2 = float((((counts - expected) ** 2)[seen] / expected[seen]).sum())
+        assert chi2 < 35.0, (row, chi2)  # 11 degrees of freedom: p < 0.0003 above 35
+    torch.manual_seed(1)
+    again = torch.stack([draw(probs, "inverse_cdf") for _ in range(10)], dim=1)
+    assert torch.equal(again, drawn[:, :10])
+    # the same test catches a biased draw: every probability shifted towards the first token
+    biased = torch.softmax(torch.log(probs[0]) + torch.linspace(0.3, 0, 12), dim=-1)
+    torch.manual_seed(1)
+    off = torch.stack([draw(biased[None], "inverse_cdf")[0] for _ in range(n)])
+    counts = torch.bincount(off, minlength=12).double()
+    chi2 = float(((counts - probs[0].double() * n) ** 2 / (probs[0].double() * n)).sum())
+    assert chi2 > 35.0
+
+
+def test_inverse_cdf_rollouts_keep_the_logprob_bookkeeping():
+    """Rollouts drawn with either sampler from the same model: a different stream of tokens for
+    the same seed, the same log-prob bookkeeping (the training pass's equal the sampler's)."""
+    from unitune.models.logprobs import completion_logps
+
+    model, tok = perturbed_tiny()
+    model.eval()
+    prompts = [_chat(tok, f"Animal {i}?") for i in range(3)]
+    kw = dict(num_generations=2, eos=[tok.eos_token_id], pad_id=tok.pad_token_id,
+              max_new_tokens=10, temperature=0.9, seed=4)  # fmt: skip
+    a = sample(model, prompts, sampler="inverse_cdf", **kw)
+    b = sample(model, prompts, sampler="multinomial", **kw)
+    assert not torch.equal(a.input_ids, b.input_ids)
+    with torch.no_grad():
+        train = completion_logps(model, a.input_ids, a.attention_mask, a.starts,
+                                 a.mask.shape[1], temperature=0.9) * a.mask  # fmt: skip
+    assert ((train - a.sample_logp).abs() * a.mask).max() < 1e-4

@@ -137,3 +137,55 @@ def test_demo_online_refuses_what_cannot_run(args, message, tmp_path):
     res = runner.invoke(app, ["demo", *args, "-o", str(tmp_path)], env={"COLUMNS": "200"})
     assert res.exit_code == 2
     assert message in res.output and "Traceback" not in res.output
+
+
+def test_online_study_compares_methods_alone_and_with_sft_over_seeds(tmp_path, monkeypatch):
+    """`unitune demo --online --study` (builtin:tiny, 2 steps): GRPO and offline DPO, each
+    alone (`pref`) and with SFT under ALRIGHT and mix, over 2 seeds, then DPO's ALRIGHT at mix's
+    cost; every run scored the same way (held-out reward from the demo reward model on the final
+    generations, f_sft, win rate, retention, generated tokens), mean ± std, the front."""
+    from unitune.study.online_study import aggregate
+
+    monkeypatch.setenv("UNITUNE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "study"
+    args = ["demo", "--online", "--study", "--model", "builtin:tiny", "--steps", "2",
+            "--methods", "grpo,dpo", "--reward-model-steps", "2", "--precision", "no",
+            "--no-progress", "-o", str(out)]  # fmt: skip
+    res = runner.invoke(app, args, env={"COLUMNS": "100"})
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "study.json").read_text())
+    runs = data["runs"]
+    keys = {(r["arm"], r["schedule"]) for r in runs}
+    assert keys == {("grpo", s) for s in ("pref", "alright", "mix")} | {
+        ("dpo", s) for s in ("pref", "alright", "mix", "alright@cost")
+    }
+    assert all(sum(1 for r in runs if (r["arm"], r["schedule"]) == k) == 2 for k in keys)
+    for r in runs:
+        assert r["heldout_reward"] == r["heldout_reward"]  # scored (not NaN)
+        assert (r["gen_tokens"] > 0) == (r["arm"] == "grpo"), r
+    cfg = yaml.safe_load((out / "runs" / "grpo.mix.seed1" / "config.yaml").read_text())
+    assert cfg["objectives"]["pref"]["name"] == "grpo" and cfg["online"]["num_generations"] == 4
+    assert cfg["train"]["seed"] == 1 and cfg["schedule"]["name"] == "mix"
+    cost = yaml.safe_load((out / "runs" / "dpo.alright-at-cost.seed0" / "config.yaml").read_text())
+    assert cost["schedule"]["name"] == "alright" and cost["train"]["max_steps"] >= 2
+    rows = data["rows"]
+    assert len(rows) == len(keys) and all(r["seeds"] == 2 for r in rows)
+    assert any(r["front"] for r in rows)
+    again = aggregate(runs)  # the table is the runs' aggregate
+    assert [(r["arm"], r["schedule"]) for r in again] == [(r["arm"], r["schedule"]) for r in rows]
+    assert [r["f_sft"] for r in again] == pytest.approx([r["f_sft"] for r in rows])
+    text = (out / "study.md").read_text()
+    assert "| grpo" in text and "± " in text
+    assert (out / "front.png").stat().st_size > 0 and (out / "report" / "index.html").exists()
+
+
+def test_online_study_refuses_what_it_cannot_run(tmp_path):
+    for args, message in [
+        (["--study"], "add --online"),
+        (["--online", "--study", "--methods", "ppo"], "--methods: unknown ppo"),
+        (["--online", "--study", "--schedules", "maxright"], "the study runs pref,alright,mix"),
+        (["--methods", "grpo"], "--methods chooses the methods of --online --study"),
+    ]:
+        res = runner.invoke(app, ["demo", *args, "-o", str(tmp_path)], env={"COLUMNS": "200"})
+        assert res.exit_code == 2, res.output
+        assert message in res.output and "Traceback" not in res.output

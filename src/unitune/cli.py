@@ -267,6 +267,33 @@ def report(
     console.print(f"report: {result.index}", highlight=False, soft_wrap=True)
 
 
+def _online_study(
+    model: str, out: Path, steps: int | None, full: bool, schedules: str | None,
+    methods: str | None, online: bool, reward_model_steps: int, precision: str,
+    seeds: int | None, no_progress: bool,
+) -> None:  # fmt: skip
+    from unitune.models.config import ModelConfig
+    from unitune.study.online_study import ARMS, STUDY_SCHEDULES, run_online_study
+
+    if not online:
+        _fail("--study is the online study: add --online")
+    arms = [m.strip() for m in methods.split(",") if m.strip()] if methods else list(ARMS)
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        _fail(f"--methods: unknown {', '.join(unknown)}; known: {', '.join(ARMS)}")
+    chosen = tuple(schedules.split(",")) if schedules else STUDY_SCHEDULES
+    bad = [s for s in chosen if s not in STUDY_SCHEDULES]
+    if bad:
+        _fail(f"--schedules {','.join(bad)}: the study runs {','.join(STUDY_SCHEDULES)}")
+    _check_model(ModelConfig(name=model), label="--model")
+    run_online_study(
+        model=model, out_dir=out if out != Path("runs/demo") else Path("runs/online-study"),
+        arms=arms, schedules=chosen, steps=steps, seeds=seeds or 2,
+        precision=None if precision == "auto" else precision, preset="full" if full else "quick",
+        reward_model_steps=reward_model_steps, console=console, progress=not no_progress,
+    )  # fmt: skip
+
+
 @app.command()
 def demo(
     model: str = typer.Option("builtin:smollm2-135m", help="model to post-train"),
@@ -298,19 +325,42 @@ def demo(
     precision: str = typer.Option(
         "auto", help="auto (bf16 where the hardware has fast bf16, else no), no, bf16 or fp16"
     ),
-    seeds: int = typer.Option(
-        1, "--seeds", min=1, help="run every schedule over this many seeds: mean ± std"
+    seeds: int | None = typer.Option(
+        None,
+        "--seeds",
+        min=1,
+        help="run every schedule over this many seeds: mean ± std (default 1; --study: 2)",
+    ),
+    study: bool = typer.Option(
+        False,
+        "--study",
+        help="with --online: the online study, every method alone and "
+        "jointly with SFT (ALRIGHT, mix), over seeds",
+    ),
+    methods: str | None = typer.Option(
+        None,
+        "--methods",
+        help="--study: comma-separated methods; default una_online/init,"
+        "una_online/rollout,online_dpo,grpo,una_pair,dpo",
     ),
     no_progress: bool = typer.Option(False, "--no-progress"),
 ) -> None:
     """Compare the joint schedules and parallel (PAFT) on the embedded model and the demo data,
-    then report them: table, win rate, retention, Pareto plot, HTML."""
+    then report them: table, win rate, retention, Pareto plot, HTML. `--online --study`: the
+    online methods against the offline ones, alone and with SFT."""
     from unitune.models.config import ModelConfig
     from unitune.objectives import REGISTRY
     from unitune.study.demo import ONLINE_SCHEDULES, SCHEDULES, run_demo
 
     if precision not in ("auto", "no", "bf16", "fp16"):
         _fail(f"--precision {precision!r}: expected auto, no, bf16 or fp16")
+    if study:
+        _online_study(model, out, steps, full, schedules, methods, online, reward_model_steps,
+                      precision, seeds, no_progress)  # fmt: skip
+        return
+    if methods is not None:
+        _fail("--methods chooses the methods of --online --study")
+    seeds = seeds or 1
     pref = pref or ("una_online" if online else "dpo")
     kind = REGISTRY[pref].data if pref in REGISTRY else None
     if kind is not None and (kind == "prompts") != online:

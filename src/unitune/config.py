@@ -410,9 +410,13 @@ class OnlineConfig(Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)  # 0: off
     max_new_tokens: int = Field(64, gt=0)
-    # what generates: unitune's decode loop (on a CPU on a packed copy of the policy in
-    # generation_dtype, refreshed before every generation) or HF generate on the policy
+    # what generates: unitune's decode loop (on a CPU, when generation_dtype is not the
+    # policy's, on a packed copy of the policy refreshed before every generation) or HF
+    # generate on the policy
     generator: Literal["unitune", "hf"] = "unitune"
+    # the decode loop's draw: inverse_cdf (one uniform number per row), or multinomial (HF
+    # generate's own draw: the same tokens as generate for the same seed, slower)
+    sampler: Literal["inverse_cdf", "multinomial"] = "inverse_cdf"
     # auto: bfloat16 where the run computes in it (mixed_precision bf16), else the model's dtype
     generation_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # a warning when the sampler's log-probs differ from the training pass's by more than this

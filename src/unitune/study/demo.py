@@ -120,16 +120,23 @@ def demo_config(
     generate_samples: int = 16,
     name: str | None = None,
     reward_model: Path | None = None,
+    pref_options: dict | None = None,
+    num_generations: int | None = None,
+    ideal: str = "calibrate",
 ) -> Config:
     """Equal budgets: every schedule draws one SFT and one preference batch per step, so each
     sees exactly the first `steps * batch_size` records of both training sets, once (`parallel`'s
     branches each see their own set once, in `steps` steps each). With `reward_model` the
     preference slot trains online (`pref` an online objective): one sample per prompt of the
     pairs, scored by `rm:<reward_model>`; its held-out prompts are those the win rate is
-    measured on."""
+    measured on. `pref_options`: the preference objective's options; `num_generations`: samples
+    per prompt online (default 1); `ideal`: the schedule's ideal point (`calibrate` or `zero`)."""
     n = steps * batch_size
     name = name or schedule
-    online = {"online": {"rewards": [f"rm:{reward_model}"], **DEMO_ONLINE}} if reward_model else {}
+    online = {}
+    if reward_model:
+        gens = {"num_generations": num_generations} if num_generations else {}
+        online = {"online": {"rewards": [f"rm:{reward_model}"], **DEMO_ONLINE, **gens}}
     return parse_config(
         {
             "name": name,
@@ -149,7 +156,7 @@ def demo_config(
                 },
                 "max_length": 128,
             },
-            "objectives": {"sft": {"name": sft}, "pref": {"name": pref}},
+            "objectives": {"sft": {"name": sft}, "pref": {"name": pref, **(pref_options or {})}},
             # `parallel` is a job (PAFT) with its own section, the others per-step schedules
             **(
                 {"job": "parallel", "parallel": {"l1": DEMO_L1, "merge": DEMO_MERGE}}
@@ -160,8 +167,8 @@ def demo_config(
                 **({"name": schedule} if schedule != "parallel" else {}),
                 "lam": lam,
                 **({"k": 10} if schedule == "maxright" else {}),
-                "ideal": "calibrate",
-                "calibration_steps": max(steps // 2, 1),
+                "ideal": ideal,
+                **({"calibration_steps": max(steps // 2, 1)} if ideal == "calibrate" else {}),
             },
             "train": {
                 "max_steps": steps,

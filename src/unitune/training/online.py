@@ -188,17 +188,20 @@ class Online:
 
     # ------------------------------------------------------------------------ the generator
     def generator(self, model: nn.Module) -> nn.Module:
-        """What generates rollouts and held-out answers: on a CPU, under one process or DDP,
-        the generation copy (`models.generation_copy`: the policy's weights in the precision the
-        run computes in, LoRA merged, packed for the CPU's kernels), refreshed from the policy
-        here, before every generation, so it is never stale; elsewhere (a GPU, a sharding
-        engine) and with `online.generator: hf` the policy itself."""
+        """What generates rollouts and held-out answers: the policy itself, except on a CPU,
+        under one process or DDP, when the generation dtype (`online.generation_dtype`; auto:
+        bfloat16 under bf16 mixed precision) is not the policy's: then the generation copy
+        (`models.generation_copy`: the policy's weights in that dtype, LoRA merged, packed for
+        the CPU's kernels), refreshed from the policy here, before every generation, so it is
+        never stale. With `online.generator: hf` the policy, through HF `generate`."""
         s, on = self.session, self.cfg.online
         if on.generator != "unitune" or s.device.type != "cpu":
             return model
         if s.engine.kind not in ("single", "ddp"):
             return model
         dtype = generation_dtype(model, on.generation_dtype, s.acc.mixed_precision)
+        if dtype == next(model.parameters()).dtype:
+            return model
         if self.copy is None:
             self.copy = GenerationCopy(model, dtype)
         else:
@@ -361,6 +364,7 @@ class Online:
                         top_k=on.top_k,
                         seed=seed_of(self.cfg.train.seed, key),
                         generator=on.generator,
+                        sampler=on.sampler,
                     )  # fmt: skip
                 )
             prompts += [i for i in idx for _ in range(self.G)]

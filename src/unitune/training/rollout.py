@@ -103,12 +103,15 @@ def sample(
     seed: int = 0,
     do_sample: bool = True,
     generator: str = "unitune",
+    sampler: str = "inverse_cdf",
 ) -> Rollouts:
     """`num_generations` completions of each prompt (token ids), drawn with torch's RNG seeded
     with `seed` inside a fork (the caller's random state does not move). `do_sample=False`:
     greedy (the held-out answers). `model` is what generates: the policy or its generation copy
     (`models.generation_copy`); it is put in eval mode and given back as it was. `generator`:
-    "unitune" (the decode loop) or "hf" (`model.generate`), which draw the same tokens."""
+    "unitune" (the decode loop) or "hf" (`model.generate`); `sampler`: the decode loop's draw
+    (`models.decode.draw`: "multinomial" draws `generate`'s tokens for the same seed,
+    "inverse_cdf" the same distribution at less cost)."""
     rows = [p for p in prompts for _ in range(num_generations)]
     device = next(model.parameters()).device
     ids, attn = left_pad(rows, pad_id, device)
@@ -120,7 +123,7 @@ def sample(
         with eval_mode(model), forked_rng(device, seed):
             out = decode(model, ids, attn, max_new_tokens=max_new_tokens, eos=eos, pad_id=pad_id,
                          do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
-                         logps=True)  # fmt: skip
+                         logps=True, sampler=sampler)  # fmt: skip
         new, drawn = out.tokens, out.logp
         assert drawn is not None
     mask, truncated = cut_at_eos(new, eos, max_new_tokens)
