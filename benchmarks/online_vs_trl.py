@@ -25,6 +25,9 @@ generation times are its own `metrics.jsonl` (`step_s`, `time/generate_s`); TRL'
 `TrainerCallback` and from timing `generate` (the time its trainers spend in it). The same
 allocator settings run in both (`unitune.core.allocator.tune()`, which unitune's CLI applies).
 
+`--bf16-rollouts` (with fp32) adds unitune with `online.generation_dtype: bfloat16`: training in
+float32, rollouts from the packed bfloat16 copy (a CPU with fast bf16).
+
 `--update-readme` writes the table between the `<!-- bench:online_vs_trl -->` markers of
 README.md.
 """
@@ -79,7 +82,9 @@ def prompts_file(work: Path, n: int) -> Path:
 
 
 # ------------------------------------------------------------------------------ unitune
-def unitune_run(job: str, args, work: Path, data: Path, env: dict) -> dict:
+def unitune_run(
+    job: str, args, work: Path, data: Path, env: dict, online: dict | None = None, tag: str = ""
+) -> dict:
     import yaml
 
     g, prompts = JOBS[job]
@@ -98,6 +103,7 @@ def unitune_run(job: str, args, work: Path, data: Path, env: dict) -> dict:
             "steps_per_generation": 1,
             "num_iterations": 1,
             "log_completions": 0,
+            **(online or {}),
         },  # fmt: skip
         "train": {
             "max_steps": args.steps,
@@ -110,14 +116,14 @@ def unitune_run(job: str, args, work: Path, data: Path, env: dict) -> dict:
             "seed": 0,
             "mixed_precision": "bf16" if args.precision == "bf16" else "no",
         },  # fmt: skip
-        "output_dir": str(work / f"unitune-{job}"),
+        "output_dir": str(work / f"unitune-{job}{tag}"),
         "cache_dir": str(work / "cache"),
     }
-    path = work / f"{job}.yaml"
+    path = work / f"{job}{tag}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "unitune.cli", "train", str(path), "--no-progress"]
     _, rss = run_measured(cmd, env, f"unitune {job}")
-    rows = [json.loads(x) for x in (work / f"unitune-{job}" / "metrics.jsonl").open()]
+    rows = [json.loads(x) for x in (work / f"unitune-{job}{tag}" / "metrics.jsonl").open()]
     steps = {r["step"]: r for r in rows if r["type"] == "train"}
     timed = [steps[s] for s in sorted(steps) if s > 1]
     step_s = [r["step_s"] for r in timed]
@@ -263,6 +269,10 @@ def main_parent(args) -> int:
             print(job, "TRL without gradient checkpointing", json.dumps(off), flush=True)
         rows["unitune"] = unitune_run(job, args, work, data, env)
         print(job, "unitune", json.dumps(rows["unitune"]), flush=True)
+        if args.precision == "fp32" and args.bf16_rollouts:
+            b = unitune_run(job, args, work, data, env, {"generation_dtype": "bfloat16"}, "-b")
+            rows["unitune, bf16 rollouts"] = b
+            print(job, "unitune, bf16 rollouts", json.dumps(b), flush=True)
     meta = {"precision": args.precision, "steps": args.steps, "cpu": cpu_name(),
             "cores": os.cpu_count(), "trl": trl.__version__,
             "unitune": unitune.__version__}  # fmt: skip
@@ -289,6 +299,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--update-readme", action="store_true")
+    p.add_argument("--bf16-rollouts", action="store_true",
+                   help="fp32: also unitune with online.generation_dtype: bfloat16")  # fmt: skip
     p.add_argument("--from-results", type=Path, help="render a saved results.json")
     p.add_argument("--trl-worker", help=argparse.SUPPRESS)
     p.add_argument("--data-file", type=Path, help=argparse.SUPPRESS)

@@ -180,6 +180,12 @@ def test_copy_refresh_follows_the_policy_and_merges_lora(tmp_path):
     with model.disable_adapter():  # adapters off: the copy follows the base
         copy.refresh(model)
         assert close(copy.module, model)
+    if copy.kind is not None:  # released: the packed weights freed, refreshed: back
+        copy.release()
+        with pytest.raises(RuntimeError, match="released"):
+            copy.module(input_ids=ids)
+        copy.refresh(model)
+        assert close(copy.module, model)
 
 
 def test_inverse_cdf_draws_the_distribution():

@@ -10,7 +10,9 @@ take that work out of the loop (README, "Generation").
 
 `GenerationCopy(model, dtype)` deep-copies the model once (a PEFT model: its base with the
 adapters merged); `refresh(model)` copies the policy's current weights into it and packs them
-again: the online trainer refreshes before every generation batch, so the copy is never stale.
+again: the online trainer refreshes before every generation batch, so the copy is never stale,
+and `release()`s the packed weights after it, so that they take no memory while the policy
+trains (the copy keeps only what is not a packed linear layer: embeddings, norms).
 Where the kernels are not there (a torch built without oneDNN or MKL, a GPU) the linear layers
 stay as they are and only the precision changes.
 """
@@ -33,39 +35,45 @@ def _pack_kind(dtype: torch.dtype) -> str | None:
 
 
 class PackedLinear(nn.Module):
-    """An `nn.Linear` whose weight is also held packed for the CPU kernels (inference only).
-    `weight` stays a parameter (tied embeddings share it); `repack()` after it changes."""
+    """An `nn.Linear` for inference whose weight is held only packed for the CPU kernels.
+    `pack(weight)` packs a new weight (any dtype: cast to the layer's); `release()` frees it
+    until the next `pack` (between generations, the memory goes back to training)."""
 
     ROWS = 16  # the kernels' hint for the number of rows of a call (a decoding batch)
 
     def __init__(self, linear: nn.Linear, kind: str) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight
         self.bias = linear.bias
         self.kind = kind
+        self.dtype = linear.weight.dtype
         self.packed: Tensor | None = None
-        self.repack()
+        self.plain: Tensor | None = None  # MKL's packed GEMM also reads the plain weight
+        self.pack(linear.weight)
 
     @torch.no_grad()
-    def repack(self) -> None:
-        w = self.weight.detach()
+    def pack(self, weight: Tensor) -> None:
+        w = weight.detach().to(device="cpu", dtype=self.dtype)
         if self.kind == "mkldnn":
             self.packed = torch.ops.mkldnn._reorder_linear_weight(w, self.ROWS)
         else:
-            self.packed = torch.ops.mkl._mkl_reorder_linear_weight(w, self.ROWS)
+            self.plain = w.contiguous()
+            self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.plain, self.ROWS)
+
+    def release(self) -> None:
+        self.packed = self.plain = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled() or x.dtype != self.weight.dtype or x.device.type != "cpu":
-            return nn.functional.linear(x, self.weight, self.bias)
+        if self.packed is None:
+            raise RuntimeError("this generation copy was released: refresh() it first")
         shape = x.shape
-        rows = x.reshape(-1, shape[-1])
+        rows = x.reshape(-1, shape[-1]).to(self.dtype)
         if not rows.is_contiguous():
             rows = rows.contiguous()
         if self.kind == "mkldnn":
             y = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
         else:
-            y = torch.ops.mkl._mkl_linear(rows, self.packed, self.weight, self.bias, self.ROWS)
+            y = torch.ops.mkl._mkl_linear(rows, self.packed, self.plain, self.bias, self.ROWS)
         return y.reshape(*shape[:-1], self.out_features)
 
 
@@ -112,11 +120,10 @@ class GenerationCopy:
 
     @torch.no_grad()
     def refresh(self, model: nn.Module) -> None:
-        """Copy `model`'s current weights (LoRA merged) into the copy and repack them."""
+        """Copy `model`'s current weights (LoRA merged) into the copy and pack them."""
         source = _base(model)
-        mine = dict(self.module.named_modules())
         done: set[int] = set()
-        for name, mod in mine.items():
+        for name, mod in self.module.named_modules():
             theirs = source.get_submodule(name) if name else source
             if _is_lora_layer(theirs):
                 base = theirs.get_base_layer()
@@ -125,20 +132,31 @@ class GenerationCopy:
                     for adapter in theirs.active_adapters:
                         if adapter in getattr(theirs, "lora_A", {}):
                             w = w + theirs.get_delta_weight(adapter).float()
-                self._put(mod.weight, w, done)
+                self._weight(mod, w, done)
                 if getattr(base, "bias", None) is not None and mod.bias is not None:
                     self._put(mod.bias, base.bias.detach(), done)
                 continue
             own = dict(mod.named_parameters(recurse=False))
             for pname, theirs_p in theirs.named_parameters(recurse=False):
-                if pname in own:
+                if pname == "weight" and isinstance(mod, PackedLinear):
+                    mod.pack(theirs_p)
+                elif pname in own:
                     self._put(own[pname], theirs_p.detach(), done)
             own_b = dict(mod.named_buffers(recurse=False))
             for bname, theirs_b in theirs.named_buffers(recurse=False):
                 if bname in own_b and own_b[bname].shape == theirs_b.shape:
                     own_b[bname].copy_(theirs_b)
+
+    def release(self) -> None:
+        """Free the packed weights until the next `refresh`."""
         for p in self.packed:
-            p.repack()
+            p.release()
+
+    def _weight(self, mod: nn.Module, w: Tensor, done: set[int]) -> None:
+        if isinstance(mod, PackedLinear):
+            mod.pack(w)
+        else:
+            self._put(mod.weight, w, done)
 
     @staticmethod
     def _put(target: Tensor, value: Tensor, done: set[int]) -> None:

@@ -208,6 +208,11 @@ class Online:
             self.copy.refresh(model)
         return self.copy.module
 
+    def _release(self) -> None:
+        """The generation copy's packed weights freed until the next generation."""
+        if self.copy is not None:
+            self.copy.release()
+
     # ------------------------------------------------------------------------ set-up
     def _needs_reference(self) -> bool:
         """The reference model's log-probs are read when the objective has one (`needs_ref`),
@@ -296,6 +301,7 @@ class Online:
             trunc.append(r.truncated.double())
             if kl is not None:
                 kls.append(kl)
+        self._release()
         out: dict[str, float] = {}
 
         def every(parts: list[Tensor]) -> Tensor:
@@ -368,6 +374,7 @@ class Online:
                     )  # fmt: skip
                 )
             prompts += [i for i in idx for _ in range(self.G)]
+        self._release()
         rollouts = concat(chunks, s.pad_id)
         t1 = time.time()
         scores = self.score(prompts, rollouts, self.split.train)
