@@ -29,7 +29,7 @@ allocator settings run in both (`unitune.core.allocator.tune()`, which unitune's
 float32, rollouts from the packed bfloat16 copy (a CPU with fast bf16).
 
 `--update-readme` writes the table between the `<!-- bench:online_vs_trl -->` markers of
-README.md.
+README.md (`online_vs_trl_bf16` for `--precision bf16`).
 """
 
 from __future__ import annotations
@@ -49,7 +49,12 @@ from harness import cpu_name  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "src" / "unitune" / "study" / "demo_data"
 REWARD = Path(__file__).resolve().parent / "online_reward.py"
-MARK_START, MARK_END = "<!-- bench:online_vs_trl -->", "<!-- /bench:online_vs_trl -->"
+
+def markers(precision: str) -> tuple[str, str]:
+    """The README's markers of the table of `precision` (fp32: `online_vs_trl`)."""
+    name = "online_vs_trl" + ("" if precision == "fp32" else f"_{precision}")
+    return f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+
 JOBS = {  # job: (generations per prompt, prompts per step)
     "grpo": (4, 2),
     "online_dpo": (2, 4),
@@ -287,7 +292,8 @@ def render(meta: dict, results: dict, update_readme: bool) -> int:
     if update_readme:
         readme = ROOT / "README.md"
         old = readme.read_text()
-        a, b = old.index(MARK_START) + len(MARK_START), old.index(MARK_END)
+        start, end = markers(meta["precision"])
+        a, b = old.index(start) + len(start), old.index(end)
         readme.write_text(old[:a] + "\n" + text + old[b:])
         print(f"updated {readme}")
     return 0
