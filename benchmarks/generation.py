@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import cpu_name, report, run_child  # noqa: E402
+from harness import cpu_name, report, run_child, update_readme  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ["hf generate", "hf generate bf16", "unitune fp32", "unitune fp32 packed",
@@ -120,17 +120,6 @@ def table(results: list[dict], batch: int, new_tokens: int) -> str:
     return "\n".join(lines)
 
 
-def update_readme(text: str) -> None:
-    readme = ROOT / "README.md"
-    body = readme.read_text()
-    start, end = "<!-- bench:generation -->", "<!-- /bench:generation -->"
-    if start not in body or end not in body:
-        sys.exit("README.md has no <!-- bench:generation --> markers")
-    head, rest = body.split(start, 1)
-    _, tail = rest.split(end, 1)
-    readme.write_text(f"{head}{start}\n{text}\n{end}{tail}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=16)
@@ -154,7 +143,7 @@ def main() -> None:
     print()
     print(text)
     if a.update_readme:
-        update_readme(text)
+        update_readme("generation", text)
 
 
 if __name__ == "__main__":

@@ -4,21 +4,15 @@
 from __future__ import annotations
 
 import json
-import platform
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+from unitune.core.usage import cpu_name
 
-def cpu_name() -> str:
-    """The CPU's model name, as `lscpu` shows it."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+__all__ = ["cpu_name", "report", "run_child", "run_measured", "update_readme"]
 
 
 def report(result: dict) -> None:
@@ -33,3 +27,30 @@ def run_child(cmd: list[str], env: dict[str, str] | None = None, what: str = "")
     if out.returncode != 0 or not lines:
         sys.exit(f"{what or ' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT ") :])
+
+
+def run_measured(cmd: list[str], env: dict[str, str], what: str) -> tuple[str, float]:
+    """Run `cmd`; return its output (stdout and stderr) and its peak RSS in MiB (`wait4`); exit
+    naming it if it failed."""
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        text = out.read()
+    if code != 0:
+        sys.exit(f"{what} failed ({code}):\n{text[-4000:]}")
+    return text, usage.ru_maxrss / 1024
+
+
+def update_readme(name: str, text: str) -> Path:
+    """Put `text` between the `<!-- bench:NAME -->` markers of README.md."""
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    body = readme.read_text()
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    if start not in body or end not in body:
+        sys.exit(f"README.md has no {start} markers")
+    a, b = body.index(start) + len(start), body.index(end)
+    readme.write_text(body[:a] + "\n" + text.rstrip("\n") + "\n" + body[b:])
+    print(f"updated {readme}")
+    return readme

@@ -37,42 +37,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import cpu_name  # noqa: E402
+from harness import cpu_name, run_measured, update_readme  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "src" / "unitune" / "study" / "demo_data"
 REWARD = Path(__file__).resolve().parent / "online_reward.py"
-
-def markers(precision: str) -> tuple[str, str]:
-    """The README's markers of the table of `precision` (fp32: `online_vs_trl`)."""
-    name = "online_vs_trl" + ("" if precision == "fp32" else f"_{precision}")
-    return f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
-
 JOBS = {  # job: (generations per prompt, prompts per step)
     "grpo": (4, 2),
     "online_dpo": (2, 4),
 }
 NEW_TOKENS = 48
-
-
-def run_measured(cmd: list[str], env: dict[str, str], what: str) -> tuple[str, float]:
-    """Run `cmd`; return its output and its peak RSS in MiB (from `wait4`)."""
-    with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        code = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        text = out.read()
-    if code != 0:
-        sys.exit(f"{what} failed ({code}):\n{text[-4000:]}")
-    return text, usage.ru_maxrss / 1024
 
 
 def prompts_file(work: Path, n: int) -> Path:
@@ -286,16 +266,12 @@ def main_parent(args) -> int:
     return render(meta, results, args.update_readme)
 
 
-def render(meta: dict, results: dict, update_readme: bool) -> int:
+def render(meta: dict, results: dict, write_readme: bool) -> int:
     text = table(results, meta)
     print("\n" + text)
-    if update_readme:
-        readme = ROOT / "README.md"
-        old = readme.read_text()
-        start, end = markers(meta["precision"])
-        a, b = old.index(start) + len(start), old.index(end)
-        readme.write_text(old[:a] + "\n" + text + old[b:])
-        print(f"updated {readme}")
+    if write_readme:
+        bf16 = meta["precision"] != "fp32"
+        update_readme("online_vs_trl" + (f"_{meta['precision']}" if bf16 else ""), text)
     return 0
 
 

@@ -36,34 +36,19 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from harness import cpu_name
+from harness import cpu_name, run_measured, update_readme
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "src" / "unitune" / "study" / "demo_data"
 PARAMS = 106_203_456  # SmolLM2-135M without its (tied) 49152 x 576 embedding
-MARK_START, MARK_END = "<!-- bench:train_vs_trl -->", "<!-- /bench:train_vs_trl -->"
 
 
 # ------------------------------------------------------------------------------ measurement
-def run_measured(cmd: list[str], env: dict[str, str], what: str) -> tuple[str, float]:
-    """Run `cmd`; return its stdout and its peak RSS in MiB (from `wait4`)."""
-    with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        text = out.read()
-    if proc.returncode != 0:
-        sys.exit(f"{what} failed ({proc.returncode}):\n{text[-4000:]}")
-    return text, usage.ru_maxrss / 1024
-
-
 def gemm_peak(tokens: int, dtype: str) -> float:
     """Median GFLOP/s of SmolLM2-135M's GEMM shapes (attention and MLP projections, LM head
     chunk) at `tokens` rows, in this process."""
@@ -327,15 +312,11 @@ def main_parent(args) -> int:
     return render(meta, results, args.update_readme)
 
 
-def render(meta: dict, results: dict, update_readme: bool) -> int:
+def render(meta: dict, results: dict, write_readme: bool) -> int:
     text = table(results, meta)
     print("\n" + text)
-    if update_readme:
-        readme = ROOT / "README.md"
-        old = readme.read_text()
-        a, b = old.index(MARK_START) + len(MARK_START), old.index(MARK_END)
-        readme.write_text(old[:a] + "\n" + text + old[b:])
-        print(f"updated {readme}")
+    if write_readme:
+        update_readme("train_vs_trl", text)
     return 0
 
 

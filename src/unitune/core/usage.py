@@ -14,6 +14,19 @@ _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
 
 
+def cpu_name() -> str:
+    """The CPU's model name, as `lscpu` shows it (the figures of a report name the machine)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def reset_peaks(device: torch.device | None = None) -> None:
     """Start measuring peaks from now: Linux resets the process's high-water mark (VmHWM) when
     "5" is written to /proc/self/clear_refs; CUDA its allocator's peak statistics. Elsewhere the

@@ -264,6 +264,7 @@ def run_online_study(
     """Train the reward model (or reuse it), every run of the study, then the tables, the front
     and the HTML report; returns the aggregated rows."""
     from unitune.core.io import atomic_write
+    from unitune.core.usage import cpu_name
     from unitune.jobs import train as jobs_train
     from unitune.study.report import build_report
 
@@ -303,7 +304,7 @@ def run_online_study(
         train_all(plan)
     rows = aggregate(results)
     meta = {"model": model, "steps": steps, "batch": 4, "seeds": seeds, "precision": precision,
-            "cpu": _cpu_name()}  # fmt: skip
+            "cpu": cpu_name()}  # fmt: skip
     text = markdown(rows, meta)
     atomic_write(out_dir / "study.md", text)
     dump = {"meta": meta, "rows": rows, "runs": results}
@@ -325,15 +326,3 @@ def _cost_ratio(results: list[dict], offline: list[str]) -> float:
 
     ratio = mean("mix") / mean("alright")
     return ratio if math.isfinite(ratio) and ratio > 0 else 1.0
-
-
-def _cpu_name() -> str:
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
