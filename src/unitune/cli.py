@@ -560,13 +560,11 @@ def chat(
 ) -> None:
     """Talk to a model through its chat template: one reply (--prompt) or a conversation."""
     from unitune.eval.chat import chat_loop, reply
-    from unitune.eval.evaluate import DTYPES, load_target
+    from unitune.eval.evaluate import load_target
     from unitune.eval.generate import GenerationError
     from unitune.models.errors import ModelLoadError
 
     try:
-        if dtype not in DTYPES:
-            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         loaded = load_target(target, dtype=dtype)
         if prompt is not None:
             messages = [{"role": "system", "content": system}] if system else []

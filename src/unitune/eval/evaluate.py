@@ -154,6 +154,7 @@ def load_target(target: str, *, label: str = "TARGET", dtype: str = "model") -> 
     name; one-line `ModelLoadError` / `ConfigError` otherwise. `dtype` "float32" / "bfloat16":
     the model in that precision, its linear layers packed for the CPU's kernels
     (`models.generation_copy`, inference only); "model": as loaded."""
+    check_dtype(dtype)
     check_target(target, label=label)
     if not is_run_dir(target):
         model, tokenizer = load_model(ModelConfig(name=target), label=label)
@@ -171,11 +172,15 @@ def load_target(target: str, *, label: str = "TARGET", dtype: str = "model") -> 
 DTYPES = ("model", "float32", "bfloat16")
 
 
+def check_dtype(dtype: str) -> None:
+    """A `--dtype` that `load_target` knows, else a one-line `ConfigError`."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
 def _in_dtype(model: Any, dtype: str) -> Any:
     if dtype == "model":
         return model
-    if dtype not in DTYPES:
-        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     import torch
 
     from unitune.models.generation_copy import GenerationCopy
@@ -346,8 +351,7 @@ def evaluate_target(
     directory it was written to (default `TARGET/eval`). Every failure is a one-line
     `ConfigError`, `DataError`, `ModelLoadError`, `JudgeError`, `GenerationError` or
     `RetentionError`."""
-    if dtype not in DTYPES:
-        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    check_dtype(dtype)
     target = str(target)
     run = is_run_dir(target)
     check_target(target)

@@ -31,6 +31,7 @@ not read: callers pass what they want, as they did with a fresh `GenerationConfi
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -70,10 +71,11 @@ def _new_cache(model: Any, room: int) -> Any:
 
         for i, layer in enumerate(layers):
             if type(layer) is DynamicLayer:
-                layers[i] = _reserved(DynamicLayer)(room)
+                layers[i] = _reserved(DynamicLayer)(room)  # one class, made once
     return cache
 
 
+@functools.cache
 def _reserved(base: type) -> type:
     class _Reserved(base):
         """HF's `DynamicLayer` that writes each new key and value into a buffer reserved for

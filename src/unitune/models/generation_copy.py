@@ -97,7 +97,6 @@ class GenerationCopy:
         module.to(dtype=dtype).eval().requires_grad_(False)
         if getattr(module.config, "use_cache", True) is False:
             module.config.use_cache = True
-        self.dtype = dtype
         self.kind = _pack_kind(dtype) if pack else None
         on_cpu = all(p.device.type == "cpu" for p in module.parameters())
         self.packed: list[PackedLinear] = []

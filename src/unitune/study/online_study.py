@@ -25,6 +25,7 @@ usual HTML report over every run.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import statistics
@@ -107,25 +108,22 @@ def study_runs(
 
 def heldout_reward(run_dir: Path, reward_model: Path) -> float:
     """The reward model's mean score of the run's last held-out generations."""
-    from unitune.judges.reward_model import load_reward_model
-
     files = sorted((run_dir / "generations").glob("step-*.jsonl"))
     if not files:
         return math.nan
     rows = [json.loads(x) for x in files[-1].read_text().splitlines() if x.strip()]
-    rm = _reward_model(reward_model, load_reward_model)
+    rm = _reward_model(str(reward_model))
     scores = rm.score([r["prompt"] for r in rows], [r["response"] for r in rows],
                       [r.get("reference") or "" for r in rows])  # fmt: skip
     return float(sum(scores) / len(scores))
 
 
-_RM: dict[str, Any] = {}
+@functools.cache
+def _reward_model(path: str) -> Any:
+    """The study's reward model, loaded once for all its runs."""
+    from unitune.judges.reward_model import load_reward_model
 
-
-def _reward_model(path: Path, load: Any) -> Any:
-    if str(path) not in _RM:
-        _RM[str(path)] = load(str(path))
-    return _RM[str(path)]
+    return load_reward_model(path)
 
 
 def run_figures(
