@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -13,6 +14,11 @@ from pathlib import Path
 from unitune.core.usage import cpu_name
 
 __all__ = ["cpu_name", "report", "run_child", "run_measured", "update_readme"]
+
+
+def machine_slug() -> str:
+    """This CPU's kind for a README marker: `amd-epyc-avx512-bf16`, `intel-xeon-processor-amx`."""
+    return re.sub(r"[^a-z0-9]+", "-", re.sub(r"\(r\)", "", cpu_name().lower())).strip("-")
 
 
 def report(result: dict) -> None:
@@ -44,9 +50,13 @@ def run_measured(cmd: list[str], env: dict[str, str], what: str) -> tuple[str, f
 
 
 def update_readme(name: str, text: str) -> Path:
-    """Put `text` between the `<!-- bench:NAME -->` markers of README.md."""
+    """Put `text` between the `<!-- bench:NAME@MACHINE -->` markers of README.md, where MACHINE
+    is this CPU's kind (`machine_slug()`: each kind keeps its own table), else between the
+    `<!-- bench:NAME -->` markers."""
     readme = Path(__file__).resolve().parents[1] / "README.md"
     body = readme.read_text()
+    if f"<!-- bench:{name}@{machine_slug()} -->" in body:
+        name = f"{name}@{machine_slug()}"
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     if start not in body or end not in body:
         sys.exit(f"README.md has no {start} markers")

@@ -31,8 +31,21 @@ def _start(
 
     if verbose:
         console = Console(log_path=True)
+    else:
+        _quiet_engines()
 
     tune()  # glibc's allocator kept from mmap/munmap churn (`allocator.py`)
+
+
+def _quiet_engines() -> None:
+    """DeepSpeed warns, with its source file and line, that it fell back to the CPU whenever it
+    is imported without a GPU: nothing a user can act on, so it is dropped (`--verbose` keeps it).
+    A filter, not a level: DeepSpeed resets its logger's level when it is imported."""
+    import logging
+
+    logging.getLogger("DeepSpeed").addFilter(
+        lambda record: "Setting accelerator to CPU" not in record.getMessage()
+    )
 
 
 def _fail(msg: str) -> None:

@@ -15,16 +15,24 @@ _STATUS = Path("/proc/self/status")
 
 
 def cpu_name() -> str:
-    """The CPU's model name, as `lscpu` shows it (the figures of a report name the machine)."""
+    """The CPU's model name, as `lscpu` shows it, with the widest matrix or vector unit it has
+    (`amx`, `avx512_bf16`, `avx512`, `avx2`): the same model name covers machines that differ
+    twofold in speed, so a figure names both."""
     import platform
 
+    name, flags = "", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            if line.startswith("model name") and not name:
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = name or platform.processor() or platform.machine()
+    unit = next((u for u in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if u in flags), "")
+    shown = {"amx_bf16": "amx", "avx512f": "avx512"}.get(unit, unit)
+    return f"{name} ({shown})" if shown else name
 
 
 def reset_peaks(device: torch.device | None = None) -> None:

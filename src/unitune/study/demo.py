@@ -360,7 +360,8 @@ def run_demo(
     chosen = PRESETS[preset]
     precision = precision or default_precision()
     mode = f", online ({pref})" if online else ""
-    console.log(f"demo: {preset} preset, precision {precision}, {seeds} seed(s){mode}")
+    shown = {"no": "fp32"}.get(precision, precision)
+    console.log(f"demo: {preset} preset, precision {shown}, {seeds} seed(s){mode}")
     rm = None
     if online:
         rm_cfg = demo_reward_config(model=model, out_dir=out_dir, steps=reward_model_steps)
