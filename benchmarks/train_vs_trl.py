@@ -81,9 +81,33 @@ def unpaired(pairs: Path, out: Path) -> Path:
     return out
 
 
-def subset(path: Path, n: int, out: Path) -> Path:
-    out.write_text("".join(path.read_text().splitlines(keepends=True)[:n]))
+def subset(path: Path, n: int, out: Path, join: int = 1) -> Path:
+    """The first `n` examples of `path`; with `join` > 1 each example is `join` consecutive
+    records made one: their user turns joined into one user message, their assistant turns
+    (chosen, rejected) into one answer each (longer sequences with the demo's proportions of
+    prompt and response)."""
+    rows = [json.loads(x) for x in path.read_text().splitlines()[: n * join]]
+    if join > 1:
+        rows = [_joined(rows[i : i + join]) for i in range(0, len(rows) - join + 1, join)]
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows[:n]))
     return out
+
+
+def _joined(records: list[dict]) -> dict:
+    def text(messages: list[dict], role: str) -> str:
+        return "\n".join(m["content"] for m in messages if m["role"] == role)
+
+    def turn(role: str, parts: list[str]) -> list[dict]:
+        return [{"role": role, "content": "\n\n".join(parts)}]
+
+    if "messages" in records[0]:
+        return {
+            "messages": turn("user", [text(r["messages"], "user") for r in records])
+            + turn("assistant", [text(r["messages"], "assistant") for r in records])
+        }
+    return {"prompt": turn("user", [text(r["prompt"], "user") for r in records]),
+            **{k: turn("assistant", [text(r[k], "assistant") for r in records])
+               for k in ("chosen", "rejected")}}  # fmt: skip
 
 
 # -------------------------------------------------------------------------------- unitune
@@ -138,6 +162,7 @@ def unitune_run(
             "eval_batch_size": 16,
             "save_model": False,
             "mixed_precision": "bf16" if args.precision == "bf16" else "no",
+            "profile": True,  # phase seconds and memory floor in summary.json (free on a CPU)
         },  # fmt: skip
         "output_dir": str(work / f"unitune-{job}"),
         "cache_dir": str(work / "cache"),
@@ -153,8 +178,9 @@ def unitune_run(
     rows = [json.loads(x) for x in (work / f"unitune-{job}" / "metrics.jsonl").open()]
     per_step = {r["step"]: r for r in rows if r["type"] == "train"}  # one per step
     timed = [per_step[s] for s in sorted(per_step) if s > steps_per_epoch(args)]
+    summary = json.loads((work / f"unitune-{job}" / "summary.json").read_text())
     return {"epoch_s": sum(r["step_s"] for r in timed), "tokens": sum(r["tokens"] for r in timed),
-            "peak_rss_mb": rss, "wall_s": wall}  # fmt: skip
+            "peak_rss_mb": rss, "wall_s": wall, "profile": summary.get("profile")}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ TRL
@@ -248,11 +274,64 @@ def table(results: dict[str, dict], meta: dict) -> str:
                 f"{ratio} |"
             )
     return (
-        f"SmolLM2-135M-Instruct, {meta['precision']}, {meta['batch']} examples per step, "
+        f"SmolLM2-135M-Instruct, {meta['precision']}, {meta['batch']} examples per step"
+        + (f" (each {meta['join']} demo records joined)" if meta.get("join", 1) > 1 else "")
+        + ", "
         f"max_length {meta['max_length']}, {meta['steps']} steps per timed epoch; "
         f"{meta['cpu']}, {meta['cores']} cores; GEMM peak {meta['peak']:.0f} GFLOP/s; "
         f"TRL {meta['trl']}, unitune {meta['unitune']}. `x`: against TRL (against SFT for IFT, "
         "against `sequential` for the other schedules).\n\n" + head + "\n".join(out) + "\n"
+    )
+
+
+# the LM head's shape (SmolLM2-135M): hidden size x vocabulary
+HIDDEN, VOCAB = 576, 49152
+
+
+def phase_flops(profile: dict, params: int = PARAMS) -> dict[str, float]:
+    """FLOPs each phase of a mean step executes: the decoder's 2 (forward) and 4 (backward) per
+    non-embedding parameter per token it runs (padding included: it is computed), the head's 2,
+    2 (recompute) and 4 (backward) per hidden x vocabulary entry per response row. Attention's
+    own products (a few % at ~220 tokens) are not counted."""
+    c = profile["counts"]
+    tokens, rows = c.get("padded_tokens", 0.0), c.get("head_rows", 0.0)
+    head = 2 * HIDDEN * VOCAB * rows
+    return {"forward": 2 * params * tokens, "backward": 4 * params * tokens, "head": head,
+            "head_recompute": head if profile["seconds"].get("head_recompute") else 0.0,
+            "head_backward": 2 * head}  # fmt: skip
+
+
+def useful_flops(profile: dict, params: int = PARAMS) -> float:
+    """The step's work as the issue counts it: 6 FLOPs per non-embedding parameter per real
+    token, plus the head (forward and backward) on the response rows only."""
+    c = profile["counts"]
+    return 6 * params * c.get("tokens", 0.0) + 6 * HIDDEN * VOCAB * c.get("head_rows", 0.0)
+
+
+def profile_table(label: str, profile: dict, peak: float, rss_mb: float) -> str:
+    """A unitune job's mean step by phase (seconds, share, GFLOP/s and % of the GEMM peak) and
+    its memory floor against the peak RSS."""
+    flops = phase_flops(profile)
+    total = profile["step_s"]
+    rows = ["| phase | s/step | share | GFLOP | GFLOP/s | of GEMM peak |",
+            "|---|---|---|---|---|---|"]  # fmt: skip
+    for name, sec in profile["seconds"].items():
+        f = flops.get(name, 0.0)
+        rate = f"{f / sec / 1e9:.0f} | {f / sec / 1e9 / peak:.0%}" if f and sec > 0 else " | "
+        gf = f"{f / 1e9:.1f}" if f else ""
+        rows.append(f"| {name} | {sec:.3f} | {sec / total:.0%} | {gf} | {rate} |")
+    useful = useful_flops(profile)
+    rows.append(f"| **step** | {total:.3f} | 100% | {useful / 1e9:.1f} useful | "
+                f"{useful / total / 1e9:.0f} | {useful / total / 1e9 / peak:.0%} |")  # fmt: skip
+    c, m = profile["counts"], profile["memory_bytes"]
+    pad = 1 - c.get("tokens", 0) / max(c.get("padded_tokens", 1), 1)
+    parts = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in m.items() if k != "floor")
+    return (
+        f"{label}: mean of {profile['steps']} steps; per step {c.get('tokens', 0):.0f} real tokens "
+        f"({pad:.0%} padding), {c.get('head_rows', 0):.0f} response rows through the head.\n\n"
+        + "\n".join(rows)
+        + f"\n\nMemory floor {m['floor'] / 1e9:.2f} GB ({parts}); peak RSS "
+        f"{rss_mb * 2**20 / 1e9:.2f} GB = {rss_mb * 2**20 / m['floor']:.2f}x the floor.\n"
     )
 
 
@@ -267,11 +346,12 @@ def main_parent(args) -> int:
         jobs = [j for j in jobs if j != "schedules"] + ["sequential", "mix", "alright", "maxright"]
     n, spe = args.examples, steps_per_epoch(args)
     work = Path(tempfile.mkdtemp(prefix="unitune-bench-"))
+    j = args.join
     files = {
-        "sft": subset(DEMO / "sft_train.jsonl", n, work / "sft.jsonl"),
-        "pref": subset(DEMO / "pref_train.jsonl", n, work / "pref.jsonl"),
-        "sft_eval": subset(DEMO / "sft_eval.jsonl", 4, work / "sft_eval.jsonl"),
-        "pref_eval": subset(DEMO / "pref_eval.jsonl", 4, work / "pref_eval.jsonl"),
+        "sft": subset(DEMO / "sft_train.jsonl", n, work / "sft.jsonl", j),
+        "pref": subset(DEMO / "pref_train.jsonl", n, work / "pref.jsonl", j),
+        "sft_eval": subset(DEMO / "sft_eval.jsonl", 4, work / "sft_eval.jsonl", j),
+        "pref_eval": subset(DEMO / "pref_eval.jsonl", 4, work / "pref_eval.jsonl", j),
     }
     files["kto"] = subset(unpaired(DEMO / "pref_train.jsonl", work / "all.jsonl"), n,
                           work / "kto.jsonl")  # fmt: skip
@@ -296,6 +376,7 @@ def main_parent(args) -> int:
             r["tokens_per_s"] = u["tokens"] / r["epoch_s"]
         print(job, json.dumps(rows), flush=True)
     meta = {"precision": args.precision, "batch": args.batch_size, "max_length": args.max_length,
+            "join": args.join,
             "steps": spe, "cpu": cpu_name(), "cores": os.cpu_count(), "peak": peak,
             "params": PARAMS,
             "trl": trl.__version__, "unitune": unitune.__version__}  # fmt: skip
@@ -314,9 +395,14 @@ def main_parent(args) -> int:
 
 def render(meta: dict, results: dict, write_readme: bool) -> int:
     text = table(results, meta)
+    for job, rows in results.items():
+        for fw, r in rows.items():
+            if r.get("profile") and (fw == "unitune" or job == "dpo"):
+                label = f"`unitune train`, {job}" + ("" if fw == "unitune" else f" ({fw})")
+                text += "\n" + profile_table(label, r["profile"], meta["peak"], r["peak_rss_mb"])
     print("\n" + text)
     if write_readme:
-        update_readme("train_vs_trl", text)
+        update_readme("train_vs_trl" + ("_bf16" if meta["precision"] == "bf16" else ""), text)
     return 0
 
 
@@ -326,6 +412,9 @@ def main() -> None:
     p.add_argument("--examples", type=int, default=24, help="examples per epoch (2 run)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=512)
+    p.add_argument(
+        "--join", type=int, default=1, help="demo records per example (8: ~215-token sequences)"
+    )
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--model", default="builtin:smollm2-135m")
     p.add_argument("--update-readme", action="store_true")

@@ -87,6 +87,9 @@ def train(
     resume_from: Path = typer.Option(
         None, "--resume-from", help="continue from this checkpoint directory"
     ),
+    profile: bool = typer.Option(
+        False, "--profile", help="where each step's time and memory go (train.profile)"
+    ),
 ) -> None:
     """Train with the config's objectives and schedule."""
     from unitune.core.interrupts import Interrupted
@@ -102,7 +105,7 @@ def train(
     from unitune.training.resume import ResumeError
     from unitune.training.rundir import RunDirLocked
 
-    cfg = _load(config, set_)
+    cfg = _load(config, (set_ or []) + (["train.profile=true"] if profile else []))
     _check_model(cfg.model)
     again = str(resume_from) if resume_from is not None else resume
     try:

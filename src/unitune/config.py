@@ -295,6 +295,9 @@ class TrainConfig(Strict):
     # padding-free log-probs: each batch's sequences packed into one row, block-diagonal attention
     # (logprobs.py); pays off with FlashAttention-2 on a GPU. IFT's own forward stays padded.
     packing: bool = False
+    # each step's phases in metrics.jsonl, the run's mean step and memory floor in summary.json
+    # and on the console (training/profile.py)
+    profile: bool = False
     save_model: bool = Field(True, json_schema_extra=RESUMABLE)
     log_batches: bool = False  # each process's training items per step: batches/rank<r>.jsonl
     # checkpoint every N steps (and on SIGTERM/SIGINT)

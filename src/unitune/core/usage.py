@@ -47,6 +47,20 @@ def reset_peaks(device: torch.device | None = None) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def available_bytes(device: torch.device | None = None) -> int:
+    """Memory free for this process now: the CUDA device's free memory, else the host's
+    MemAvailable (Linux), else 0 (unknown)."""
+    if device is not None and device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size since `reset_peaks` (Linux) or since the process started, MiB."""
     try:

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from unitune.core.phases import PHASES
 from unitune.models.head import LogitTransform, logit_transform
 
 
@@ -52,7 +53,22 @@ def _chunk_logp(
     transform: LogitTransform | None = None,
     temperature: float = 1.0,
 ) -> Tensor:
-    """log softmax(transform(head(hidden)) / temperature)[targets], in fp32."""
+    """log softmax(transform(head(hidden)) / temperature)[targets], in fp32. Profiled as `head`,
+    or `head_recompute` when the checkpoint reruns it inside backward."""
+    if not PHASES.enabled:
+        return _head_logp(hidden, head, targets, transform, temperature)
+    name = "head_recompute" if torch._C._current_graph_task_id() != -1 else "head"
+    with PHASES.phase(name):
+        return _head_logp(hidden, head, targets, transform, temperature)
+
+
+def _head_logp(
+    hidden: Tensor,
+    head: nn.Module,
+    targets: Tensor,
+    transform: LogitTransform | None,
+    temperature: float,
+) -> Tensor:
     logits = head(hidden).float()
     if transform is not None:
         logits = transform(logits)
@@ -87,19 +103,33 @@ def token_logps(
 
     `transform`: what the model does to its logits after the head (`head.logit_transform`);
     `temperature`: the logits are divided by it (the distribution a sampler at that temperature
-    draws from)."""
+    draws from). In training each chunk's logits are recomputed in backward, not kept: keeping
+    them (about 0.34 GB on the benchmark's DPO step) measured no faster on a CPU
+    (`benchmarks/step_levers.py`)."""
     rows = hidden[positions[:, 0], positions[:, 1]]
     trains_head = any(p.requires_grad for p in head.parameters())
+    grad = torch.is_grad_enabled() and (rows.requires_grad or trains_head)
+    PHASES.count("head_rows" if grad else "nograd_head_rows", rows.shape[0])
     out = []
     for start in range(0, rows.shape[0], chunk_size):
         h, t = rows[start : start + chunk_size], targets[start : start + chunk_size]
-        if torch.is_grad_enabled() and (h.requires_grad or trains_head):
-            out.append(
-                checkpoint(_chunk_logp, h, head, t, transform, temperature, use_reentrant=False)
-            )
+        if grad:
+            lp = checkpoint(_chunk_logp, h, head, t, transform, temperature, use_reentrant=False)
         else:
-            out.append(_chunk_logp(h, head, t, transform, temperature))
+            lp = _chunk_logp(h, head, t, transform, temperature)
+        if grad and PHASES.enabled and h.requires_grad:  # the chunk's backward, recompute nested
+            lp.register_hook(lambda g: PHASES.enter("head_backward"))
+            h.register_hook(lambda g: PHASES.exit("head_backward"))
+        out.append(lp)
     return torch.cat(out) if out else rows.new_zeros(0, dtype=torch.float32)
+
+
+def _count_tokens(attention_mask: Tensor, padded: int) -> None:
+    """The decoder's work for the profile (`train.profile`): real and padded tokens."""
+    if PHASES.enabled:
+        grad = "" if torch.is_grad_enabled() else "nograd_"
+        PHASES.count(f"{grad}tokens", float(attention_mask.sum()))
+        PHASES.count(f"{grad}padded_tokens", padded)
 
 
 def sequence_logps(
@@ -123,7 +153,10 @@ def sequence_logps(
             model, input_ids, attention_mask, target_mask, chunk_size=chunk_size
         )
     decoder, head = _decoder_and_head(model)
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    _count_tokens(attention_mask, input_ids.numel())
+    hidden = decoder(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+    ).last_hidden_state  # no KV cache: nothing is generated
     mask = target_mask[:, 1:].bool() & attention_mask[:, 1:].bool()
     positions = mask.nonzero()  # [N, 2]: (row, position of the predicting hidden state)
     targets = input_ids[:, 1:][mask]
@@ -154,7 +187,10 @@ def completion_logps(
     log-probs of the distribution the sampler drew from (TRL PR #3029: GRPO computed them at
     temperature 1)."""
     decoder, head = _decoder_and_head(model)
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    _count_tokens(attention_mask, input_ids.numel())
+    hidden = decoder(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+    ).last_hidden_state  # no KV cache: nothing is generated
     b, length = input_ids.shape
     cols = starts[:, None].to(input_ids.device) + torch.arange(width, device=input_ids.device)
     inside = cols < length
@@ -236,6 +272,7 @@ def packed_sequence_logps(
     decoder, head = _decoder_and_head(model)
     flash = packed_attention_check(decoder)
     p = pack(input_ids, attention_mask)
+    _count_tokens(attention_mask, p["input_ids"].numel())
     kwargs = {}
     if flash:
         cu, m = p["cu_seq_lens"], p["max_length"]

@@ -10,6 +10,7 @@ resumed run continues bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
@@ -25,6 +26,7 @@ from transformers import get_scheduler
 from unitune.config import Config, dump_config
 from unitune.core import usage
 from unitune.core.interrupts import Interrupted, Interrupts
+from unitune.core.phases import PHASES
 from unitune.core.progress import ProgressBar
 from unitune.eval.heldout import Ideal
 from unitune.judges.base import JudgeError
@@ -39,6 +41,7 @@ from unitune.training.generation import Generation
 from unitune.training.hub import require_token
 from unitune.training.online import Online, OnlineStream
 from unitune.training.policy import Penalty, Policy
+from unitune.training.profile import StepProfile, current_rss_bytes, show
 from unitune.training.reference_set import References
 from unitune.training.resume import checkpoint_at, find_checkpoint, latest, restore, save_step
 from unitune.training.rundir import MetricsLog, report_dict, run_summary
@@ -63,6 +66,7 @@ class Run:
     refs: References
     policy: Policy
     evaluator: Evaluator
+    profile: StepProfile | None = None  # `train.profile`
 
 
 def train(
@@ -86,6 +90,7 @@ def train(
     if tc.push_to_hub:
         require_token()  # before anything is trained
     usage.reset_peaks()  # this run's own peak RSS, also when a process runs several
+    runtime_bytes = current_rss_bytes()  # before the model: the profile's runtime memory
     with Interrupts() as stop:
         session = Session(cfg, console, poll=stop.check)
         con, out = session.console, session.out
@@ -96,7 +101,10 @@ def train(
         usage.reset_peaks(session.device)  # accelerator memory: from the first training step
         module, state = new_state(session, ideal, online)
         policy = Policy(session, module, refs, penalty, online)
-        run = Run(session, refs, policy, Evaluator(policy, ideal, generation))
+        profile = StepProfile(session.device, runtime_bytes) if tc.profile else None
+        if profile is not None:
+            profile.watch(module)
+        run = Run(session, refs, policy, Evaluator(policy, ideal, generation), profile)
         ckpt = find_checkpoint(out, resume, con) if resume else None
         if ckpt is not None:
             restore(session, module, state, refs, ckpt)
@@ -151,8 +159,15 @@ def train(
             log.close()
             items_log.close()
             trackers.finish(session.acc)
+            if profile is not None:
+                PHASES.disable()
     train_s = state.train_s + time.time() - t_session
     kept = retention(session, module)  # eval.retention_tasks on the final model
+    profiled = {}
+    if profile is not None:
+        profiled = {"profile": profile.summary(module, state.optimizer, tc.logprob_chunk_size)}
+        if session.main:
+            show(con, profiled["profile"])
     summary = run_summary(
         cfg,
         ideal,
@@ -165,6 +180,7 @@ def train(
         steps=dict(state.steps),
         data={k: report_dict(s) for k, s in session.data.items()},
         skipped_nonfinite=state.skipped,
+        **profiled,
         world_size=world,
         engine=session.engine.describe(),
         global_batch=global_batch,
@@ -188,24 +204,31 @@ def train_step(
     figures: dict[str, dict[str, list[float]]] = {}  # each slot's figures, per micro-batch
     watched: dict[str, float] = {}  # what the schedule observes (`Loss.watched`)
     tokens = 0
+    profile = run.profile
+    saved = profile.activations if profile is not None else contextlib.nullcontext
     for _ in range(tc.grad_accum):
-        for kind, stream in state.streams.items():
-            current[kind] = next(stream)
+        with PHASES.phase("collate"):
+            for kind, stream in state.streams.items():
+                current[kind] = next(stream)
         if plan is None:  # MAXRIGHT probes the first micro-batches
-            plan = state.schedule.plan(state.step, lambda: policy.probe(current))
+            with PHASES.phase("probe"):
+                plan = state.schedule.plan(state.step, lambda: policy.probe(current))
         # Accelerate divides by grad_accum (DeepSpeed's engine does) and syncs the processes'
         # gradients on the last micro-batch only (DDP's no_sync, forward included, before it)
         with acc.accumulate(policy.module):
             total = 0.0
             for kind, weight in plan.items():
-                loss = policy.loss(kind, current[kind])
+                with PHASES.phase("forward"), saved():
+                    loss = policy.loss(kind, current[kind])
                 total = total + weight * loss.value
                 tokens += loss.tokens
                 for name, v in loss.figures.items():
                     figures.setdefault(kind, {}).setdefault(name, []).append(v)
                 losses[kind] = losses.get(kind, 0.0) + loss.value.item() / tc.grad_accum
                 watched[kind] = watched.get(kind, 0.0) + loss.watched / tc.grad_accum
-            acc.backward(total)
+            with PHASES.phase("backward"):
+                acc.backward(total)
+        PHASES.enter("log")
         for kind, idx in current.items():
             idx = idx if isinstance(idx, list) else idx.items  # an online slot's prompts
             items_log.write({"step": state.step + 1, "objective": kind, "items": idx,
@@ -213,28 +236,35 @@ def train_step(
     losses = session.global_mean(losses)  # every rank logs, checks and observes the same values
     watched = session.global_mean(watched)
     figures = {kind: step_figures(session, f) for kind, f in sorted(figures.items())}
+    PHASES.exit("log")
     limit = tc.max_grad_norm if tc.max_grad_norm is not None else math.inf
-    grad_norm = float(acc.clip_grad_norm_(policy.module.parameters(), limit))
+    with PHASES.phase("clip"):
+        grad_norm = float(acc.clip_grad_norm_(policy.module.parameters(), limit))
     bad = [k for k, v in losses.items() if not math.isfinite(v)]
     if bad or not math.isfinite(grad_norm):
         nonfinite(session, state, bad, grad_norm, current)
     else:
-        state.optimizer.step()
-        state.scheduler.step()
+        with PHASES.phase("optimizer"):
+            state.optimizer.step()
+            state.scheduler.step()
         state.schedule.observe(watched)
         for kind in plan:
             state.steps[kind] += 1
-    state.optimizer.zero_grad(set_to_none=True)
+    with PHASES.phase("optimizer"):
+        state.optimizer.zero_grad(set_to_none=True)
     state.step += 1
     state.tokens += tokens
     step_s = time.time() - t0
     tok_s = tokens / max(step_s, 1e-9)
     timing = step_timing(run, step_s)
+    if profile is not None:  # the step's phases (its own metrics lines' writing not included)
+        timing |= profile.take(step_s)
+    timed = "pref" if "pref" in losses else next(iter(losses), None)
     for kind, v in losses.items():
         log.write({"type": "train", "step": state.step, "objective": kind, "loss": v,
                    "lr": state.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                    "tokens": tokens, "step_s": round(step_s, 4), "tokens_per_s": round(tok_s, 1),
-                   **figures.get(kind, {}), **(timing if kind == "pref" else {})})  # fmt: skip
+                   **figures.get(kind, {}), **(timing if kind == timed else {})})  # fmt: skip
     return plan, losses, tok_s
 
 

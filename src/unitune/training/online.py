@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from unitune.core.io import atomic_write
+from unitune.core.phases import PHASES
 from unitune.eval.generate import eos_ids
 from unitune.models.generation_copy import GenerationCopy, generation_dtype
 from unitune.models.logprobs import completion_logps
@@ -351,6 +352,7 @@ class Online:
         s, on = self.session, self.cfg.online
         model = s.acc.unwrap_model(self.module).model
         t0 = time.time()
+        PHASES.enter("generate")
         gen = self.generator(model)
         chunks, prompts = [], []
         for _ in range(self.S):
@@ -376,15 +378,18 @@ class Online:
             prompts += [i for i in idx for _ in range(self.G)]
         self._release()
         rollouts = concat(chunks, s.pad_id)
+        PHASES.exit("generate")
         t1 = time.time()
-        scores = self.score(prompts, rollouts, self.split.train)
-        combined = self.shape(scores.combined, rollouts.truncated)
-        every = gather_rows(s, combined)
-        rewards = self.mapped(combined, every)
+        with PHASES.phase("score"):
+            scores = self.score(prompts, rollouts, self.split.train)
+            combined = self.shape(scores.combined, rollouts.truncated)
+            every = gather_rows(s, combined)
+            rewards = self.mapped(combined, every)
         t2 = time.time()
-        old = self.logps(self.module, rollouts) if self.uses_old else None
-        t3 = time.time()
-        ref = self.reference_logps(rollouts) if self.uses_ref else None
+        with PHASES.phase("reference"):
+            old = self.logps(self.module, rollouts) if self.uses_old else None
+            t3 = time.time()
+            ref = self.reference_logps(rollouts) if self.uses_ref else None
         t4 = time.time()
         finite = every[~torch.isnan(every)]
         batch_std = float(finite.std()) if finite.numel() > 1 else 0.0

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from unitune.core.phases import PHASES
 from unitune.data import collate
 from unitune.models.logprobs import sequence_logps
 from unitune.objectives import FeedbackLogps, PairLogps, SeqLogps
@@ -113,10 +114,13 @@ class Policy:
         obj, params, split = s.objectives[slot]
         items = split.train if stage == "train" else split.eval
         if obj.forward is not None:
-            batch = collate_items(items, idx, s.pad_id, s.device)
+            with PHASES.phase("collate"):
+                batch = collate_items(items, idx, s.pad_id, s.device)
             return self.module(**batch, objective_forward=obj.forward, **params.model_dump())
         if scored is None:  # pairs: one forward over chosen and rejected together
-            logp, n = self.module(**collate_items(items, idx, s.pad_id, s.device))
+            with PHASES.phase("collate"):
+                batch = collate_items(items, idx, s.pad_id, s.device)
+            logp, n = self.module(**batch)
         else:  # flattened as a batch is: the chosen of every pair, then the rejected
             rows = idx + [i + len(items) for i in idx] if split.kind == "pairs" else idx
             logp, n = (t[rows].to(s.device) for t in scored["main"])
