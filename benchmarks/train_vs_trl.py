@@ -21,8 +21,9 @@ so both frameworks are timed on exactly the same examples and tokens
 whatever order they batch them in (unitune
 groups by length, TRL shuffles): the epoch's time, its real tokens per second (unitune's count of
 those examples' tokens), and the mean step time. "MFU" is 6 x non-embedding parameters x
-tokens/s (the usual training-FLOPs estimate; no reference pass counted) over the median GFLOP/s
-of the model's own GEMM shapes, measured in this process before the children start.
+tokens/s (the usual training-FLOPs estimate; no reference pass counted) over the GEMM peak: one
+decoder layer's GEMMs at 2,048 rows, each at its best of three rounds, measured in this process
+before and after the children (the higher of the two).
 `--from-results results.json` renders the table (and `--update-readme`) from a saved run.
 
 Rows for IFT and the joint schedules are unitune only: TRL has neither. They report their step
@@ -35,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -49,24 +49,30 @@ PARAMS = 106_203_456  # SmolLM2-135M without its (tied) 49152 x 576 embedding
 
 
 # ------------------------------------------------------------------------------ measurement
-def gemm_peak(tokens: int, dtype: str) -> float:
-    """Median GFLOP/s of SmolLM2-135M's GEMM shapes (attention and MLP projections, LM head
-    chunk) at `tokens` rows, in this process."""
+def gemm_peak(tokens: int, dtype: str, rounds: int = 3) -> float:
+    """GFLOP/s of one SmolLM2-135M decoder layer's GEMMs (q, k, v, o, gate, up, down at `tokens`
+    rows, forward shapes), in this process: the layer's FLOPs over its GEMMs' time, each GEMM
+    timed at its best of `rounds` rounds (this virtual machine's speed drifts: the best is the
+    peak it reached)."""
     import torch
 
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    shapes = [(576, 576), (576, 192), (576, 1536), (1536, 576), (576, 8192)]
-    rates = []
+    shapes = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536),
+              (1536, 576)]  # fmt: skip
+    flops = seconds = 0.0
     for k, n in shapes:
         a, b = torch.randn(tokens, k, dtype=dt), torch.randn(k, n, dtype=dt)
-        for _ in range(2):
+        for _ in range(3):
             a @ b
-        t = time.perf_counter()
-        reps = 10
-        for _ in range(reps):
-            a @ b
-        rates.append(2 * tokens * k * n * reps / (time.perf_counter() - t) / 1e9)
-    return statistics.median(rates)
+        best, reps = float("inf"), 10
+        for _ in range(rounds):
+            t = time.perf_counter()
+            for _ in range(reps):
+                a @ b
+            best = min(best, (time.perf_counter() - t) / reps)
+        flops += 2 * tokens * k * n
+        seconds += best
+    return flops / seconds / 1e9
 
 
 # ----------------------------------------------------------------------------------- data
@@ -357,7 +363,7 @@ def main_parent(args) -> int:
                           work / "kto.jsonl")  # fmt: skip
     files["kto_eval"] = unpaired(files["pref_eval"], work / "kto_eval.jsonl")
     torch.set_num_threads(os.cpu_count() or 1)
-    peak = gemm_peak(1024, args.precision)
+    peak = gemm_peak(2048, args.precision)  # about a DPO step's padded tokens (--join 8)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     results: dict[str, dict] = {}
     for job in jobs:
@@ -367,6 +373,11 @@ def main_parent(args) -> int:
         if job == "dpo" and args.allocator:  # the in-process allocator settings, off
             plain = {**env, "UNITUNE_MALLOC": "default"}
             rows["unitune, glibc default allocator"] = unitune_run(job, args, work, files, plain)
+        if job == "dpo" and args.trim_mb:  # heap kept up to one step's working set, not 2 GiB
+            trim = {**env, "MALLOC_TRIM_THRESHOLD_": str(args.trim_mb * 2**20)}
+            rows[f"unitune, trim threshold {args.trim_mb} MiB"] = unitune_run(
+                job, args, work, files, trim
+            )
         if job == "dpo" and args.memory_options:
             for name, change in MEMORY_OPTIONS.items():
                 rows[f"unitune, {name}"] = unitune_run(job, args, work, files, env, change)
@@ -375,6 +386,7 @@ def main_parent(args) -> int:
         for r in rows.values():
             r["tokens_per_s"] = u["tokens"] / r["epoch_s"]
         print(job, json.dumps(rows), flush=True)
+    peak = max(peak, gemm_peak(2048, args.precision))  # again after the children: the best
     meta = {"precision": args.precision, "batch": args.batch_size, "max_length": args.max_length,
             "join": args.join,
             "steps": spe, "cpu": cpu_name(), "cores": os.cpu_count(), "peak": peak,
@@ -419,6 +431,8 @@ def main() -> None:
     p.add_argument("--model", default="builtin:smollm2-135m")
     p.add_argument("--update-readme", action="store_true")
     p.add_argument("--allocator", action="store_true", help="also DPO with UNITUNE_MALLOC=default")
+    p.add_argument("--trim-mb", type=int, default=0,
+                   help="also DPO with glibc's trim threshold at this many MiB")  # fmt: skip
     p.add_argument("--memory-options", action="store_true",
                    help="also DPO with gradient checkpointing, bf16 weights, LoRA")  # fmt: skip
     p.add_argument("--from-results", type=Path, help="render a saved results.json")
