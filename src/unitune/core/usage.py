@@ -47,28 +47,27 @@ def reset_peaks(device: torch.device | None = None) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def available_bytes(device: torch.device | None = None) -> int:
-    """Memory free for this process now: the CUDA device's free memory, else the host's
-    MemAvailable (Linux), else 0 (unknown)."""
-    if device is not None and device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+def _status_kib(field: str) -> int | None:
+    """A memory field of /proc/self/status (`VmHWM`, `VmRSS`) in KiB; None off Linux."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
     except OSError:
         pass
-    return 0
+    return None
+
+
+def current_rss_bytes() -> int:
+    """This process's resident memory now (Linux), else 0."""
+    return (_status_kib("VmRSS") or 0) * 1024
 
 
 def peak_rss_mb() -> float:
     """Peak resident set size since `reset_peaks` (Linux) or since the process started, MiB."""
-    try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
+    hwm = _status_kib("VmHWM")
+    if hwm is not None:
+        return round(hwm / 1024, 1)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 

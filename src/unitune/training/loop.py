@@ -41,7 +41,7 @@ from unitune.training.generation import Generation
 from unitune.training.hub import require_token
 from unitune.training.online import Online, OnlineStream
 from unitune.training.policy import Penalty, Policy
-from unitune.training.profile import StepProfile, current_rss_bytes, show
+from unitune.training.profile import StepProfile, show
 from unitune.training.reference_set import References
 from unitune.training.resume import checkpoint_at, find_checkpoint, latest, restore, save_step
 from unitune.training.rundir import MetricsLog, report_dict, run_summary
@@ -90,7 +90,7 @@ def train(
     if tc.push_to_hub:
         require_token()  # before anything is trained
     usage.reset_peaks()  # this run's own peak RSS, also when a process runs several
-    runtime_bytes = current_rss_bytes()  # before the model: the profile's runtime memory
+    runtime_bytes = usage.current_rss_bytes()  # before the model: the profile's runtime memory
     with Interrupts() as stop:
         session = Session(cfg, console, poll=stop.check)
         con, out = session.console, session.out

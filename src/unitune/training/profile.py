@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -30,17 +29,6 @@ ORDER = (
     "collate", "generate", "score", "reference", "probe", "forward", "head", "backward",
     "head_recompute", "head_backward", "clip", "optimizer", "log", "other",
 )  # fmt: skip
-
-
-def current_rss_bytes() -> int:
-    """This process's resident memory now (Linux), else 0."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 class StepProfile:
