@@ -106,7 +106,7 @@ def test_the_heads_phases_inside_backward_and_the_counters():
 
 
 def test_a_profiled_run_trains_the_same_and_reports_its_floor(tiny_config, tmp_path):
-    raw = tiny_config("mix", max_steps=3, eval_every=3)
+    raw = tiny_config("mix", max_steps=3, eval_every=1)  # evaluations between the steps
     plain = train(parse_config(raw), progress=False)
     raw["output_dir"] = str(tmp_path / "profiled")
     path = tmp_path / "run.yaml"
@@ -128,6 +128,8 @@ def test_a_profiled_run_trains_the_same_and_reports_its_floor(tiny_config, tmp_p
         assert name in prof["seconds"], name
     assert prof["step_s"] == pytest.approx(sum(prof["seconds"].values()))
     assert prof["counts"]["tokens"] > 0 and prof["counts"]["head_rows"] > 0
+    # the evaluations' no-grad passes between the steps are not counted as a step's work
+    assert not [k for k in prof["counts"] if k.startswith("nograd")]
     mem = prof["memory_bytes"]
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in lines if x["type"] == "train" and "phase/forward_s" in x]

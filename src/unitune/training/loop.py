@@ -206,6 +206,8 @@ def train_step(
     tokens = 0
     profile = run.profile
     saved = profile.activations if profile is not None else contextlib.nullcontext
+    if profile is not None:
+        profile.begin()  # what an evaluation between steps recorded is not this step's
     for _ in range(tc.grad_accum):
         with PHASES.phase("collate"):
             for kind, stream in state.streams.items():
@@ -228,15 +230,15 @@ def train_step(
                 watched[kind] = watched.get(kind, 0.0) + loss.watched / tc.grad_accum
             with PHASES.phase("backward"):
                 acc.backward(total)
-        PHASES.enter("log")
-        for kind, idx in current.items():
-            idx = idx if isinstance(idx, list) else idx.items  # an online slot's prompts
-            items_log.write({"step": state.step + 1, "objective": kind, "items": idx,
+        with PHASES.phase("log"):
+            for kind, idx in current.items():
+                idx = idx if isinstance(idx, list) else idx.items  # an online slot's prompts
+                items_log.write({"step": state.step + 1, "objective": kind, "items": idx,
                                  "trained": kind in plan})  # fmt: skip
-    losses = session.global_mean(losses)  # every rank logs, checks and observes the same values
-    watched = session.global_mean(watched)
-    figures = {kind: step_figures(session, f) for kind, f in sorted(figures.items())}
-    PHASES.exit("log")
+    with PHASES.phase("log"):  # every rank logs, checks and observes the same values
+        losses = session.global_mean(losses)
+        watched = session.global_mean(watched)
+        figures = {kind: step_figures(session, f) for kind, f in sorted(figures.items())}
     limit = tc.max_grad_norm if tc.max_grad_norm is not None else math.inf
     with PHASES.phase("clip"):
         grad_norm = float(acc.clip_grad_norm_(policy.module.parameters(), limit))

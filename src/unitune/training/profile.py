@@ -61,6 +61,12 @@ class StepProfile:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             yield
 
+    def begin(self) -> None:
+        """A step starts: whatever was recorded since the last step (an evaluation's passes)
+        is dropped."""
+        PHASES.take()
+        self._seen = {}
+
     def take(self, step_s: float) -> dict[str, float]:
         """This step's phases, as the metrics line's `phase/<name>_s` fields; `other`: the rest of
         the step's `step_s` (the loop's own bookkeeping between phases)."""
