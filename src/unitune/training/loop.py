@@ -101,9 +101,7 @@ def train(
         usage.reset_peaks(session.device)  # accelerator memory: from the first training step
         module, state = new_state(session, ideal, online)
         policy = Policy(session, module, refs, penalty, online)
-        profile = StepProfile(session.device, runtime_bytes) if tc.profile else None
-        if profile is not None:
-            profile.watch(module)
+        profile = StepProfile(session.device, runtime_bytes, module) if tc.profile else None
         run = Run(session, refs, policy, Evaluator(policy, ideal, generation), profile)
         ckpt = find_checkpoint(out, resume, con) if resume else None
         if ckpt is not None:
@@ -124,6 +122,8 @@ def train(
         t_session = time.time()
         name, shown = cfg.name or cfg.schedule.name, progress and session.main
         bar = ProgressBar(name, tc.max_steps, console=con, enabled=shown)
+        if profile is not None:  # from here: the `finally` below disables it
+            profile.start()
         try:
             with bar:
                 bar.update(completed=state.step)

@@ -34,17 +34,17 @@ ORDER = (
 class StepProfile:
     """Collects each step's phases (`take`) and summarizes the run (`summary`)."""
 
-    def __init__(self, device: torch.device, runtime_bytes: int):
-        sync = torch.cuda.synchronize if device.type == "cuda" else None
-        PHASES.enable(sync)
+    def __init__(self, device: torch.device, runtime_bytes: int, module: nn.Module):
+        self._sync = torch.cuda.synchronize if device.type == "cuda" else None
         self.runtime_bytes = runtime_bytes
         self.steps: list[dict] = []
-        self._params: set[int] = set()
+        # the parameters' storages: not activations, whatever autograd saves of them
+        self._params = {p.untyped_storage().data_ptr() for p in module.parameters()}
         self._seen: dict[int, int] = {}
 
-    def watch(self, module: nn.Module) -> None:
-        """The parameters' storages (not activations, whatever autograd saves of them)."""
-        self._params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    def start(self) -> None:
+        """Start recording (the caller disables `PHASES` when the steps end, however they end)."""
+        PHASES.enable(self._sync)
 
     @contextmanager
     def activations(self) -> Iterator[None]:
@@ -70,16 +70,15 @@ class StepProfile:
     def take(self, step_s: float) -> dict[str, float]:
         """This step's phases, as the metrics line's `phase/<name>_s` fields; `other`: the rest of
         the step's `step_s` (the loop's own bookkeeping between phases)."""
+        PHASES.peak("activation_bytes", float(sum(self._seen.values())))
+        self._seen = {}
         got = PHASES.take()
         got["seconds"]["other"] = max(step_s - sum(got["seconds"].values()), 0.0)
-        got["peaks"]["activation_bytes"] = float(sum(self._seen.values()))
-        self._seen = {}
         self.steps.append(got)
         return {f"phase/{k}_s": round(v, 4) for k, v in got["seconds"].items()}
 
     def summary(self, module: nn.Module, optimizer: torch.optim.Optimizer, chunk: int) -> dict:
         """The mean step after the first (every step if there is one), and the memory floor."""
-        PHASES.disable()
         steps = self.steps[1:] or self.steps
         n = max(len(steps), 1)
         names = {k for s in steps for k in s["seconds"]}
