@@ -51,12 +51,19 @@ def run_measured(cmd: list[str], env: dict[str, str], what: str) -> tuple[str, f
 
 def update_readme(name: str, text: str) -> Path:
     """Put `text` between the `<!-- bench:NAME@MACHINE -->` markers of README.md, where MACHINE
-    is this CPU's kind (`machine_slug()`: each kind keeps its own table), else between the
+    is this CPU's kind (`machine_slug()`: each kind keeps its own table; where other kinds have
+    theirs and this one has none, its block is added after theirs), else between the
     `<!-- bench:NAME -->` markers."""
     readme = Path(__file__).resolve().parents[1] / "README.md"
     body = readme.read_text()
-    if f"<!-- bench:{name}@{machine_slug()} -->" in body:
-        name = f"{name}@{machine_slug()}"
+    mine = f"{name}@{machine_slug()}"
+    if f"<!-- bench:{mine} -->" not in body and f"<!-- /bench:{name}@" in body:
+        # other machine kinds keep their own tables: this one's goes after the last of them
+        at = body.index("-->", body.rindex(f"<!-- /bench:{name}@")) + 3
+        block = f"\n\n<!-- bench:{mine} -->\n<!-- /bench:{mine} -->"
+        body = body[:at] + block + body[at:]
+    if f"<!-- bench:{mine} -->" in body:
+        name = mine
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     if start not in body or end not in body:
         sys.exit(f"README.md has no {start} markers")

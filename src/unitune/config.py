@@ -400,6 +400,21 @@ class RewardConfig(Strict):
     weight: float = 1.0
 
 
+class VllmConfig(Strict):
+    """`online.generator: vllm`: vLLM in each training process, on its GPU (colocated, as TRL's
+    `vllm_mode: colocate`), its weights synchronised from the policy before every generation
+    (models/vllm_generator.py; README "Generation on a GPU: vLLM")."""
+
+    # the share of the GPU's memory vLLM takes for its weights and KV cache (TRL colocate: 0.3)
+    gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)
+    # the longest prompt + completion; default: the model's own context length
+    max_model_len: int | None = Field(None, gt=0)
+    max_num_seqs: int | None = Field(None, gt=0)  # sequences decoded at once; default vLLM's
+    # vLLM's sleep mode between generations (level 2: weights and KV cache freed while the
+    # policy trains; the weights are pushed again before the next generation)
+    sleep: bool = False
+
+
 class OnlineConfig(Strict):
     """Online training of the preference slot (an objective on prompts: una_online, online_dpo,
     grpo, rloo, ...): rollouts sampled by the policy, scored by `rewards`, learned from in the
@@ -414,9 +429,10 @@ class OnlineConfig(Strict):
     top_k: int = Field(0, ge=0)  # 0: off
     max_new_tokens: int = Field(64, gt=0)
     # what generates: unitune's decode loop (on a CPU, when generation_dtype is not the
-    # policy's, on a packed copy of the policy refreshed before every generation) or HF
-    # generate on the policy
-    generator: Literal["unitune", "hf"] = "unitune"
+    # policy's, on a packed copy of the policy refreshed before every generation), HF
+    # generate on the policy, or vLLM colocated on the GPU (the [vllm] extra; online.vllm)
+    generator: Literal["unitune", "hf", "vllm"] = "unitune"
+    vllm: VllmConfig = VllmConfig()
     # the decode loop's draw: inverse_cdf (one uniform number per row), or multinomial (HF
     # generate's own draw: the same tokens as generate for the same seed, slower)
     sampler: Literal["inverse_cdf", "multinomial"] = "inverse_cdf"
@@ -461,6 +477,11 @@ class OnlineConfig(Strict):
                 raise ValueError(f"{key}: [lo, hi] needs lo < hi, got {list(lo_hi)}")
         if self.score_map == "minmax" and self.score_range is None:
             raise ValueError("score_map minmax needs score_range: [lo, hi]")
+        if self.generator != "vllm" and self.vllm != VllmConfig():
+            raise ValueError(
+                f"vllm: set, but online.generator is {self.generator!r}; the vllm options are "
+                "read only with generator: vllm"
+            )
         return self
 
 

@@ -24,6 +24,8 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from unitune.models.lora import merged_weights
+
 
 def _pack_kind(dtype: torch.dtype) -> str | None:
     """Which packed kernel runs `dtype` on this CPU, or None."""
@@ -77,14 +79,6 @@ class PackedLinear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
-def _base(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _is_lora_layer(module: nn.Module) -> bool:
-    return hasattr(module, "get_delta_weight") and hasattr(module, "base_layer")
-
-
 class GenerationCopy:
     """A copy of `model` in `dtype` for decoding (see the module docstring); `.module` is the
     copy, in eval mode, no gradients."""
@@ -119,43 +113,27 @@ class GenerationCopy:
 
     @torch.no_grad()
     def refresh(self, model: nn.Module) -> None:
-        """Copy `model`'s current weights (LoRA merged) into the copy and pack them."""
-        source = _base(model)
+        """Copy `model`'s current weights (LoRA merged: `lora.merged_weights`) and buffers into
+        the copy and pack them."""
         done: set[int] = set()
-        for name, mod in self.module.named_modules():
-            theirs = source.get_submodule(name) if name else source
-            if _is_lora_layer(theirs):
-                base = theirs.get_base_layer()
-                w = base.weight.detach().float()
-                if not getattr(theirs, "disable_adapters", False):
-                    for adapter in theirs.active_adapters:
-                        if adapter in getattr(theirs, "lora_A", {}):
-                            w = w + theirs.get_delta_weight(adapter).float()
-                self._weight(mod, w, done)
-                if getattr(base, "bias", None) is not None and mod.bias is not None:
-                    self._put(mod.bias, base.bias.detach(), done)
-                continue
-            own = dict(mod.named_parameters(recurse=False))
-            for pname, theirs_p in theirs.named_parameters(recurse=False):
-                if pname == "weight" and isinstance(mod, PackedLinear):
-                    mod.pack(theirs_p)
-                elif pname in own:
-                    self._put(own[pname], theirs_p.detach(), done)
-            own_b = dict(mod.named_buffers(recurse=False))
-            for bname, theirs_b in theirs.named_buffers(recurse=False):
-                if bname in own_b and own_b[bname].shape == theirs_b.shape:
-                    own_b[bname].copy_(theirs_b)
+        for name, w in merged_weights(model, aliases=True):
+            owner, _, attr = name.rpartition(".")
+            mod = self.module.get_submodule(owner) if owner else self.module
+            if attr == "weight" and isinstance(mod, PackedLinear):
+                mod.pack(w)
+            else:
+                self._put(getattr(mod, attr), w, done)
+        source = model.get_base_model() if hasattr(model, "get_base_model") else model
+        own = dict(self.module.named_buffers())
+        for name, b in source.named_buffers():
+            mine = own.get(name.replace(".base_layer.", "."))
+            if mine is not None and mine.shape == b.shape:
+                mine.copy_(b)
 
     def release(self) -> None:
         """Free the packed weights until the next `refresh`."""
         for p in self.packed:
             p.release()
-
-    def _weight(self, mod: nn.Module, w: Tensor, done: set[int]) -> None:
-        if isinstance(mod, PackedLinear):
-            mod.pack(w)
-        else:
-            self._put(mod.weight, w, done)
 
     @staticmethod
     def _put(target: Tensor, value: Tensor, done: set[int]) -> None:

@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from unitune.models.errors import ModelLoadError
 
@@ -103,3 +103,55 @@ def reference_mode(model: Any) -> Iterator[Any]:
             yield model
     else:
         yield model
+
+
+def is_lora_layer(module: nn.Module) -> bool:
+    """Whether `module` is one of PEFT's LoRA layers (a base layer with adapters)."""
+    return hasattr(module, "get_delta_weight") and hasattr(module, "base_layer")
+
+
+def merged_weight(layer: nn.Module) -> Tensor:
+    """A LoRA layer's weight with its active adapters added, in float32, out of place (the
+    layer is not touched: PEFT's `merge_adapter` / `unmerge_adapter` would round the base
+    weight twice)."""
+    w = layer.get_base_layer().weight.detach().float()
+    if not getattr(layer, "disable_adapters", False):
+        for adapter in layer.active_adapters:
+            if adapter in getattr(layer, "lora_A", {}):
+                w = w + layer.get_delta_weight(adapter).float()
+    return w
+
+
+def merged_weights(model: nn.Module, *, aliases: bool = False) -> Iterator[tuple[str, Tensor]]:
+    """The model's weights under the names its checkpoint gives them (`save_pretrained` of
+    the base model: `model.layers.0.self_attn.q_proj.weight`, ...), one at a time, with LoRA
+    merged (`merged_weight`) and PEFT's own names gone (`base_model.model.`, `base_layer`,
+    `lora_A/B`); a `modules_to_save` copy stands for its module. A weight shared by several
+    modules (tied embeddings) comes once, under its first name, unless `aliases`. Parameters
+    only, detached; what a checkpoint loader (vLLM's `load_weights`) or a copy of the model
+    (`GenerationCopy.refresh`) reads."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    seen: set[int] = set()
+
+    def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, Tensor]]:
+        if is_lora_layer(module):
+            yield f"{prefix}weight", merged_weight(module)
+            bias = getattr(module.get_base_layer(), "bias", None)
+            if bias is not None:
+                yield f"{prefix}bias", bias.detach()
+            return
+        saved = getattr(module, "modules_to_save", None)
+        if saved is not None and hasattr(module, "original_module"):
+            name = getattr(module, "active_adapter", None)
+            name = name[0] if isinstance(name, list) else name
+            off = getattr(module, "disable_adapters", False)
+            module = saved[name] if name in saved and not off else module.original_module
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen and not aliases:
+                continue
+            seen.add(id(p))
+            yield f"{prefix}{name}", p.detach()
+        for name, child in module.named_children():
+            yield from walk(child, f"{prefix}{name}.")
+
+    yield from walk(base, "")

@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
 from unitune.config import Config
+from unitune.models.vllm_generator import check_vllm
 from unitune.training import trackers
 
 
@@ -107,7 +108,12 @@ class Engine:
 
 
 def check(cfg: Config, engine: Engine) -> None:
-    """Refuse, before anything is loaded, what cannot work on `engine`."""
+    """Refuse, before anything is loaded, what cannot work on `engine`, or on this machine
+    (`online.generator: vllm` without the package or a CUDA GPU)."""
+    if cfg.is_online and cfg.online.generator == "vllm":
+        why = check_vllm()
+        if why is not None:
+            raise EngineError(why)
     tc, problems = cfg.train, []
     if engine.fsdp_requested and engine.kind != "fsdp":
         problems.append(

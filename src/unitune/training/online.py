@@ -41,7 +41,9 @@ from unitune.core.phases import PHASES
 from unitune.eval.generate import eos_ids
 from unitune.models.generation_copy import GenerationCopy, generation_dtype
 from unitune.models.logprobs import completion_logps
-from unitune.models.lora import reference_mode
+from unitune.models.lora import merged_weights, reference_mode
+from unitune.models.source import model_dir
+from unitune.models.vllm_generator import VllmGenerator
 from unitune.objectives import RolloutLogps
 from unitune.objectives.online import zero_std_groups
 from unitune.rewards import Rewards, build_rewards
@@ -185,6 +187,7 @@ class Online:
         if self.uses_ref and not self._adapters():
             self.reference = self._frozen_copy(s.model)
         self.copy: GenerationCopy | None = None  # what generates, where a copy is used
+        self.vllm: VllmGenerator | None = None  # online.generator: vllm
         self.warned_gap = False
 
     # ------------------------------------------------------------------------ the generator
@@ -196,6 +199,8 @@ class Online:
         the CPU's kernels), refreshed from the policy here, before every generation, so it is
         never stale. With `online.generator: hf` the policy, through HF `generate`."""
         s, on = self.session, self.cfg.online
+        if on.generator == "vllm":
+            return self._vllm(model)
         if on.generator != "unitune" or s.device.type != "cpu":
             return model
         if s.engine.kind not in ("single", "ddp"):
@@ -209,10 +214,40 @@ class Online:
             self.copy.refresh(model)
         return self.copy.module
 
+    def _vllm(self, model: nn.Module) -> VllmGenerator:
+        """This process's vLLM engine (`models.vllm_generator`; started at the first
+        generation, from the starting checkpoint), given the policy's current weights (LoRA
+        merged, gathered where an engine shards them) before every generation batch and
+        evaluation."""
+        s, cfg, v = self.session, self.cfg, self.cfg.online.vllm
+        if self.vllm is None:
+            dtype = generation_dtype(model, cfg.online.generation_dtype, s.acc.mixed_precision)
+            self.vllm = VllmGenerator(
+                model_dir(cfg.model.name, cfg.model.revision, label="model.name"), dtype=dtype,
+                seed=cfg.train.seed + s.acc.process_index, rank=s.acc.process_index,
+                local_rank=s.acc.local_process_index, world_size=s.acc.num_processes,
+                gpu_memory_utilization=v.gpu_memory_utilization, max_model_len=v.max_model_len,
+                max_num_seqs=v.max_num_seqs, sleep=v.sleep,
+                trust_remote_code=cfg.model.trust_remote_code,
+            )  # fmt: skip
+        with full_parameters(model, s.engine, wrapped=self.module):
+            self.vllm.sync(merged_weights(model))
+        return self.vllm
+
+    def _gathered(self, model: nn.Module):
+        """The policy's whole parameters for a generation on the policy (none for vLLM, which
+        holds its own copy)."""
+        if self.cfg.online.generator == "vllm":
+            return nullcontext()
+        return full_parameters(model, self.session.engine, wrapped=self.module)
+
     def _release(self) -> None:
-        """The generation copy's packed weights freed until the next generation."""
+        """The generation copy's packed weights (vLLM with sleep: its memory) freed until the
+        next generation."""
         if self.copy is not None:
             self.copy.release()
+        if self.vllm is not None:
+            self.vllm.release()
 
     # ------------------------------------------------------------------------ set-up
     def _needs_reference(self) -> bool:
@@ -287,7 +322,7 @@ class Online:
             if s.poll is not None:
                 s.poll()
             idx = batches[j if j is not None else 0]
-            with full_parameters(model, s.engine, wrapped=self.module), s.acc.autocast():
+            with self._gathered(model), s.acc.autocast():
                 r = sample(
                     gen, [items[i].prompt_ids for i in idx], num_generations=1, eos=self.eos,
                     pad_id=s.pad_id, max_new_tokens=on.max_new_tokens, do_sample=False,
@@ -358,7 +393,7 @@ class Online:
         for _ in range(self.S):
             key = self.prompt_stream.drawn * self.prompt_stream.world + self.prompt_stream.rank
             idx = next(self.prompt_stream)
-            with full_parameters(model, s.engine, wrapped=self.module), s.acc.autocast():
+            with self._gathered(model), s.acc.autocast():
                 chunks.append(
                     sample(
                         gen,

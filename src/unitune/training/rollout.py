@@ -16,6 +16,7 @@ so that the training pass can be checked against them (a stale generator: TRL #5
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -28,6 +29,7 @@ from unitune.models.decode import decode
 from unitune.models.modes import eval_mode
 
 if TYPE_CHECKING:
+    from unitune.models.vllm_generator import VllmGenerator
     from unitune.training.engines import Engine
 
 
@@ -90,7 +92,7 @@ def cut_at_eos(new: Tensor, eos: list[int], max_new_tokens: int) -> tuple[Tensor
 
 @torch.no_grad()
 def sample(
-    model: nn.Module,
+    model: nn.Module | VllmGenerator,
     prompts: list[list[int]],
     *,
     num_generations: int,
@@ -109,10 +111,16 @@ def sample(
     with `seed` inside a fork (the caller's random state does not move). `do_sample=False`:
     greedy (the held-out answers). `model` is what generates: the policy or its generation copy
     (`models.generation_copy`); it is put in eval mode and given back as it was. `generator`:
-    "unitune" (the decode loop) or "hf" (`model.generate`); `sampler`: the decode loop's draw
+    "unitune" (the decode loop), "hf" (`model.generate`) or "vllm" (`model` is then a
+    `models.vllm_generator.VllmGenerator` holding the policy's weights); `sampler`: the decode
+    loop's draw
     (`models.decode.draw`: "multinomial" draws `generate`'s tokens for the same seed,
     "inverse_cdf" the same distribution at less cost)."""
     rows = [p for p in prompts for _ in range(num_generations)]
+    if generator == "vllm":
+        return _vllm_sample(model, rows, eos=eos, pad_id=pad_id, max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                            do_sample=do_sample)  # fmt: skip
     device = next(model.parameters()).device
     ids, attn = left_pad(rows, pad_id, device)
     if generator == "hf":
@@ -127,6 +135,14 @@ def sample(
         new, drawn = out.tokens, out.logp
         assert drawn is not None
     mask, truncated = cut_at_eos(new, eos, max_new_tokens)
+    return _rows(rows, new, drawn, mask, truncated, pad_id)
+
+
+def _rows(
+    rows: list[list[int]], new: Tensor, drawn: Tensor, mask: Tensor, truncated: Tensor, pad_id: int
+) -> Rollouts:
+    """`Rollouts` of prompts `rows` and their new tokens `[N, T]`, their masks (each row's
+    completion) and the sampler's log-probs of them."""
     sample_logp = drawn * mask
     lengths = mask.sum(dim=1).long().tolist()
     seqs = [r + c[:n] for r, c, n in zip(rows, new.tolist(), lengths, strict=True)]
@@ -138,6 +154,38 @@ def sample(
         attention[i, : len(s)] = 1
     starts = torch.tensor([len(r) for r in rows], dtype=torch.long)
     return Rollouts(input_ids, attention, starts, mask.cpu(), truncated.cpu(), sample_logp.cpu())
+
+
+def _vllm_sample(
+    engine: VllmGenerator, rows: list[list[int]], *, eos: list[int], pad_id: int,
+    max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int,
+    do_sample: bool,
+) -> Rollouts:  # fmt: skip
+    """`rows`' completions from a vLLM engine (`models.vllm_generator`), each row drawn with its
+    own seed (`row_seed`). vLLM stops a row at its first EOS (kept) or at `max_new_tokens`, or
+    at the engine's `max_model_len`: a row that does not end with an EOS is truncated, and only
+    its own tokens are in the mask."""
+    seeds = [row_seed(seed, i) for i in range(len(rows))]
+    tokens, logps = engine.generate(
+        rows, seeds=seeds, max_new_tokens=max_new_tokens, eos=eos, do_sample=do_sample,
+        temperature=temperature, top_p=top_p, top_k=top_k,
+    )  # fmt: skip
+    width = max([len(t) for t in tokens] + [1])
+    new = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    drawn = torch.zeros((len(rows), width))
+    mask = torch.zeros((len(rows), width))
+    for i, (t, lp) in enumerate(zip(tokens, logps, strict=True)):
+        new[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        drawn[i, : len(t)] = torch.tensor(lp)
+        mask[i, : len(t)] = 1.0
+    truncated = torch.tensor([not t or t[-1] not in eos for t in tokens], dtype=torch.bool)
+    return _rows(rows, new, drawn, mask, truncated, pad_id)
+
+
+def row_seed(seed: int, row: int) -> int:
+    """The sampling seed of row `row` of a chunk sampled with `seed` (vLLM's per-request seed)."""
+    h = hashlib.sha256(f"unitune-row|{seed}|{row}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & (2**63 - 1)
 
 
 def _hf_generate(
