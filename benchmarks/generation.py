@@ -19,7 +19,12 @@ dynamic KV cache):
   the CPU's GEMM kernels), what online rollouts use (bfloat16 when the run trains in bf16 mixed
   precision). The last column counts the rows whose tokens equal HF float32's.
 
-`--update-readme` writes the table between the `<!-- bench:generation -->` markers of README.md.
+- `vllm` / `vllm bf16` (`--device cuda`, with the `[vllm]` extra): unitune's vLLM engine
+  (`models.vllm_generator`, what `online.generator: vllm` runs) on the same prompts, greedy.
+
+On a GPU: `python benchmarks/generation.py --device cuda --variants "hf generate,hf generate
+bf16,unitune fp32,vllm,vllm bf16"`. `--update-readme` writes the table between the
+`<!-- bench:generation -->` markers of README.md (`generation_gpu` for `--device cuda`).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import cpu_name, report, run_child, update_readme  # noqa: E402
+from harness import cpu_name, gpu_name, report, run_child, update_readme  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ["hf generate", "hf generate bf16", "unitune fp32", "unitune fp32 packed",
@@ -55,7 +60,40 @@ def _prompts(tokenizer, batch: int) -> list[list[int]]:
     return rows
 
 
-def child(variant: str, batch: int, new_tokens: int, reps: int) -> None:
+def _vllm_run(batch: int, new_tokens: int, dtype: str):
+    """The `vllm` variant's generation function: greedy, the engine started from the embedded
+    default's cached checkpoint (the same weights as the model loaded by the others), rows
+    padded after their EOS as HF's."""
+    import torch
+
+    from unitune.eval.generate import eos_ids
+    from unitune.models.builtin import BUILTIN_SMOLLM2
+    from unitune.models.config import ModelConfig
+    from unitune.models.load import load_model
+    from unitune.models.source import model_dir
+    from unitune.models.vllm_generator import VllmGenerator, check_vllm
+
+    why = check_vllm()
+    if why is not None:
+        sys.exit(why)
+    model, tokenizer = load_model(ModelConfig(name=BUILTIN_SMOLLM2), probe=False)
+    prompts, eos = _prompts(tokenizer, batch), eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id
+    del model
+    engine = VllmGenerator(model_dir(BUILTIN_SMOLLM2), dtype=getattr(torch, dtype), seed=0,
+                           gpu_memory_utilization=0.5)  # fmt: skip
+    engine.synced = True  # its weights are the checkpoint's: nothing to push
+
+    def run():
+        toks, _ = engine.generate(prompts, seeds=list(range(batch)), max_new_tokens=new_tokens,
+                                  eos=eos, do_sample=False)  # fmt: skip
+        width = max(len(t) for t in toks)
+        return torch.tensor([t + [pad] * (width - len(t)) for t in toks])
+
+    return run, pad
+
+
+def child(variant: str, batch: int, new_tokens: int, reps: int, device: str = "cpu") -> None:
     import torch
     from transformers import GenerationConfig
 
@@ -66,9 +104,13 @@ def child(variant: str, batch: int, new_tokens: int, reps: int) -> None:
     from unitune.models.generation_copy import GenerationCopy
     from unitune.models.load import load_model
 
+    if variant.startswith("vllm"):
+        run, pad = _vllm_run(batch, new_tokens, "bfloat16" if "bf16" in variant else "float32")
+        _time(variant, run, batch, reps, pad)
+        return
     model, tokenizer = load_model(ModelConfig(name=BUILTIN_SMOLLM2), probe=False)
-    model.eval().requires_grad_(False)
-    ids, mask = left_pad(_prompts(tokenizer, batch), tokenizer.pad_token_id, torch.device("cpu"))
+    model.eval().requires_grad_(False).to(device)
+    ids, mask = left_pad(_prompts(tokenizer, batch), tokenizer.pad_token_id, torch.device(device))
     pad = tokenizer.pad_token_id
     eos = eos_ids(model, tokenizer)
     if variant.startswith("hf"):
@@ -89,24 +131,41 @@ def child(variant: str, batch: int, new_tokens: int, reps: int) -> None:
         def run():
             return decode(model, ids, mask, max_new_tokens=new_tokens, eos=eos, pad_id=pad).tokens
 
+    _time(variant, run, batch, reps, pad)
+
+
+def _time(variant: str, run, batch: int, reps: int, pad: int) -> None:
+    import torch
+
+    def timed():
+        t0 = time.perf_counter()
+        out = run()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return out, time.perf_counter() - t0
+
     with torch.inference_mode():
-        tokens = run()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - t0)
+        tokens, _ = timed()
+        times = [timed()[1] for _ in range(reps)]
     s = statistics.median(times)
     steps = tokens.shape[1]
-    report({"variant": variant, "seconds": s, "tokens": tokens.tolist(), "steps": steps,
+    rows = [_unpadded(r, pad) for r in tokens.tolist()]  # widths differ between engines
+    report({"variant": variant, "seconds": s, "tokens": rows, "steps": steps,
             "tok_s": batch * steps / s, "ms_step": 1000 * s / steps})  # fmt: skip
 
 
-def table(results: list[dict], batch: int, new_tokens: int) -> str:
+def _unpadded(row: list[int], pad: int) -> list[int]:
+    while row and row[-1] == pad:
+        row = row[:-1]
+    return row
+
+
+def table(results: list[dict], batch: int, new_tokens: int, device: str = "cpu") -> str:
     base = results[0]
+    where = cpu_name() if device == "cpu" else gpu_name()
     lines = [
         f"SmolLM2-135M-Instruct, greedy, batch {batch}, {new_tokens} new tokens per row, "
-        f"on {cpu_name()}:",
+        f"on {where}:",
         "",
         "| generation | tokens/s | ms/step | vs HF | rows equal to HF fp32 |",
         "|---|---|---|---|---|",
@@ -128,22 +187,24 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--child")
     ap.add_argument("--update-readme", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (with the vllm variants)")
     a = ap.parse_args()
     if a.child:
-        child(a.child, a.batch, a.new_tokens, a.reps)
+        child(a.child, a.batch, a.new_tokens, a.reps, a.device)
         return
     results = []
     for v in a.variants.split(","):
         cmd = [sys.executable, __file__, "--child", v, "--batch", str(a.batch),
-               "--new-tokens", str(a.new_tokens), "--reps", str(a.reps)]  # fmt: skip
+               "--new-tokens", str(a.new_tokens), "--reps", str(a.reps),
+               "--device", a.device]  # fmt: skip
         results.append(run_child(cmd, what=v))
         r = results[-1]
         print(f"{v:>22}: {r['tok_s']:7.0f} tokens/s  {r['ms_step']:6.1f} ms/step", flush=True)
-    text = table(results, a.batch, a.new_tokens)
+    text = table(results, a.batch, a.new_tokens, a.device)
     print()
     print(text)
     if a.update_readme:
-        update_readme("generation", text)
+        update_readme("generation" if a.device == "cpu" else "generation_gpu", text)
 
 
 if __name__ == "__main__":

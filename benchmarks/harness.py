@@ -13,7 +13,16 @@ from pathlib import Path
 
 from unitune.core.usage import cpu_name
 
-__all__ = ["cpu_name", "report", "run_child", "run_measured", "update_readme"]
+__all__ = ["cpu_name", "gpu_name", "report", "run_child", "run_measured", "update_readme"]
+
+
+def gpu_name() -> str:
+    """The first CUDA device's name (the machine a `--device cuda` figure was measured on)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    return f"{torch.cuda.get_device_name(0)} ({torch.cuda.device_count()} visible)"
 
 
 def machine_slug() -> str:

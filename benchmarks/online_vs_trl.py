@@ -28,6 +28,10 @@ allocator settings run in both (`unitune.core.allocator.tune()`, which unitune's
 `--bf16-rollouts` (with fp32) adds unitune with `online.generation_dtype: bfloat16`: training in
 float32, rollouts from the packed bfloat16 copy (a CPU with fast bf16).
 
+`--vllm` (a CUDA GPU with the `[vllm]` extra) adds both on vLLM colocated with training:
+unitune's `online.generator: vllm` and TRL's `use_vllm=True, vllm_mode="colocate"`, each taking
+0.3 of the GPU's memory; on a GPU both train on it.
+
 `--update-readme` writes the table between the `<!-- bench:online_vs_trl -->` markers of
 README.md (`online_vs_trl_bf16` for `--precision bf16`).
 """
@@ -43,7 +47,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import cpu_name, run_measured, update_readme  # noqa: E402
+from harness import cpu_name, gpu_name, run_measured, update_readme  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "src" / "unitune" / "study" / "demo_data"
@@ -156,6 +160,19 @@ def trl_worker(job: str, args) -> None:
         return out
 
     transformers.GenerationMixin.generate = timed_generate
+    if args.trl_vllm:  # TRL's vLLM path: the time in its `VLLMGeneration.generate`
+        from trl.generation.vllm_generation import VLLMGeneration
+
+        vllm_generate = VLLMGeneration.generate
+
+        def timed_vllm(self, *a, **kw):
+            t = time.perf_counter()
+            out = vllm_generate(self, *a, **kw)
+            gen["s"] += time.perf_counter() - t
+            gen["tokens"] += sum(len(c) for c in out[1])  # tokens decoded
+            return out
+
+        VLLMGeneration.generate = timed_vllm
 
     class Timer(TrainerCallback):
         def on_step_begin(self, a, state, control, **kw):
@@ -170,9 +187,11 @@ def trl_worker(job: str, args) -> None:
     common = dict(
         output_dir=str(Path(args.work) / f"trl-{job}"), max_steps=args.steps, learning_rate=1e-6,
         max_grad_norm=1.0, report_to="none", save_strategy="no", logging_steps=10**6,
-        use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=0,
-        bf16=args.precision == "bf16", temperature=1.0,
+        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=True,
+        seed=0, bf16=args.precision == "bf16", temperature=1.0,
     )  # fmt: skip
+    if args.trl_vllm:
+        common |= {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3}
     if job == "grpo":
         from trl import GRPOConfig, GRPOTrainer
 
@@ -199,12 +218,17 @@ def trl_worker(job: str, args) -> None:
     }), flush=True)  # fmt: skip
 
 
-def trl_run(job: str, args, work: Path, data: Path, env: dict, checkpointing: bool = True) -> dict:
+def trl_run(
+    job: str, args, work: Path, data: Path, env: dict, checkpointing: bool = True,
+    vllm: bool = False,
+) -> dict:  # fmt: skip
     cmd = [sys.executable, __file__, "--trl-worker", job, "--data-file", str(data),
            "--work", str(work), "--steps", str(args.steps),
            "--precision", args.precision]  # fmt: skip
     if not checkpointing:
         cmd.append("--trl-no-checkpointing")
+    if vllm:
+        cmd.append("--trl-vllm")
     out, rss = run_measured(cmd, env, f"TRL {job}")
     result = json.loads([x for x in out.splitlines() if x.startswith("RESULT ")][-1][7:])
     return {**result, "peak_rss_mb": rss}
@@ -234,6 +258,13 @@ def table(results: dict, meta: dict) -> str:
     )
 
 
+def gpu() -> str:
+    """The GPU unitune trains on, as ", with NAME", or nothing without CUDA."""
+    import torch
+
+    return f", with {gpu_name()}" if torch.cuda.is_available() else ""
+
+
 def main_parent(args) -> int:
     import trl
 
@@ -254,11 +285,17 @@ def main_parent(args) -> int:
             print(job, "TRL without gradient checkpointing", json.dumps(off), flush=True)
         rows["unitune"] = unitune_run(job, args, work, data, env)
         print(job, "unitune", json.dumps(rows["unitune"]), flush=True)
+        if args.vllm:  # a GPU with the [vllm] extra: both frameworks on vLLM, colocated
+            rows["TRL 1.16, vllm"] = trl_run(job, args, work, data, env, vllm=True)
+            print(job, "TRL, vllm", json.dumps(rows["TRL 1.16, vllm"]), flush=True)
+            v = unitune_run(job, args, work, data, env, {"generator": "vllm"}, "-vllm")
+            rows["unitune, vllm"] = v
+            print(job, "unitune, vllm", json.dumps(v), flush=True)
         if args.precision == "fp32" and args.bf16_rollouts:
             b = unitune_run(job, args, work, data, env, {"generation_dtype": "bfloat16"}, "-b")
             rows["unitune, bf16 rollouts"] = b
             print(job, "unitune, bf16 rollouts", json.dumps(b), flush=True)
-    meta = {"precision": args.precision, "steps": args.steps, "cpu": cpu_name(),
+    meta = {"precision": args.precision, "steps": args.steps, "cpu": cpu_name() + gpu(),
             "cores": os.cpu_count(), "trl": trl.__version__,
             "unitune": unitune.__version__}  # fmt: skip
     (work / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
@@ -288,6 +325,9 @@ def main() -> None:
     p.add_argument("--data-file", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--trl-no-checkpointing", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--trl-vllm", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--vllm", action="store_true",
+                   help="also both on vLLM, colocated (CUDA, the [vllm] extra)")  # fmt: skip
     args = p.parse_args()
     if args.trl_worker:
         trl_worker(args.trl_worker, args)

@@ -227,3 +227,23 @@ def test_a_rerun_says_its_data_came_from_the_cache(tiny_config, tmp_path):
     data_lines = [line for line in res.output.splitlines() if " records" in line]
     assert len(data_lines) == 4, res.output  # sft and pref, train and eval
     assert all(line.rstrip().endswith("(from the tokenized-data cache)") for line in data_lines)
+
+
+def test_loading_and_saving_a_model_draw_no_transformers_bars(tmp_path, capfd):
+    """transformers' "Loading weights" / "Writing model shards" bars do not reach the console;
+    the hub's download bars stay on, before and after."""
+    from huggingface_hub import utils as hub
+    from test_architectures import save_tiny
+
+    from unitune.models.config import ModelConfig
+    from unitune.models.load import load_model
+    from unitune.models.save import save_model
+
+    path = save_tiny("llama", tmp_path)
+    capfd.readouterr()
+    assert not hub.are_progress_bars_disabled()
+    model, tokenizer = load_model(ModelConfig(name=str(path)))
+    save_model(model, tokenizer, tmp_path / "out")
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "Writing model shards" not in err, err
+    assert not hub.are_progress_bars_disabled()

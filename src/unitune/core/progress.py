@@ -12,6 +12,8 @@ costs nothing; `transient` removes it from the console when it ends.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
@@ -63,3 +65,25 @@ class ProgressBar:
         """Set the count done and/or the note."""
         fields: dict[str, Any] = {} if info is None else {"info": info}
         self._bar.update(self._task, completed=completed, **fields)
+
+
+@contextlib.contextmanager
+def transformers_bars_off() -> Iterator[None]:
+    """transformers' own progress bars ("Loading weights", "Writing model shards": done in a
+    moment, and noise among the console's lines) off inside the block; the Hugging Face Hub's
+    download bars stay on (a download can be long). Restored on exit."""
+    from huggingface_hub import utils as hub
+    from transformers.utils import logging as hf
+
+    was = hf.is_progress_bar_enabled()
+    hub_was = not hub.are_progress_bars_disabled()
+    hf.disable_progress_bar()  # transformers' bars, and the hub's with them ...
+    if hub_was:
+        hub.enable_progress_bars()  # ... which come back
+    try:
+        yield
+    finally:
+        if was:
+            hf.enable_progress_bar()
+        elif hub_was:
+            hub.enable_progress_bars()

@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from unitune.core.io import atomic_dir, cache_root, make_temp_dir
+from unitune.core.progress import transformers_bars_off
 from unitune.models.errors import ModelLoadError
 
 CHATML_TEMPLATE = (
@@ -119,7 +120,7 @@ def tiny_dir() -> Path:
     target = cache_root() / "models" / f"tiny-{TINY_SEED}"
     if not (target / CACHE_MARKER).is_file():
         model, tokenizer = load_tiny(torch.float32)
-        with atomic_dir(target) as tmp:
+        with atomic_dir(target) as tmp, transformers_bars_off():
             model.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
             (tmp / CACHE_MARKER).write_text(json.dumps({"source": BUILTIN_TINY}) + "\n")
@@ -187,7 +188,8 @@ def _dequantize_gguf(gguf: Path, out_dir: Path) -> None:
     config without its `quantization_config`.
     """
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    with transformers_bars_off():
+        gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     config = copy.deepcopy(gguf_model.config)
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
@@ -197,7 +199,8 @@ def _dequantize_gguf(gguf: Path, out_dir: Path) -> None:
     model.load_state_dict(gguf_model.state_dict(), strict=True)
     model.tie_weights()
     del gguf_model
-    model.save_pretrained(str(out_dir))
+    with transformers_bars_off():
+        model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
 
 

@@ -17,6 +17,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from unitune.core.progress import transformers_bars_off
 from unitune.models.builtin import (
     BUILTIN_SMOLLM2,
     BUILTIN_TINY,
@@ -127,9 +128,10 @@ def _load_pretrained(
     common: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, use_safetensors=True, **common
-        )
+        with transformers_bars_off():
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype, use_safetensors=True, **common
+            )
     except (OSError, ValueError) as err:  # transformers wraps hub errors in OSError
         problem = hub_problem(err, name, revision, label) if path is None else None
         raise ModelLoadError(

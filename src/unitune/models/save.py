@@ -12,6 +12,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from unitune.core.io import atomic_dir
+from unitune.core.progress import transformers_bars_off
 from unitune.models.lora import is_peft
 
 
@@ -43,7 +44,7 @@ def save_model(
             to_save = copy.deepcopy(model).merge_and_unload()
         else:
             to_save = model
-        with _inference_config(to_save):
+        with _inference_config(to_save), transformers_bars_off():
             if is_peft(to_save):
                 # unitune never resizes the vocabulary, so the base embeddings need not be saved;
                 # peft's "auto" would look the base model up on the hub to find out.
