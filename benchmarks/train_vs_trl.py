@@ -378,6 +378,11 @@ def main_parent(args) -> int:
             rows[f"unitune, trim threshold {args.trim_mb} MiB"] = unitune_run(
                 job, args, work, files, trim
             )
+        if job == "dpo" and args.compile:  # the decoder compiled at start-up (outside s/epoch)
+            c = unitune_run(job, args, work, files, env, {"train": {"compile": True}})
+            rows["unitune, train.compile"] = c
+            print(f"train.compile: {c['wall_s']:.0f} s in all against {u['wall_s']:.0f} s "
+                  "eager", flush=True)  # fmt: skip
         if job == "dpo" and args.memory_options:
             for name, change in MEMORY_OPTIONS.items():
                 rows[f"unitune, {name}"] = unitune_run(job, args, work, files, env, change)
@@ -431,6 +436,7 @@ def main() -> None:
     p.add_argument("--model", default="builtin:smollm2-135m")
     p.add_argument("--update-readme", action="store_true")
     p.add_argument("--allocator", action="store_true", help="also DPO with UNITUNE_MALLOC=default")
+    p.add_argument("--compile", action="store_true", help="also DPO with train.compile: true")
     p.add_argument("--trim-mb", type=int, default=0,
                    help="also DPO with glibc's trim threshold at this many MiB")  # fmt: skip
     p.add_argument("--memory-options", action="store_true",

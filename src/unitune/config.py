@@ -295,6 +295,10 @@ class TrainConfig(Strict):
     # padding-free log-probs: each batch's sequences packed into one row, block-diagonal attention
     # (logprobs.py); pays off with FlashAttention-2 on a GPU. IFT's own forward stays padded.
     packing: bool = False
+    # torch.compile (inductor, dynamic shapes) of the decoder for the training passes of SFT and
+    # the offline objectives, compiled on a fixed batch at start-up (minutes), then each step is
+    # faster (README "Each lever alone"); held-out, reference, online passes and generation eager
+    compile: bool = False
     # each step's phases in metrics.jsonl, the run's mean step and memory floor in summary.json
     # and on the console (training/profile.py)
     profile: bool = False
@@ -515,6 +519,7 @@ class Config(Strict):
             if getattr(self.data, slot) is None:
                 raise ValueError(f"schedule {self.schedule.name!r} needs data.{slot}")
         self._online()
+        self._compile()
         sc = self.schedule
         uses_optima = sc.name in SCHEDULES and "loss_sft_star" in context_of(sc.name)
         if uses_optima and sc.ideal == "config":
@@ -577,6 +582,7 @@ class Config(Strict):
                 ("eval.generate", ev.generate),
                 ("eval.retention_tasks", bool(ev.retention_tasks)),
                 ("train.packing", tc.packing),
+                ("train.compile", tc.compile),
                 ("train.gradient_checkpointing", tc.gradient_checkpointing),
                 ("train.mixed_precision", tc.mixed_precision != "no"),
                 ("train.report_to", bool(tc.report_to)),
@@ -604,6 +610,24 @@ class Config(Strict):
 
     def steps_per_generation(self) -> int:
         return self.online.steps_per_generation or self.train.grad_accum
+
+    def _compile(self) -> None:
+        """`train.compile` compiles the decoder's pass of SFT and the offline objectives; a run
+        where nothing takes that pass is refused rather than silently not compiled."""
+        if not self.train.compile:
+            return
+        if self.train.packing:
+            raise ValueError("train.compile: not with train.packing (the packed pass runs eager)")
+        plain = [
+            slot for slot in self.schedule.slots()
+            if getattr(self.objectives, slot).objective().forward is None
+            and not (slot == "pref" and self.is_online)
+        ]  # fmt: skip
+        if not plain:
+            raise ValueError(
+                "train.compile: it compiles the pass of SFT and the offline objectives, and this "
+                "run's objectives (IFT, online) each run their own pass: nothing would be compiled"
+            )
 
     def _online(self) -> None:
         """An online preference objective has rewards and whole groups in every micro-batch;

@@ -38,6 +38,8 @@ mask that ignores the packing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -140,19 +142,22 @@ def sequence_logps(
     *,
     chunk_size: int = 1024,
     packed: bool = False,
+    decoder: Callable | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Summed log-prob of the target tokens of each row, and their count.
 
     Token `i` with `target_mask[:, i] == 1` is scored as `log p(input_ids[:, i] | input_ids[:, :i])`
     from the hidden state at position `i - 1`. Returns `(logp [B] fp32, n_tokens [B])`.
     `packed`: one padding-free decoder pass over all rows (`packed_sequence_logps`), the same
-    result up to floating-point rounding.
+    result up to floating-point rounding. `decoder`: what runs in place of the model's decoder
+    (`train.compile`: its compiled form; not with `packed`).
     """
     if packed:
         return packed_sequence_logps(
             model, input_ids, attention_mask, target_mask, chunk_size=chunk_size
         )
-    decoder, head = _decoder_and_head(model)
+    own, head = _decoder_and_head(model)
+    decoder = own if decoder is None else decoder
     _count_tokens(attention_mask, input_ids.numel())
     hidden = decoder(
         input_ids=input_ids, attention_mask=attention_mask, use_cache=False

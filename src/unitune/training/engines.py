@@ -133,6 +133,11 @@ def check(cfg: Config, engine: Engine) -> None:
                 "by itself, which unitune would report as non-finite; use bf16"
             )
     if engine.shards_parameters:
+        if tc.compile:
+            problems.append(
+                "train.compile: the decoder is compiled whole, and each process holds a shard "
+                "of it: use DDP or ZeRO-2"
+            )
         if cfg.schedule.l1 > 0:
             problems.append(
                 "schedule.l1 > 0 (PAFT's L1 penalty; parallel.l1 for job parallel's SFT branch) "

@@ -43,9 +43,43 @@ class PolicyLogps(nn.Module):
     (IFT) is not packed and runs on the padded batch.
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int, packed: bool = False):
+    def __init__(
+        self, model: nn.Module, chunk_size: int, packed: bool = False, compile: bool = False,
+        max_length: int = 512,
+    ):  # fmt: skip
         super().__init__()
         self.model, self.chunk_size, self.packed = model, chunk_size, packed
+        # `train.compile`: the decoder compiled, for passes with gradients (training steps).
+        # Held in __dict__, not as a submodule: its parameters are the decoder's, counted once,
+        # and the model itself is not changed (its copies, generation and saving see no compile).
+        self.__dict__["compiled"] = None
+        if compile:
+            self.__dict__["compiled"] = _deterministic(
+                torch.compile(model.get_decoder(), dynamic=True)
+            )
+            self._warm_up(max_length)
+
+    @torch.no_grad()
+    def _warm_up(self, length: int) -> None:
+        """Compile the decoder's forward and backward on one fixed batch (2 rows of the run's
+        `max_length` tokens, the longest it will see: what the compiled graph's guards on
+        sizes are drawn from) before anything else runs through it: inductor sizes its kernels
+        by the first batch it sees, so every process, fresh or resumed, compiles the same
+        kernels (with `_deterministic`'s ordered sums, a resumed run ends bit for bit on the
+        uninterrupted one: tests/test_compile.py). The gradients it computes are not kept; the
+        random state is left as it was."""
+        decoder = self.model.get_decoder()
+        device = next(decoder.parameters()).device
+        params = [p for p in decoder.parameters() if p.requires_grad]
+        was_training = decoder.training
+        decoder.train()  # as a training step sees it (the compiled graph guards on the mode)
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            ids = torch.arange(2 * length, device=device).reshape(2, length) % 7 + 3
+            hidden = self.compiled(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                   use_cache=False).last_hidden_state  # fmt: skip
+            if params and hidden.requires_grad:
+                torch.autograd.grad(hidden.float().square().mean(), params[:1], allow_unused=True)
+        decoder.train(was_training)
 
     def forward(self, input_ids, attention_mask, target_mask, objective_forward=None, **params):
         """Summed log-probs per row; or, for an objective with its own model pass (IFT), that
@@ -55,10 +89,29 @@ class PolicyLogps(nn.Module):
                 self.model, input_ids, attention_mask, target_mask,
                 chunk_size=self.chunk_size, **params,
             )  # fmt: skip
+        compiled = self.compiled if torch.is_grad_enabled() else None
         return sequence_logps(
             self.model, input_ids, attention_mask, target_mask,
-            chunk_size=self.chunk_size, packed=self.packed,
+            chunk_size=self.chunk_size, packed=self.packed, decoder=compiled,
         )  # fmt: skip
+
+
+def _deterministic(fn: Callable) -> Callable:
+    """`fn` run (and so compiled) with torch's deterministic algorithms on, warnings only:
+    inductor then lowers the scatter-adds of the backward pass (the embedding's gradient) to
+    aten's ordered kernel instead of atomic adds, whose order changes the sum's rounding from run
+    to run. The setting is given back after each call."""
+
+    def run(*args, **kwargs):
+        was = torch.are_deterministic_algorithms_enabled()
+        warn = torch.is_deterministic_algorithms_warn_only_enabled()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.use_deterministic_algorithms(was, warn_only=warn)
+
+    return run
 
 
 @dataclasses.dataclass(frozen=True)

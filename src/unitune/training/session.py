@@ -102,8 +102,9 @@ class Session:
                 self.aux[(slot, "eval", name)] = build(split.eval, self.eval_batches(split.eval))
         # the model's log-prob wrapper, before Accelerate prepares it (`loop.prepare`)
         self.logps = PolicyLogps(
-            self.model, cfg.train.logprob_chunk_size, packed=cfg.train.packing
-        ).to(self.device)
+            self.model.to(self.device), cfg.train.logprob_chunk_size, packed=cfg.train.packing,
+            compile=cfg.train.compile, max_length=cfg.data.max_length,
+        ).to(self.device)  # fmt: skip
 
     def eval_batches(self, items: list) -> list[list[int]]:
         """The fixed batches of a held-out split (eval batch size, by length, unshuffled)."""
