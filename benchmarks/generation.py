@@ -70,6 +70,7 @@ def _vllm_run(batch: int, new_tokens: int, dtype: str):
     from unitune.models.builtin import BUILTIN_SMOLLM2
     from unitune.models.config import ModelConfig
     from unitune.models.load import load_model
+    from unitune.models.lora import merged_weights
     from unitune.models.source import model_dir
     from unitune.models.vllm_generator import VllmGenerator, check_vllm
 
@@ -79,10 +80,10 @@ def _vllm_run(batch: int, new_tokens: int, dtype: str):
     model, tokenizer = load_model(ModelConfig(name=BUILTIN_SMOLLM2), probe=False)
     prompts, eos = _prompts(tokenizer, batch), eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id
-    del model
     engine = VllmGenerator(model_dir(BUILTIN_SMOLLM2), dtype=getattr(torch, dtype), seed=0,
                            gpu_memory_utilization=0.5)  # fmt: skip
-    engine.synced = True  # its weights are the checkpoint's: nothing to push
+    engine.sync(merged_weights(model))  # as the online trainer does (the same weights here)
+    del model
 
     def run():
         toks, _ = engine.generate(prompts, seeds=list(range(batch)), max_new_tokens=new_tokens,

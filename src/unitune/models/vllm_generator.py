@@ -104,9 +104,10 @@ class VllmGenerator:
             trust_remote_code=trust_remote_code,
         )
         # where the engine's weights live (vLLM runs on CUDA; the tests' CPU stand-in on the CPU)
-        cuda = torch.cuda.is_available()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else None
-        self.device = self.device or torch.device("cpu")
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available() else torch.device("cpu")
+        )  # fmt: skip
         self.sleep_mode = sleep
         self.synced = False  # the engine holds weights pushed by `sync` and is awake
         if sleep:

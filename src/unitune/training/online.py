@@ -23,7 +23,6 @@ generates nothing for it.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import sys
@@ -49,7 +48,7 @@ from unitune.objectives.online import zero_std_groups
 from unitune.rewards import Rewards, build_rewards
 from unitune.rewards.shaping import RunningStats, clip, missing_eos, una_map
 from unitune.training.batches import BatchStream
-from unitune.training.rollout import Rollouts, full_parameters, sample
+from unitune.training.rollout import Rollouts, derived_seed, full_parameters, sample
 
 if TYPE_CHECKING:
     from unitune.training.policy import Loss
@@ -716,8 +715,7 @@ def whole_models() -> Iterator[None]:
 
 def seed_of(seed: int, key: int) -> int:
     """The sampling seed of global micro-batch `key` of a run seeded `seed`."""
-    h = hashlib.sha256(f"unitune-rollout|{seed}|{key}".encode()).digest()
-    return int.from_bytes(h[:8], "little") & (2**63 - 1)
+    return derived_seed("rollout", seed, key)
 
 
 def concat(chunks: list[Rollouts], pad_id: int) -> Rollouts:

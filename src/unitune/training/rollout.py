@@ -182,10 +182,16 @@ def _vllm_sample(
     return _rows(rows, new, drawn, mask, truncated, pad_id)
 
 
+def derived_seed(kind: str, seed: int, key: int) -> int:
+    """A 63-bit seed drawn from (`kind`, `seed`, `key`) by SHA-256: unrelated streams for
+    neighbouring keys, the same on every process and in every resumed run."""
+    h = hashlib.sha256(f"unitune-{kind}|{seed}|{key}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & (2**63 - 1)
+
+
 def row_seed(seed: int, row: int) -> int:
     """The sampling seed of row `row` of a chunk sampled with `seed` (vLLM's per-request seed)."""
-    h = hashlib.sha256(f"unitune-row|{seed}|{row}".encode()).digest()
-    return int.from_bytes(h[:8], "little") & (2**63 - 1)
+    return derived_seed("row", seed, row)
 
 
 def _hf_generate(
