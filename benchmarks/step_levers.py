@@ -11,6 +11,15 @@ backward instead of recomputed in it (what `unitune train` does); `bf16`: bf16 a
 (`train.mixed_precision: bf16`); `threads1`: one intra-op thread; `foreach` / `for-loop`
 AdamW against the fused one (the optimizer step alone). Seconds are the median of `--reps`
 after one warm-up; nothing else should run on the machine.
+
+    python benchmarks/step_levers.py --ops [--precision bf16] [--reps 3]
+
+`--ops` instead takes the baseline step apart op by op (unitune's allocator settings applied as
+`unitune train` applies them): every aten call of one step is recorded and replayed alone at its
+exact shapes and strides, and the table gives the GEMMs (with their FLOPs and rate against the
+GEMM peak `train_vs_trl.py` measures, in the same process), the attention kernels, the head's
+log-softmax, the rest (the largest named), and the step's time less all the replays: what runs
+between the kernels. No profiler: `torch.profiler` more than doubled this step.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import cpu_name  # noqa: E402
-from train_vs_trl import DEMO, subset  # noqa: E402
+from train_vs_trl import DEMO, gemm_peak, subset  # noqa: E402
 
 LEVERS = ("baseline", "eager", "compile", "recompute", "bf16", "threads1", "optimizer")
 
@@ -68,18 +77,23 @@ def kept_logps(model, input_ids, attention_mask, target_mask):
     return torch.zeros(input_ids.shape[0]).index_add(0, pos[:, 0], logp), mask.sum(1)
 
 
-def step_seconds(model, b, reps: int, *, keep: bool = False, autocast: bool = False) -> float:
-    """Median seconds of forward + backward of the batch's summed log-probs."""
+def one_step(model, b, *, keep: bool = False, autocast: bool = False) -> None:
+    """Forward and backward of the batch's summed log-probs; the gradients dropped."""
     from unitune.models.logprobs import sequence_logps
 
+    ctx = torch.autocast("cpu", torch.bfloat16) if autocast else contextlib.nullcontext()
+    with ctx:
+        logp, _ = (kept_logps if keep else sequence_logps)(model, **b)
+    logp.sum().backward()
+    model.zero_grad(set_to_none=True)
+
+
+def step_seconds(model, b, reps: int, *, keep: bool = False, autocast: bool = False) -> float:
+    """Median seconds of `one_step` over `reps` after a warm-up."""
     times = []
     for i in range(reps + 1):
         t = time.perf_counter()
-        ctx = torch.autocast("cpu", torch.bfloat16) if autocast else contextlib.nullcontext()
-        with ctx:
-            logp, _ = (kept_logps if keep else sequence_logps)(model, **b)
-        logp.sum().backward()
-        model.zero_grad(set_to_none=True)
+        one_step(model, b, keep=keep, autocast=autocast)
         if i:
             times.append(time.perf_counter() - t)
     return statistics.median(times)
@@ -105,13 +119,164 @@ def optimizer_seconds(model, reps: int) -> dict[str, float]:
     return out
 
 
+GEMMS = ("mm", "addmm", "bmm")
+ATTENTION = ("_scaled_dot_product_flash_attention_for_cpu",
+             "_scaled_dot_product_flash_attention_for_cpu_backward")  # fmt: skip
+HEAD = ("_log_softmax", "_log_softmax_backward_data", "logsumexp")
+
+
+def op_category(name: str) -> str:
+    if name in GEMMS:
+        return "GEMMs"
+    if name in ATTENTION:
+        return "attention (SDPA kernels)"
+    if name in HEAD:
+        return "head log-softmax"
+    return "elementwise, norms, copies, the rest"
+
+
+def gemm_flops(name: str, shapes: list[tuple[int, ...]]) -> float:
+    """FLOPs of one mm / addmm / bmm call from its operands' shapes."""
+    a, b = shapes[-2], shapes[-1]  # addmm's bias comes first
+    return 2.0 * (a[0] if name == "bmm" else 1) * a[-2] * a[-1] * b[-1]
+
+
+def record_step(model, b, autocast: bool = False) -> list[tuple]:
+    """Every aten call of one `one_step`, in order, as (name, argument spec): floating tensors by
+    shape, stride and dtype (their values do not change a kernel's time), integer and boolean
+    tensors (indices, masks: they set output shapes) cloned whole, other arguments as they are."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_map
+
+    calls: list[tuple] = []
+
+    def spec(x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        if x.is_floating_point():
+            return ("float", tuple(x.shape), tuple(x.stride()), x.dtype, x.storage_offset())
+        return ("real", x.detach().clone())
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            calls.append((func, tree_map(spec, args), tree_map(spec, kwargs)))
+            return func(*args, **kwargs)
+
+    with Recorder():
+        one_step(model, b, autocast=autocast)
+    return calls
+
+
+def replay_seconds(calls: list[tuple], reps: int) -> tuple[list[float], list[str]]:
+    """Each recorded call run again in order on random floating tensors of its arguments' exact
+    shapes and strides (the integer ones as recorded); per call the median over `reps` rounds.
+    Returns the seconds per call (nan where a call could not be replayed) and what failed."""
+    from torch.utils._pytree import tree_map
+
+    pool: dict[tuple, torch.Tensor] = {}
+
+    def make(x):
+        if not (isinstance(x, tuple) and x and x[0] in ("float", "real")):
+            return x
+        if x[0] == "real":
+            return x[1]
+        _, shape, stride, dtype, offset = x
+        key = (shape, stride, dtype, offset)
+        if key not in pool:
+            size = offset + 1 + sum((n - 1) * s for n, s in zip(shape, stride, strict=True) if n)
+            base = torch.randn(size).to(dtype)
+            pool[key] = base.as_strided(shape, stride, offset)
+        return pool[key]
+
+    def is_spec(x):
+        return isinstance(x, tuple) and bool(x) and x[0] in ("float", "real")
+
+    ready = []
+    for func, args, kwargs in calls:
+        a = tree_map(make, args, is_leaf=is_spec)
+        k = tree_map(make, kwargs, is_leaf=is_spec)
+        ready.append((func, a, k))
+    times: list[list[float]] = [[] for _ in ready]
+    failed: list[str] = []
+    torch.set_flush_denormal(True)  # in-place ops repeated on random data must not slow down
+    for r in range(reps + 1):
+        for i, (func, a, k) in enumerate(ready):
+            t = time.perf_counter()
+            try:
+                func(*a, **k)
+            except Exception:  # noqa: BLE001 - a call that cannot run again is reported
+                if r == 0:
+                    failed.append(func.__name__)
+                times[i].append(float("nan"))
+                continue
+            if r:
+                times[i].append(time.perf_counter() - t)
+    torch.set_flush_denormal(False)
+    return [statistics.median(t) if t else float("nan") for t in times], failed
+
+
+def op_breakdown(model, b, reps: int, peak: float, autocast: bool = False) -> str:
+    """Where the baseline step's time goes, without a profiler (which, here, more than doubled
+    the step and charged most of it to small operations): every aten call of one step recorded,
+    each replayed alone in order at its exact shapes, and the step's time less the sum of the
+    replays is what runs between kernels (Python, autograd, dispatch, allocation) and what the
+    kernels lose in the step (caches)."""
+    plain = step_seconds(model, b, reps, autocast=autocast)
+    calls = record_step(model, b, autocast)
+    seconds, failed = replay_seconds(calls, reps)
+    groups: dict[str, list[float]] = {}
+    rest: dict[str, list[float]] = {}
+    for (func, args, _), sec in zip(calls, seconds, strict=True):
+        name = func.__name__.split(".")[0]
+        cat = op_category(name)
+        g = groups.setdefault(cat, [0.0, 0.0, 0])
+        if sec == sec:  # not nan
+            g[0] += sec
+        g[2] += 1
+        if cat == "GEMMs":
+            shapes = [a[1] for a in args if isinstance(a, tuple) and a and a[0] == "float"]
+            g[1] += gemm_flops(name, shapes)
+        elif cat.startswith("elementwise") and sec == sec:
+            r = rest.setdefault(name, [0.0, 0])
+            r[0] += sec
+            r[1] += 1
+    kernels = sum(g[0] for g in groups.values())
+    lines = [f"Step (forward and backward) {plain:.2f} s; {len(calls)} aten calls, each replayed "
+             f"alone at its shapes: {kernels:.2f} s; GEMM peak {peak:.0f} GFLOP/s.", "",
+             "| part | s/step | share | calls | GFLOP | GFLOP/s | of GEMM peak |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for cat, (sec, flops, n) in sorted(groups.items(), key=lambda kv: -kv[1][0]):
+        rate = flops / sec / 1e9 if flops else 0.0
+        cells = [f"{flops / 1e9:.1f}", f"{rate:.0f}", f"{rate / peak:.0%}"] if flops else [""] * 3
+        lines.append(f"| {cat} | {sec:.3f} | {sec / plain:.0%} | {n} | " + " | ".join(cells)
+                     + " |")  # fmt: skip
+    gap = plain - kernels
+    lines.append(f"| between and around kernels (step less the replays) | {gap:.3f} | "
+                 f"{gap / plain:.0%} |  |  |  |  |")  # fmt: skip
+    top = sorted(rest.items(), key=lambda kv: -kv[1][0])[:12]
+    named = ", ".join(f"{k} {s:.3f} s ({n})" for k, (s, n) in top)
+    lines += ["", f"Largest of the rest (s/step, calls): {named}."]
+    if failed:
+        lines.append(f"Not replayed ({len(failed)} calls, their time is in the last row): "
+                     + ", ".join(sorted(set(failed))) + ".")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=4)
     p.add_argument("--join", type=int, default=8)
     p.add_argument("--pairs", type=int, default=4)
     p.add_argument("--levers", default=",".join(LEVERS))
+    p.add_argument("--ops", action="store_true", help="take the baseline step apart op by op")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="--ops: the step in fp32 or under bf16 autocast")  # fmt: skip
     args = p.parse_args()
+    if args.ops:
+        from unitune.core.allocator import tune
+
+        tune()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from unitune.models.builtin import smollm2_cache_dir
@@ -130,6 +295,10 @@ def main() -> None:
     results: dict[str, float] = {}
     levers = args.levers.split(",")
     model = fresh()
+    if args.ops:
+        peak = max(gemm_peak(2048, args.precision), gemm_peak(2048, args.precision))
+        print(op_breakdown(model, b, args.reps, peak, args.precision == "bf16"))
+        return
     base = step_seconds(model, b, args.reps)
     results["baseline (sdpa, fp32, head recomputed in backward)"] = base
     if "recompute" in levers:
