@@ -263,6 +263,43 @@ def op_breakdown(model, b, reps: int, peak: float, autocast: bool = False) -> st
     return "\n".join(lines)
 
 
+def memory_breakdown(model, b, autocast: bool = False) -> str:
+    """Live tensor memory by kind at the peak of one training step (forward, backward, clipping,
+    fused AdamW, gradients set to None as `unitune train` does), from `torch.profiler`'s memory
+    timeline over the second step (the first creates the optimizer state)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import _CATEGORY_TO_COLORS, MemoryProfileTimeline
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-6, fused=True)
+
+    def step() -> None:
+        ctx = torch.autocast("cpu", torch.bfloat16) if autocast else contextlib.nullcontext()
+        from unitune.models.logprobs import sequence_logps
+
+        with ctx:
+            logp, _ = sequence_logps(model, **b)
+        logp.sum().backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    kw = {"profile_memory": True, "record_shapes": True, "with_stack": True}
+    with profile(activities=[ProfilerActivity.CPU], **kw) as prof:
+        step()
+    times, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")
+    totals = [sum(row) for row in sizes]
+    at = max(range(len(totals)), key=totals.__getitem__)
+    names = ["?"] + [c.name.lower() if c else "unknown" for c in _CATEGORY_TO_COLORS]
+    parts = sorted(((sizes[at][i], names[i]) for i in range(1, len(names))), reverse=True)
+    gb = 1e9
+    shown = ", ".join(f"{name} {n / gb:.2f}" for n, name in parts if n)
+    when = (times[at] - times[0]) / (times[-1] - times[0])
+    return (f"Live tensors at the step's peak ({when:.0%} of the way through it): "
+            f"{totals[at] / gb:.2f} GB: {shown}.")  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=4)
@@ -270,10 +307,11 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=4)
     p.add_argument("--levers", default=",".join(LEVERS))
     p.add_argument("--ops", action="store_true", help="take the baseline step apart op by op")
+    p.add_argument("--memory", action="store_true", help="live memory by kind at the peak")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="--ops: the step in fp32 or under bf16 autocast")  # fmt: skip
+                   help="--ops, --memory: the step in fp32 or under bf16 autocast")  # fmt: skip
     args = p.parse_args()
-    if args.ops:
+    if args.ops or args.memory:
         from unitune.core.allocator import tune
 
         tune()
@@ -295,6 +333,9 @@ def main() -> None:
     results: dict[str, float] = {}
     levers = args.levers.split(",")
     model = fresh()
+    if args.memory:
+        print(memory_breakdown(model, b, args.precision == "bf16"))
+        return
     if args.ops:
         peak = max(gemm_peak(2048, args.precision), gemm_peak(2048, args.precision))
         print(op_breakdown(model, b, args.reps, peak, args.precision == "bf16"))
