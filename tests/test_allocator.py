@@ -33,7 +33,7 @@ def probe(mode: str, **env) -> dict:
 
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     out = subprocess.run([sys.executable, "-c", PROBE, mode], env={**clean, **env},
-                         capture_output=True, text=True, check=True)  # fmt: skip
+                         capture_output=True, text=True, check=True, timeout=120)  # fmt: skip
     return json.loads(out.stdout)
 
 
@@ -50,3 +50,61 @@ def test_the_user_s_settings_win():
     mine = probe("tune", MALLOC_MMAP_MAX_="65536")
     assert "MALLOC_MMAP_MAX_" not in mine["done"] and mine["mmapped"] >= 64 << 20
     assert probe("tune", UNITUNE_MALLOC="default")["done"] == {}
+
+
+PRELOAD = """
+import ctypes.util, os, sys
+from unitune.core.allocator import in_use, preload, tune
+if len(sys.argv) > 1:  # the library name the machine would give
+    find = ctypes.util.find_library
+    ctypes.util.find_library = lambda name: sys.argv[1] if "tcmalloc" in name else find(name)
+preload()
+print(in_use(), os.environ.get("LD_PRELOAD"), bool(tune()))
+"""
+
+tcmalloc = pytest.mark.skipif(
+    __import__("ctypes.util").util.find_library("tcmalloc_minimal") is None,
+    reason="tcmalloc not installed (make setup installs Debian's libtcmalloc-minimal4)",
+)
+
+
+def preload_probe(*args: str, **env) -> list[str]:
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("MALLOC_", "UNITUNE_MALLOC", "LD_PRELOAD"))}  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", PRELOAD, *args], env={**clean, **env},
+                         capture_output=True, text=True, check=True, timeout=120)  # fmt: skip
+    return out.stdout.split()
+
+
+@glibc
+@tcmalloc
+def test_the_command_restarts_itself_on_tcmalloc():
+    # on tcmalloc, its LD_PRELOAD gone again (what the process starts keeps its own), glibc
+    # left alone
+    assert preload_probe() == ["tcmalloc", "None", "False"]
+    # asked for glibc, or the user's own preload: glibc tuned / theirs, no restart
+    assert preload_probe(UNITUNE_MALLOC="glibc") == ["glibc", "None", "True"]
+    assert preload_probe(UNITUNE_MALLOC="default") == ["glibc", "None", "False"]
+
+
+@glibc
+def test_a_library_the_loader_refuses_does_not_loop():
+    # the restarted process finds no tcmalloc mapped (the loader ignored the name) and goes on
+    # on glibc, tuned, instead of starting itself again
+    assert preload_probe("libunitune-no-such-allocator.so") == ["glibc", "None", "True"]
+
+
+@glibc
+@tcmalloc
+def test_the_cli_runs_on_tcmalloc(tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "from unitune.cli import app, main\n"
+        "from unitune.core.allocator import in_use\n"
+        "app.command('probe')(lambda: print(in_use()))\n"
+        "main()\n"
+    )
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("UNITUNE_MALLOC", "LD_"))}
+    out = subprocess.run([sys.executable, str(script), "probe"], env=clean,
+                         capture_output=True, text=True, check=True, timeout=120)  # fmt: skip
+    assert out.stdout.split() == ["tcmalloc"]

@@ -26,6 +26,7 @@ LAYERS = [
     "jobs",  # what `unitune train` runs
     "study",  # sweeps, reports, plots, the demo
     "cli",
+    "__main__",  # `python -m unitune`: the command
 ]
 EXEMPT = {"__init__", "api"}  # the package's public API: lazy re-exports of every layer
 

@@ -37,6 +37,15 @@ def _start(
     tune()  # glibc's allocator kept from mmap/munmap churn (`allocator.py`)
 
 
+def main() -> None:
+    """The `unitune` command: on tcmalloc where it is installed (`core/allocator.py`), then the
+    app."""
+    from unitune.core.allocator import preload
+
+    preload()
+    app()
+
+
 def _quiet_engines() -> None:
     """DeepSpeed warns, with its source file and line, that it fell back to the CPU whenever it
     is imported without a GPU: nothing a user can act on, so it is dropped (`--verbose` keeps it).
@@ -593,4 +602,4 @@ def chat(
 
 
 if __name__ == "__main__":
-    app()
+    main()

@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from unitune.core.allocator import in_use
 from unitune.core.phases import PHASES
 
 # phases in the order a step runs them (others, if any, after these)
@@ -110,6 +111,7 @@ class StepProfile:
             "seconds": seconds,
             "counts": counts,
             "memory_bytes": {k: int(v) for k, v in memory.items()},
+            "allocator": in_use(),  # what the peak RSS above the floor depends on
         }
 
 
@@ -130,7 +132,8 @@ def show(console: Console, profile: dict) -> None:
         t.add_row(name, f"{s:.3f}", f"{s / total:.0%}")
     t.add_row("step", f"{profile['step_s']:.3f}", "100%")
     console.print(t)
-    m = Table(title="memory floor (GB)", width=60)
+    on = f", on {profile['allocator']}" if profile.get("allocator") else ""
+    m = Table(title=f"memory floor (GB){on}", width=60)
     m.add_column("part")
     m.add_column("GB", justify="right")
     for name, b in profile["memory_bytes"].items():

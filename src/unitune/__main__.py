@@ -1,0 +1,5 @@
+"""`python -m unitune`: the `unitune` command."""
+
+from unitune.cli import main
+
+main()
