@@ -28,6 +28,17 @@ def tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg)
 
 
+def padded_batch(vocab: int, rows: int, width: int, short_to: int, target_from: int) -> dict:
+    """Random ids, the last row right-padded from `short_to`, targets from `target_from`: the
+    `input_ids` / `attention_mask` / `target_mask` a training pass takes."""
+    ids = torch.randint(3, vocab, (rows, width))
+    mask = torch.ones_like(ids)
+    mask[-1, short_to:] = 0
+    target = torch.zeros_like(ids)
+    target[:, target_from:] = 1
+    return {"input_ids": ids, "attention_mask": mask, "target_mask": target}
+
+
 def perturbed_tiny():
     """builtin:tiny with its weights perturbed (seeded): the plain one greedily writes only
     newlines, this one varied tokens (generation tests)."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import tiny_llama
+from conftest import padded_batch, tiny_llama
 from typer.testing import CliRunner
 
 from unitune.cli import app
@@ -71,11 +71,8 @@ def test_a_mismatched_exit_is_ignored_and_off_records_nothing(clock):
 
 def test_the_heads_phases_inside_backward_and_the_counters():
     model = tiny_llama(vocab_size=64).train()
-    ids = torch.randint(3, 64, (3, 12))
-    mask = torch.ones_like(ids)
-    mask[2, 9:] = 0
-    target = torch.zeros_like(ids)
-    target[:, 6:] = 1
+    b = padded_batch(64, rows=3, width=12, short_to=9, target_from=6)
+    ids, mask, target = b["input_ids"], b["attention_mask"], b["target_mask"]
     plain, _ = sequence_logps(model, ids, mask, target, chunk_size=4)
     plain.sum().backward()
     grads = [p.grad.clone() for p in model.parameters()]

@@ -4,8 +4,7 @@ replays, and the GEMM FLOPs counted from the recorded shapes are the model's own
 import sys
 from pathlib import Path
 
-import torch
-from conftest import tiny_llama
+from conftest import padded_batch, tiny_llama
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from step_levers import gemm_flops, record_step, replay_seconds  # noqa: E402
@@ -19,12 +18,8 @@ def test_gemm_flops_by_hand() -> None:
 
 def test_record_and_replay_one_step() -> None:
     model = tiny_llama(vocab_size=50).train()
-    ids = torch.randint(0, 50, (2, 9))
-    mask = torch.ones_like(ids)
-    mask[1, 7:] = 0
-    target = torch.zeros_like(ids)
-    target[:, 4:] = 1
-    b = {"input_ids": ids, "attention_mask": mask, "target_mask": target}
+    b = padded_batch(50, rows=2, width=9, short_to=7, target_from=4)
+    mask, target = b["attention_mask"], b["target_mask"]
     calls = record_step(model, b)
     names = [f.__name__.split(".")[0] for f, _, _ in calls]
     # forward and backward are both recorded: SDPA's backward, SiLU's backward
