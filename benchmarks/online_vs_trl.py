@@ -22,8 +22,9 @@ share of it spent generating, tokens decoded per second of generation (rows x de
 a batch decodes until its longest completion ends, so this is the engine's rate whatever the
 completions' lengths), peak RSS (`wait4`), and the ratios. unitune's step and
 generation times are its own `metrics.jsonl` (`step_s`, `time/generate_s`); TRL's come from a
-`TrainerCallback` and from timing `generate` (the time its trainers spend in it). The same
-allocator settings run in both (`unitune.core.allocator.tune()`, which unitune's CLI applies).
+`TrainerCallback` and from timing `generate` (the time its trainers spend in it). unitune runs
+on the allocator its CLI picks (tcmalloc where installed, else glibc tuned); TRL on glibc with
+unitune's settings (`unitune.core.allocator.tune()`: faster than TRL's own default).
 
 `--bf16-rollouts` (with fp32) adds unitune with `online.generation_dtype: bfloat16`: training in
 float32, rollouts from the packed bfloat16 copy (a CPU with fast bf16).
@@ -137,7 +138,7 @@ def trl_worker(job: str, args) -> None:
     from unitune.core.allocator import tune
     from unitune.models.builtin import smollm2_cache_dir
 
-    tune()  # the same allocator settings unitune's CLI applies
+    tune()  # glibc as unitune tunes it where tcmalloc is not installed
     torch.manual_seed(0)
     spec = importlib.util.spec_from_file_location("online_reward", REWARD)
     reward = importlib.util.module_from_spec(spec)
