@@ -14,12 +14,18 @@ after one warm-up; nothing else should run on the machine.
 
     python benchmarks/step_levers.py --ops [--precision bf16] [--reps 3]
 
-`--ops` instead takes the baseline step apart op by op (unitune's allocator settings applied as
-`unitune train` applies them): every aten call of one step is recorded and replayed alone at its
+`--ops` instead takes the baseline step apart op by op (on glibc tuned as `unitune` tunes it
+where tcmalloc is not installed): every aten call of one step is recorded and replayed alone at its
 exact shapes and strides, and the table gives the GEMMs (with their FLOPs and rate against the
 GEMM peak `train_vs_trl.py` measures, in the same process), the attention kernels, the head's
 log-softmax, the rest (the largest named), and the step's time less all the replays: what runs
 between the kernels. No profiler: `torch.profiler` more than doubled this step.
+
+    python benchmarks/step_levers.py --memory [--precision bf16]
+
+`--memory` gives the live tensors by kind (activations, optimizer state, weights, ...) at the
+peak of one whole training step (forward, backward, clipping, fused AdamW), from
+`torch.profiler`'s memory timeline: what the peak RSS would be with no allocator overhead.
 """
 
 from __future__ import annotations
@@ -77,14 +83,19 @@ def kept_logps(model, input_ids, attention_mask, target_mask):
     return torch.zeros(input_ids.shape[0]).index_add(0, pos[:, 0], logp), mask.sum(1)
 
 
-def one_step(model, b, *, keep: bool = False, autocast: bool = False) -> None:
-    """Forward and backward of the batch's summed log-probs; the gradients dropped."""
+def backward(model, b, *, keep: bool = False, autocast: bool = False) -> None:
+    """Forward and backward of the batch's summed log-probs; the gradients left in `.grad`."""
     from unitune.models.logprobs import sequence_logps
 
     ctx = torch.autocast("cpu", torch.bfloat16) if autocast else contextlib.nullcontext()
     with ctx:
         logp, _ = (kept_logps if keep else sequence_logps)(model, **b)
     logp.sum().backward()
+
+
+def one_step(model, b, *, keep: bool = False, autocast: bool = False) -> None:
+    """`backward`, the gradients dropped."""
+    backward(model, b, keep=keep, autocast=autocast)
     model.zero_grad(set_to_none=True)
 
 
@@ -135,6 +146,17 @@ def op_category(name: str) -> str:
     return "elementwise, norms, copies, the rest"
 
 
+def is_spec(x) -> bool:
+    """Whether `x` is a recorded tensor argument (`record_step`): ("float", shape, stride, dtype,
+    offset) or ("real", the tensor)."""
+    return isinstance(x, tuple) and bool(x) and x[0] in ("float", "real")
+
+
+def float_shapes(args) -> list[tuple[int, ...]]:
+    """The shapes of a recorded call's floating tensor arguments, in order."""
+    return [a[1] for a in args if is_spec(a) and a[0] == "float"]
+
+
 def gemm_flops(name: str, shapes: list[tuple[int, ...]]) -> float:
     """FLOPs of one mm / addmm / bmm call from its operands' shapes."""
     a, b = shapes[-2], shapes[-1]  # addmm's bias comes first
@@ -177,7 +199,7 @@ def replay_seconds(calls: list[tuple], reps: int) -> tuple[list[float], list[str
     pool: dict[tuple, torch.Tensor] = {}
 
     def make(x):
-        if not (isinstance(x, tuple) and x and x[0] in ("float", "real")):
+        if not is_spec(x):
             return x
         if x[0] == "real":
             return x[1]
@@ -188,9 +210,6 @@ def replay_seconds(calls: list[tuple], reps: int) -> tuple[list[float], list[str
             base = torch.randn(size).to(dtype)
             pool[key] = base.as_strided(shape, stride, offset)
         return pool[key]
-
-    def is_spec(x):
-        return isinstance(x, tuple) and bool(x) and x[0] in ("float", "real")
 
     ready = []
     for func, args, kwargs in calls:
@@ -235,8 +254,7 @@ def op_breakdown(model, b, reps: int, peak: float, autocast: bool = False) -> st
             g[0] += sec
         g[2] += 1
         if cat == "GEMMs":
-            shapes = [a[1] for a in args if isinstance(a, tuple) and a and a[0] == "float"]
-            g[1] += gemm_flops(name, shapes)
+            g[1] += gemm_flops(name, float_shapes(args))
         elif cat.startswith("elementwise") and sec == sec:
             r = rest.setdefault(name, [0.0, 0])
             r[0] += sec
@@ -274,12 +292,7 @@ def memory_breakdown(model, b, autocast: bool = False) -> str:
     opt = torch.optim.AdamW(params, lr=1e-6, fused=True)
 
     def step() -> None:
-        ctx = torch.autocast("cpu", torch.bfloat16) if autocast else contextlib.nullcontext()
-        from unitune.models.logprobs import sequence_logps
-
-        with ctx:
-            logp, _ = sequence_logps(model, **b)
-        logp.sum().backward()
+        backward(model, b, autocast=autocast)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)

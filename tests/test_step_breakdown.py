@@ -7,7 +7,7 @@ from pathlib import Path
 from conftest import padded_batch, tiny_llama
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from step_levers import gemm_flops, record_step, replay_seconds  # noqa: E402
+from step_levers import float_shapes, gemm_flops, record_step, replay_seconds  # noqa: E402
 
 
 def test_gemm_flops_by_hand() -> None:
@@ -34,10 +34,7 @@ def test_record_and_replay_one_step() -> None:
         2 * 2 * (32 * 32 * 2 + 32 * 16 * 2 + 32 * 64 * 3)
     )  # 2 layers of q, o; k, v; gate, up, down
     rows = 2 * 9
-    flops = sum(
-        gemm_flops(n, [x[1] for x in a if isinstance(x, tuple) and x and x[0] == "float"])
-        for n, a in gemms
-    )
+    flops = sum(gemm_flops(n, float_shapes(a)) for n, a in gemms)
     head_rows = int((mask[:, 1:] & target[:, 1:]).sum())
     assert flops == 3 * rows * layers + 4 * 2 * head_rows * 32 * 50
     seconds, failed = replay_seconds(calls, reps=1)
