@@ -40,7 +40,7 @@ $(STAMP): pyproject.toml $(LOCK)
 		-qq --no-install-recommends chromium >/dev/null; }; } || \
 		echo "chromium not installed: the HTML report's browser test will be skipped"
 	# tcmalloc (Debian's package) for the allocator `unitune` runs on where it is installed
-	$(BIN)/python -c "import ctypes.util as u; assert u.find_library('tcmalloc_minimal')" \
+	$(BIN)/python -c "from unitune.core.allocator import tcmalloc_library as t; assert t()" \
 		2>/dev/null || { $(SUDO) apt-get install -y -qq --no-install-recommends \
 		libtcmalloc-minimal4 >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) \
 		apt-get install -y -qq --no-install-recommends libtcmalloc-minimal4 >/dev/null; }; } || \

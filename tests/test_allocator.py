@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from unitune.core.allocator import tcmalloc_library
+
 PROBE = """
 import ctypes, json, sys
 from unitune.core.allocator import tune
@@ -63,7 +65,7 @@ print(in_use(), os.environ.get("LD_PRELOAD"), bool(tune()))
 """
 
 tcmalloc = pytest.mark.skipif(
-    __import__("ctypes.util").util.find_library("tcmalloc_minimal") is None,
+    tcmalloc_library() is None,
     reason="tcmalloc not installed (make setup installs Debian's libtcmalloc-minimal4)",
 )
 

@@ -67,6 +67,12 @@ def in_use() -> str:
     return "glibc" if _glibc() is not None else ""
 
 
+def tcmalloc_library() -> str | None:
+    """The name the loader knows tcmalloc by on this machine (`libtcmalloc_minimal.so.4`), or
+    None where it is not installed; found without loading it."""
+    return next(filter(None, map(ctypes.util.find_library, TCMALLOC)), None)
+
+
 def preload() -> None:
     """Start this process again with tcmalloc preloaded, where `UNITUNE_MALLOC` is `auto` (or
     unset), the process runs on glibc, the user preloads nothing, and the library is installed;
@@ -79,7 +85,7 @@ def preload() -> None:
         return
     if in_use() != "glibc":
         return
-    lib = next(filter(None, map(ctypes.util.find_library, TCMALLOC)), None)
+    lib = tcmalloc_library()
     if lib is None:
         return
     env = {**QUIET, **os.environ, "LD_PRELOAD": lib, REEXEC: "1"}
